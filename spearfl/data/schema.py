@@ -1,0 +1,61 @@
+"""The one record every dataset is turned into: a task, its options or free-form answer, and hint material."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+LABEL_STYLES = ("letters", "numbers", "text")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task. `gold` indexes `options`; index 0 is a valid answer, so test it with `is None`."""
+
+    uid: str
+    question: str
+    options: tuple[str, ...] = ()
+    gold: int | None = None
+    answer: str | None = None
+    label_style: str = "letters"
+    passage: str | None = None
+    facts: str | None = None
+    solution: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.label_style not in LABEL_STYLES:
+            raise ValueError(f"{self.uid}: label_style must be one of {LABEL_STYLES}, got {self.label_style!r}")
+        if self.options:
+            if self.gold is None or not 0 <= self.gold < len(self.options):
+                raise ValueError(f"{self.uid}: gold index {self.gold!r} outside 0..{len(self.options) - 1}")
+            if self.label_style == "letters" and len(self.options) > 26:
+                raise ValueError(f"{self.uid}: {len(self.options)} options exceed the 26 letter labels")
+        elif self.answer is None:
+            raise ValueError(f"{self.uid}: a free-form example needs an answer")
+
+    @property
+    def is_multiple_choice(self) -> bool:
+        return bool(self.options)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Labels the model answers with: A, B, ... or 1, 2, ... or the option texts themselves."""
+        if self.label_style == "letters":
+            return tuple(string.ascii_uppercase[: len(self.options)])
+        if self.label_style == "numbers":
+            return tuple(str(index + 1) for index in range(len(self.options)))
+        return self.options
+
+    @property
+    def gold_label(self) -> str:
+        """The correct label for multiple choice, the gold answer for free-form."""
+        if self.is_multiple_choice:
+            return self.labels[self.gold]
+        return self.answer
+
+    @property
+    def class_label(self) -> str:
+        """The class used for label-skew partitioning: the gold label, or the answer's last digit."""
+        if self.is_multiple_choice:
+            return self.gold_label
+        return self.answer.strip()[-1:] or "?"
