@@ -1,0 +1,113 @@
+"""What every client update receives and returns, shared by the local and the Flower runtimes."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from spearfl.data.schema import Example
+from spearfl.feedback import Feedback, FeedbackProvider
+from spearfl.generation import Completion, generate
+from spearfl.seeds import derive_seed
+
+
+@dataclass
+class ClientContext:
+    """What a client process holds across rounds: the one base model with LoRA, tokenizer, feedback, config."""
+
+    model: Any  # a peft model; only its adapter weights change between clients
+    tokenizer: Any
+    feedback: FeedbackProvider
+    config: Any  # spearfl.config.RunConfig
+    device: torch.device
+
+
+@dataclass
+class ClientRound:
+    """One client's work order for one round."""
+
+    client_id: int
+    round_index: int
+    examples: list[Example]  # the client's pool, or its pending live interactions
+    global_state: dict[str, torch.Tensor]
+    lr: float
+    run_seed: int
+
+    def seed(self, purpose: str) -> int:
+        return derive_seed(self.run_seed, self.round_index, self.client_id, purpose)
+
+
+@dataclass
+class ClientResult:
+    """The trained adapter, its aggregation weight (0 = contributes nothing) and the round's metrics."""
+
+    state: dict[str, torch.Tensor]
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientUpdate(Protocol):
+    def __call__(self, context: ClientContext, work: ClientRound) -> ClientResult: ...
+
+
+class Stopwatch:
+    """Accumulates seconds per phase (generation, feedback, training)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
+
+    def metrics(self) -> dict[str, float]:
+        phases = {f"{phase}_seconds": value for phase, value in self.seconds.items()}
+        return {"seconds": time.perf_counter() - self.started, **phases}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory since the last reset, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def sample_examples(examples: list[Example], count: int, seed: int) -> list[Example]:
+    """Draw `count` prompts from the pool, without replacement while the pool lasts."""
+    rng = np.random.default_rng(seed)
+    if count <= len(examples):
+        indices = rng.choice(len(examples), size=count, replace=False)
+    else:
+        indices = rng.choice(len(examples), size=count, replace=True)
+    return [examples[int(index)] for index in indices]
+
+
+def sample_and_judge(
+    context: ClientContext, prompts: list[list[int]], examples: list[Example], seed: int
+) -> tuple[list[Completion], list[Feedback], float]:
+    """Sample one completion per prompt with the run's sampling settings and judge each.
+
+    Returns the completions, their feedback and the seconds spent judging.
+    """
+    settings = context.config.generation
+    context.model.eval()
+    completions = generate(
+        context.model,
+        context.tokenizer,
+        prompts,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=seed,
+        batch_size=settings.batch_size,
+    )
+    started = time.perf_counter()
+    feedback = [context.feedback(example, completion.text) for example, completion in zip(examples, completions)]
+    return completions, feedback, time.perf_counter() - started

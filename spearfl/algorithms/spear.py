@@ -1,0 +1,217 @@
+"""SPEAR client update: self-play refinement from partial feedback (Lee et al., 2026, arXiv 2605.07977).
+
+One round on one client: answer n prompts once, get a verdict (and a non-answer hint) for each, revise
+the wrong ones up to R times, then train the adapter on its own correct answers (likelihood) and away
+from its confident wrong ones (tail unlikelihood). Every trace is trained under the ORIGINAL prompt,
+on the exact token ids that were sampled, so the model learns to answer without the hint.
+Needs no ground truth in the training context: only the verdicts and hints.
+
+Left out on purpose: revision prompts are not trained on, and the local optimizer starts fresh each
+round (its state never leaves the client).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spearfl.algorithms.base import (
+    ClientContext,
+    ClientResult,
+    ClientRound,
+    Stopwatch,
+    peak_memory_mb,
+    sample_and_judge,
+    sample_examples,
+)
+from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
+from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state, trainable_parameters
+from spearfl.prompts import encode_messages, encode_task, revision_messages
+from spearfl.training import collate, completion_logits, make_optimizer
+
+
+@dataclass
+class Trace:
+    """A completion to learn from, under the original prompt. Confidence weighs a loss; wins have 1."""
+
+    prompt: list[int]
+    completion: list[int]
+    confidence: float = 1.0
+    protected: list[bool] | None = None
+
+
+def protected_token_flags(tokenizer, token_ids: list[int], strings: list[str]) -> list[bool]:
+    """Flag the tokens that spell a whole occurrence of a protected string (e.g. "Answer:").
+
+    Works on character spans of the decoded completion, so only tokens inside an actual occurrence of
+    the full string are protected; a "." or ":" elsewhere stays trainable (the reference protected
+    every sub-token of the string everywhere).
+    """
+    ends = [len(tokenizer.decode(token_ids[: index + 1])) for index in range(len(token_ids))]
+    text = tokenizer.decode(token_ids)
+    spans = []
+    for string in strings:
+        start = text.find(string)
+        while start != -1:
+            spans.append((start, start + len(string)))
+            start = text.find(string, start + 1)
+    flags = []
+    for index, end in enumerate(ends):
+        begin = ends[index - 1] if index else 0
+        flags.append(any(begin < span_end and end > span_start for span_start, span_end in spans))
+    return flags
+
+
+def collect_traces(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list, list, dict]:
+    """Attempt, judge, revise; return (wins, losses, metrics)."""
+    settings = context.config.spear
+    clock = Stopwatch()
+    started = time.perf_counter()
+    first, feedback, judging = sample_and_judge(context, prompts, examples, work.seed("first-attempt"))
+    clock.seconds["feedback"] = judging
+    generated = [len(completion.token_ids) for completion in first]
+    wins = [Trace(prompt, c.token_ids) for prompt, c, f in zip(prompts, first, feedback) if f.correct]
+    pending = [index for index, f in enumerate(feedback) if not f.correct]
+    latest = {index: (first[index], feedback[index]) for index in pending}
+    fixed: set[int] = set()
+    for attempt in range(1, settings.num_revisions + 1):
+        open_items = [index for index in pending if index not in fixed]
+        if not open_items:
+            break
+        revision_prompts = [
+            encode_messages(
+                context.tokenizer,
+                revision_messages(examples[index], latest[index][0].text, latest[index][1].text),
+            )
+            for index in open_items
+        ]
+        revised, revised_feedback, judging = sample_and_judge(
+            context, revision_prompts, [examples[index] for index in open_items], work.seed(f"revision-{attempt}")
+        )
+        clock.seconds["feedback"] += judging
+        generated += [len(completion.token_ids) for completion in revised]
+        for index, completion, verdict in zip(open_items, revised, revised_feedback):
+            latest[index] = (completion, verdict)
+            if verdict.correct:
+                fixed.add(index)
+                wins.append(Trace(prompts[index], completion.token_ids))
+    losses = [
+        Trace(
+            prompts[index],
+            first[index].token_ids,
+            settings.confidence_fixed if index in fixed else settings.confidence_unfixed,
+            protected_token_flags(context.tokenizer, first[index].token_ids, settings.protected_strings),
+        )
+        for index in pending
+    ]
+    clock.seconds["generation"] = time.perf_counter() - started - clock.seconds["feedback"]
+    metrics = {
+        "prompts": len(prompts),
+        "first_try_accuracy": (len(prompts) - len(pending)) / len(prompts),
+        "revision_success": len(fixed) / len(pending) if pending else float("nan"),
+        "first_try_correct": len(prompts) - len(pending),
+        "revised_correct": len(fixed),
+        "generations": len(generated),
+        "generated_tokens": sum(generated),
+        **{f"{phase}_seconds": value for phase, value in clock.seconds.items()},
+    }
+    return wins, losses, metrics
+
+
+def cap_losses(losses: list[Trace], num_wins: int, ratio: float, seed: int) -> list[Trace]:
+    """Keep at most ratio x wins losses, chosen at random."""
+    limit = int(ratio * num_wins)
+    if len(losses) <= limit:
+        return losses
+    keep = np.random.default_rng(seed).choice(len(losses), size=limit, replace=False)
+    return [losses[int(index)] for index in sorted(keep)]
+
+
+def draw(traces: list[Trace], count: int, rng: np.random.Generator) -> list[Trace]:
+    """Up to `count` traces without replacement."""
+    if len(traces) <= count:
+        return list(traces)
+    return [traces[int(index)] for index in rng.choice(len(traces), size=count, replace=False)]
+
+
+def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], reference) -> tuple[torch.Tensor, dict]:
+    """L = lambda_win CE(wins) + lambda_lose UL(losses) + lambda_anchor ||theta - theta_global||^2."""
+    settings = context.config.spear
+    losses = losses if settings.lambda_lose > 0 else []  # with no weight they would cost compute for nothing
+    traces = wins + losses
+    batch = collate(
+        [t.prompt for t in traces], [t.completion for t in traces], context.tokenizer.pad_token_id, context.device
+    )
+    logprobs = token_logprobs(completion_logits(context.model, batch), batch.targets)  # [B, K]
+    num_wins = len(wins)
+    win_nll = likelihood_loss(logprobs[:num_wins], batch.completion_mask[:num_wins])
+    total = settings.lambda_win * win_nll
+    parts = {"win_nll": float(win_nll.detach()), "trained_tokens": batch.num_tokens}
+    if losses:
+        protected = batch.right_aligned([[]] * num_wins + [t.protected for t in losses])[num_wins:]
+        mask = unlikelihood_mask(
+            batch.completion_mask[num_wins:], batch.targets[num_wins:], protected,
+            settings.tail_tokens, context.tokenizer.eos_token_id,
+        )
+        confidence = torch.tensor([t.confidence for t in losses], device=context.device)
+        lose_ul = unlikelihood_loss(logprobs[num_wins:], mask, confidence, settings.margin)
+        total = total + settings.lambda_lose * lose_ul
+        parts["lose_unlikelihood"] = float(lose_ul.detach())
+    if settings.lambda_anchor > 0:
+        total = total + settings.lambda_anchor * anchor_loss(lora_parameters(context.model), reference)
+    return total, parts
+
+
+def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: list[Trace]) -> dict:
+    """S optimizer steps, each on B wins and B losses drawn at random; returns training metrics."""
+    settings = context.config.spear
+    model = context.model
+    reference = {name: p.detach().clone() for name, p in lora_parameters(model).items()}  # theta_global
+    optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
+    rng = np.random.default_rng(work.seed("training-batches"))
+    torch.manual_seed(work.seed("dropout"))
+    model.train()
+    totals = {"trained_tokens": 0, "win_nll": 0.0, "lose_unlikelihood": 0.0, "loss": 0.0}
+    for _ in range(settings.local_steps):
+        loss, parts = spear_loss(context, draw(wins, settings.batch_size, rng), draw(losses, settings.batch_size, rng), reference)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if context.config.optimizer.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), context.config.optimizer.max_grad_norm)
+        optimizer.step()
+        totals["loss"] += float(loss.detach())
+        for key, value in parts.items():
+            totals[key] += value
+    model.eval()
+    steps = settings.local_steps
+    return {
+        "trained_tokens": totals["trained_tokens"],
+        "loss": totals["loss"] / steps,
+        "win_nll": totals["win_nll"] / steps,
+        "lose_unlikelihood": totals["lose_unlikelihood"] / steps,
+    }
+
+
+def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
+    """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
+    clock = Stopwatch()
+    if context.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(context.device)
+    set_adapter_state(context.model, work.global_state)
+    examples = sample_examples(work.examples, context.config.spear.prompts_per_round, work.seed("prompts"))
+    prompts = [encode_task(context.tokenizer, example) for example in examples]
+    wins, losses, metrics = collect_traces(context, work, examples, prompts)
+    losses = cap_losses(losses, len(wins), context.config.spear.lose_cap_ratio, work.seed("lose-cap"))
+    metrics.update(wins=len(wins), losses=len(losses), trained_tokens=0)
+    if not wins:
+        # Unlikelihood alone only pushes mass away and collapses the model: skip, and weigh nothing.
+        metrics.update(clock.metrics(), peak_memory_mb=peak_memory_mb(context.device), skipped=1)
+        return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
+    started = time.perf_counter()
+    metrics.update(train(context, work, wins, losses))
+    metrics["training_seconds"] = time.perf_counter() - started
+    metrics.update(seconds=clock.metrics()["seconds"], peak_memory_mb=peak_memory_mb(context.device), skipped=0)
+    return ClientResult(state=get_adapter_state(context.model), weight=float(len(wins)), metrics=metrics)

@@ -1,0 +1,156 @@
+"""The `spearfl` command: run experiments, evaluate adapters, inspect datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spearfl.config import ConfigError, load_config
+
+app = typer.Typer(
+    help=(
+        "spearfl: online federated fine-tuning of language models from user feedback (SPEAR).\n\n"
+        "Clients answer prompts with a shared base model plus a LoRA adapter, get a verdict and a hint that "
+        "never states the answer, revise, and train on their own correct answers; a server aggregates adapters."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config field, e.g. --set server.rounds=3 (repeatable)."),
+]
+
+
+def fail(message: str) -> None:
+    errors.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=2)
+
+
+def load_or_fail(config_path: Optional[Path], overrides: Optional[list[str]]):
+    try:
+        config = load_config(config_path, overrides or [])
+        from spearfl.checks import check_config
+
+        check_config(config)
+        return config
+    except ConfigError as error:
+        fail(str(error))
+
+
+@app.command()
+def run(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Run config (see configs/).")],
+    set_: SetOption = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete the output folder first instead of resuming.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+) -> None:
+    """Run a federated experiment (or resume an unfinished one in the same output folder)."""
+    config = load_or_fail(config_path, set_)
+    from spearfl.runtime.local import RunConflict, run_local
+
+    try:
+        summary = run_local(config, fresh=fresh, show_progress=not quiet)
+    except RunConflict as error:
+        fail(str(error))
+    before, after = summary["before"], summary["after"]
+    console.print(
+        f"held-out accuracy: before {before.get('accuracy', float('nan')):.3f} -> after {after.get('accuracy', float('nan')):.3f}"
+        + (
+            f"  (option log-likelihood {before['loglik_accuracy']:.3f} -> {after['loglik_accuracy']:.3f})"
+            if "loglik_accuracy" in before
+            else ""
+        )
+    )
+    console.print(f"run folder: {config.output_dir}")
+
+
+@app.command("eval")
+def evaluate_command(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the model and dataset.")],
+    adapter: Annotated[
+        Optional[Path], typer.Option(help="Adapter (.safetensors) to evaluate; without it, the base model.")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Evaluate the base model, or an adapter, on the config's held-out set."""
+    config = load_or_fail(config_path, set_)
+    from spearfl.evaluation import evaluate
+    from spearfl.io import load_tensors
+    from spearfl.models import set_adapter_state
+    from spearfl.runtime.local import build_context, prepare_data
+
+    federation = prepare_data(config)
+    context = build_context(config)
+    if adapter is not None:
+        if not adapter.is_file():
+            fail(f"adapter file not found: {adapter}")
+        try:
+            set_adapter_state(context.model, load_tensors(adapter))
+        except ValueError as error:
+            fail(f"{adapter}: {error}")
+    metrics = evaluate(context.model, context.tokenizer, federation.heldout, config.eval, progress=True)
+    table = Table(title=f"held-out {config.data.dataset} ({len(federation.heldout)} examples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def data(
+    leaks: Annotated[bool, typer.Option("--leaks/--no-leaks", help="Measure hint leak rates (slower).")] = True,
+    heldout_size: Annotated[int, typer.Option(help="Held-out size used to show the split.")] = 300,
+) -> None:
+    """List datasets: source, licence, sizes of the client pool and held-out split, hint leak rates."""
+    from spearfl.data import DATASETS, load_examples
+    from spearfl.data.split import split_pool_heldout
+    from spearfl.feedback import leak_report
+
+    table = Table(title="datasets")
+    for column in ("name", "kind", "examples", "pool", "held-out", "source", "licence"):
+        table.add_column(column)
+    loaded = {}
+    for name, spec in DATASETS.items():
+        examples = load_examples(name)
+        loaded[name] = examples
+        pool, heldout = split_pool_heldout(examples, min(heldout_size, len(examples) // 2), seed=0)
+        table.add_row(name, spec.kind, str(len(examples)), str(len(pool)), str(len(heldout)), spec.source, spec.licence)
+    console.print(table)
+    if leaks:
+        console.print(leak_table(leak_report(loaded)))
+
+
+def leak_table(rows: list[dict]) -> Table:
+    table = Table(title="hint leak rates: how often a simple matcher finds the gold answer from the hint alone")
+    columns = list(rows[0].keys()) if rows else []
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{value:.3f}" if isinstance(value, float) else str(value) for value in row.values()))
+    return table
+
+
+@app.command()
+def prepare() -> None:
+    """Convert the default model and cache the packaged datasets once (later runs start fast)."""
+    from spearfl.data import DATASETS, load_examples
+    from spearfl.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+
+    resolve_model_path(DEFAULT_MODEL)
+    load_tokenizer(DEFAULT_MODEL)
+    for name in DATASETS:
+        console.print(f"{name}: {len(load_examples(name))} examples cached")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,203 @@
+"""Typed run configuration: one YAML file plus `a.b=c` overrides, validated before any work starts.
+
+Defaults come from the SPEAR reference configs (arXiv 2605.07977) unless a comment says otherwise.
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    layers: list[int] | None = None
+
+
+class DataConfig(Section):
+    dataset: str = "arc_easy"
+    label_style: Literal["letters", "numbers", "text"] | None = None
+    heldout_size: int = Field(300, ge=1)
+    num_clients: int = Field(50, ge=1)
+    dirichlet_alpha: float = Field(1.0, gt=0)
+    min_per_client: int = Field(1, ge=1)
+    max_per_client: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "DataConfig":
+        if self.min_per_client > self.max_per_client:
+            raise ValueError("min_per_client must not exceed max_per_client")
+        return self
+
+
+class FeedbackConfig(Section):
+    provider: Literal["oracle"] = "oracle"
+    hint: str = "none"
+
+
+class GenerationConfig(Section):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(5e-5, gt=0)
+    warmup_rounds: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class SpearConfig(Section):
+    prompts_per_round: int = Field(16, ge=1)
+    num_revisions: int = Field(2, ge=0)
+    local_steps: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lambda_win: float = Field(1.0, ge=0)
+    lambda_lose: float = Field(0.1, ge=0)
+    lambda_anchor: float = Field(0.0, ge=0)
+    margin: float = Field(0.3, ge=0, lt=1)
+    tail_tokens: int = Field(8, ge=1)
+    lose_cap_ratio: float = Field(2.0, ge=0)
+    confidence_fixed: float = Field(1.0, ge=0, le=1)
+    confidence_unfixed: float = Field(0.5, ge=0, le=1)
+    protected_strings: list[str] = ["Answer:"]
+
+
+class ServerConfig(Section):
+    rounds: int = Field(50, ge=1)
+    clients_per_round: int = Field(4, ge=1)
+    strategy: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: float = Field(1e-3, gt=0)  # FedAdam/FedYogi only; their first step moves each weight by about this much
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class EvalConfig(Section):
+    every: int = Field(5, ge=1)
+    methods: list[Literal["loglik", "generate"]] = ["loglik", "generate"]
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class RunConfig(Section):
+    seed: int = 0
+    algorithm: str = "spear"
+    output_dir: str = "runs/default"
+    threads: int | None = Field(None, ge=1)
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    generation: GenerationConfig = GenerationConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    spear: SpearConfig = SpearConfig()
+    server: ServerConfig = ServerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_clients(self) -> "RunConfig":
+        if self.server.clients_per_round > self.data.num_clients:
+            raise ValueError(
+                f"server.clients_per_round ({self.server.clients_per_round}) exceeds data.num_clients ({self.data.num_clients})"
+            )
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=c` into (["a", "b"], value), the value read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    """Set tree[path[0]]...[path[-1]] = value, creating sections as needed."""
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _field_name(location: tuple) -> str:
+    return ".".join(str(part) for part in location) or "(top level)"
+
+
+def validate(tree: dict, source: str = "config") -> RunConfig:
+    """Validate a raw dict, turning pydantic's report into one message that names each bad field."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        problems = [f"  {_field_name(item['loc'])}: {item['msg']}" for item in error.errors()]
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(problems)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a config may name another with `base: other.yaml` (relative to itself)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    merged = read_yaml(path.parent / base)
+    merge_into(merged, tree)
+    return merged
+
+
+def merge_into(target: dict, update: dict) -> None:
+    """Recursively merge `update` into `target` (sections merge, values replace)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults), apply `a.b=c` overrides, validate."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    return validate(tree, source=str(path) if path else "config")
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return config.model_dump(mode="json")

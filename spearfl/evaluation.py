@@ -1,0 +1,83 @@
+"""Held-out evaluation of an adapter: option log-likelihood and greedy generation, parsed.
+
+The model sees exactly the prompt it sees in training (`encode_task`): never the facts, solution or
+gold answer. `accuracy` is the greedy-generation accuracy (what a user gets); `loglik_accuracy`
+picks the option whose "Answer: <label>" line is most likely, which shows knowledge the model has
+but may not yet express in its format. The share of each predicted label shows collapse onto one
+option, which parsed accuracy alone hides.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from spearfl.data.schema import Example
+from spearfl.data.scoring import ANSWER_MARKER, is_correct, parse_answer
+from spearfl.generation import generate
+from spearfl.prompts import encode_task
+from spearfl.scoring_lm import completion_logprobs
+
+
+def option_completions(tokenizer, example: Example) -> list[list[int]]:
+    """Token ids of the answer line for each option label."""
+    return [tokenizer.encode(f"{ANSWER_MARKER} {label}", add_special_tokens=False) for label in example.labels]
+
+
+@torch.no_grad()
+def loglik_predictions(model, tokenizer, examples: list[Example], prompts: list[list[int]], batch_size: int) -> list[int]:
+    """Index of the most likely option for each multiple-choice example."""
+    rows_prompts, rows_completions, owners = [], [], []
+    for index, (example, prompt) in enumerate(zip(examples, prompts)):
+        for completion in option_completions(tokenizer, example):
+            rows_prompts.append(prompt)
+            rows_completions.append(completion)
+            owners.append(index)
+    scores = completion_logprobs(model, rows_prompts, rows_completions, batch_size=batch_size)
+    best: dict[int, tuple[float, int]] = {}
+    option_of_row = Counter()
+    for owner, score in zip(owners, scores):
+        option = option_of_row[owner]
+        option_of_row[owner] += 1
+        total = float(score.sum())
+        if owner not in best or total > best[owner][0]:
+            best[owner] = (total, option)
+    return [best[index][1] for index in range(len(examples))]
+
+
+def generation_metrics(examples: list[Example], texts: list[str]) -> dict:
+    """Accuracy, parse rate and the share of each predicted label among parsed answers."""
+    parsed = [parse_answer(example, text) for example, text in zip(examples, texts)]
+    correct = [is_correct(example, text) for example, text in zip(examples, texts)]
+    counts = Counter(answer for answer in parsed if answer is not None)
+    num_parsed = sum(counts.values())
+    metrics = {
+        "accuracy": sum(correct) / len(examples),
+        "parse_rate": num_parsed / len(examples),
+    }
+    if examples[0].is_multiple_choice:
+        metrics["answer_share"] = {label: count / max(num_parsed, 1) for label, count in sorted(counts.items())}
+    return metrics
+
+
+def evaluate(model, tokenizer, examples: list[Example], settings, progress: bool = False) -> dict:
+    """Held-out metrics for the model's current adapter.  settings: spearfl.config.EvalConfig."""
+    model.eval()
+    prompts = [encode_task(tokenizer, example) for example in examples]
+    metrics: dict = {"num_examples": len(examples)}
+    multiple_choice = [index for index, example in enumerate(examples) if example.is_multiple_choice]
+    if "loglik" in settings.methods and multiple_choice:
+        chosen = [examples[index] for index in multiple_choice]
+        predictions = loglik_predictions(model, tokenizer, chosen, [prompts[index] for index in multiple_choice], settings.batch_size)
+        metrics["loglik_accuracy"] = sum(p == e.gold for p, e in zip(predictions, chosen)) / len(chosen)
+        shares = Counter(chosen[i].labels[p] for i, p in enumerate(predictions))
+        metrics["loglik_answer_share"] = {label: count / len(chosen) for label, count in sorted(shares.items())}
+    if "generate" in settings.methods:
+        completions = generate(
+            model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0, top_p=1.0,
+            seed=0, batch_size=settings.batch_size, progress="held-out generation" if progress else False,
+        )
+        metrics.update(generation_metrics(examples, [completion.text for completion in completions]))
+        metrics["mean_completion_tokens"] = sum(len(c.token_ids) for c in completions) / len(completions)
+    return metrics

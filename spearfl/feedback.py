@@ -1,0 +1,352 @@
+"""Feedback providers: a verdict on a completion and, when it is wrong, a hint that never states the answer.
+
+A provider is a small callable `(example, completion_text) -> Feedback`. The oracle simulates a user
+who knows the answer but never says it: its verdict reuses `spearfl.data.scoring.is_correct`, and its
+hint comes from the example's hint material (StrategyQA facts, worked solutions). Every hint of a
+non-leaky style passes `leaks_answer` first; one that leaks is dropped (the user gives the verdict only)
+and the drop is recorded on the Feedback so that rounds can count it.
+
+`leak_rate` measures what the hints that are shown still reveal: how often a plain word-overlap matcher
+picks the gold option from the hint alone, next to chance.
+
+Deliberately left out: an "elimination" hint ("do not repeat your previous letter"), which lets a model
+answer by crossing options off, and any hint naming which option the model picked. The reference's
+"first words of the correct option" hint exists only as the opt-in `leaky_option_prefix`, so that its
+leak can be measured; no default uses it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from spearfl.data.schema import Example
+from spearfl.data.scoring import format_number, is_correct, normalise_text
+
+VERDICT_CORRECT = "Your previous answer is correct."
+VERDICT_WRONG = "Your previous answer is not correct."
+# Sentences of hint material per hint: our choice, short enough that a solution's last step stays hidden.
+DEFAULT_HINT_SENTENCES = 2
+# Opening words of the correct option the leaky hint quotes (the reference quoted "the first words";
+# the count is ours).
+LEAKY_PREFIX_WORDS = 3
+# Share of the gold option's content words that a hint may repeat before it counts as quoting the option.
+OPTION_OVERLAP_LEAK_THRESHOLD = 0.75
+
+# Function words carry no evidence for an option. "yes" and "no" are here too: as option texts they are
+# answers, but inside a fact ("no longer", "there is no record") they are prose, and treating them as
+# quotes would drop the facts of "No" questions only, which itself tells the model the answer.
+STOPWORDS = frozenset(
+    """
+    a an the and or but if then than so as of to in on at by for from with without into onto about over
+    under between through during before after above below up down out off again once here there when
+    where why how all any both each few more most other some such only own same too very can will just
+    should would could may might must shall do does did doing done is are was were be been being have
+    has had having i me my we our you your he him his she her it its they them their what which who whom
+    this that these those am not no nor yes s t also because while until against
+    """.split()
+)
+
+# A word or a number (thousands commas and decimals kept together, sign dropped: see `_tokens`).
+_TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|[^\W\d_]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# gsm8k calculator annotations "<<16-3-4=9>>" repeat results that the prose already shows.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
+# Words that introduce a label as the answer: "answer is B", "option: B", "choice B".
+_ANSWER_KEYWORD = r"(?i:answer|option|choice|letter)\s*(?:(?i:is|was|would be|should be)\s*)?[:=-]?\s*"
+# Lines of a worked solution that carry the final answer itself.
+_FINAL_ANSWER_LINE = re.compile(r"^\s*####|\\boxed|answer is", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A verdict, an optional hint, the hint style that produced it, and whether the leak filter dropped a hint."""
+
+    correct: bool
+    hint: str | None
+    style: str
+    hint_dropped: bool = False
+
+    @property
+    def text(self) -> str:
+        """The feedback as the revision prompt shows it: the verdict, then the hint if any."""
+        verdict = VERDICT_CORRECT if self.correct else VERDICT_WRONG
+        return verdict if self.hint is None else f"{verdict} Hint: {self.hint}"
+
+
+class FeedbackProvider(Protocol):
+    """Judges one completion of one example."""
+
+    def __call__(self, example: Example, completion_text: str) -> Feedback: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hint styles: (example, max_sentences) -> hint text or None. None means verdict only.
+
+
+def no_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+    """Verdict only."""
+    return None
+
+
+def facts_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+    """The first sentences of the example's supporting facts (StrategyQA); None without facts."""
+    if not example.facts:
+        return None
+    sentences = split_sentences(example.facts)
+    return " ".join(sentences[:max_sentences]) or None
+
+
+def solution_steps_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+    """The first steps of a worked solution, never its last step or a line that states the answer."""
+    if not example.solution:
+        return None
+    steps = solution_steps(example.solution)
+    # The last step computes the answer itself, so at most all steps but the last are shown.
+    return " ".join(steps[: min(max_sentences, len(steps) - 1)]) or None
+
+
+def leaky_option_prefix_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+    """LEAKY, opt-in only: the opening words of the correct option, as the reference's hint gave them.
+
+    It leaks because a model (or a string matcher) can pick the option that starts with those words
+    without solving anything; `leak_rate` shows it. It is never filtered, so the leak stays measurable.
+    """
+    if not example.is_multiple_choice:
+        return None
+    opening_words = example.options[example.gold].split()[:LEAKY_PREFIX_WORDS]
+    return f'The correct option starts with "{" ".join(opening_words)}".'
+
+
+HintFunction = Callable[[Example, int], str | None]
+HINT_STYLES: dict[str, HintFunction] = {
+    "none": no_hint,
+    "facts": facts_hint,
+    "solution_steps": solution_steps_hint,
+    "leaky_option_prefix": leaky_option_prefix_hint,
+}
+LEAKY_HINT_STYLES = frozenset({"leaky_option_prefix"})
+SAFE_HINT_STYLES = tuple(style for style in HINT_STYLES if style not in LEAKY_HINT_STYLES)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text, split after ".", "!" or "?" followed by whitespace; empty ones removed."""
+    return [sentence.strip() for sentence in _SENTENCE_END.split(text.strip()) if sentence.strip()]
+
+
+def solution_steps(solution: str) -> list[str]:
+    """Steps of a worked solution: its sentences, line by line, without calculator annotations or answer lines.
+
+    A step without closing punctuation gets a full stop, so that steps joined into one hint stay apart.
+    """
+    steps = []
+    for line in _CALCULATOR_ANNOTATION.sub("", solution).splitlines():
+        if line.strip() and not _FINAL_ANSWER_LINE.search(line):
+            steps.extend(split_sentences(line))
+    steps = [step.rstrip(",;: ") for step in steps]
+    return [step if step[-1] in ".!?" else step + "." for step in steps if step]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The oracle
+
+
+def make_oracle(hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCES) -> FeedbackProvider:
+    """A simulated user who knows the gold answer, judges with the dataset's scoring and never states it."""
+    hint_function = hint_function_for(hint_style)
+    is_filtered = hint_style not in LEAKY_HINT_STYLES
+
+    def oracle(example: Example, completion_text: str) -> Feedback:
+        if is_correct(example, completion_text):
+            return Feedback(correct=True, hint=None, style=hint_style)
+        hint = hint_function(example, max_hint_sentences)
+        if hint is not None and is_filtered and leaks_answer(example, hint):
+            return Feedback(correct=False, hint=None, style=hint_style, hint_dropped=True)
+        return Feedback(correct=False, hint=hint, style=hint_style)
+
+    return oracle
+
+
+def hint_function_for(hint_style: str) -> HintFunction:
+    """The hint function of a style; a ValueError naming the style and the valid ones otherwise."""
+    if hint_style not in HINT_STYLES:
+        labelled = [f"{style} (leaky, opt-in)" if style in LEAKY_HINT_STYLES else style for style in HINT_STYLES]
+        choices = ", ".join(labelled)
+        raise ValueError(f"unknown hint style {hint_style!r}; choose one of: {choices}")
+    return HINT_STYLES[hint_style]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The leak filter
+
+
+def leaks_answer(example: Example, hint: str) -> bool:
+    """Whether a hint states the answer: the gold label as an answer, the gold option's text, or the gold number.
+
+    >>> example = Example(uid="t/0", question="2 + 2?", answer="4")
+    >>> leaks_answer(example, "Add two and two: 2 + 2 = 4."), leaks_answer(example, "Count on your fingers.")
+    (True, False)
+    """
+    if not example.is_multiple_choice:
+        return _mentions_free_form_answer(example.answer, hint)
+    gold_option = example.options[example.gold]
+    return _states_label(example.gold_label, example.label_style, hint) or _quotes_option(gold_option, hint)
+
+
+def _states_label(label: str, label_style: str, hint: str) -> bool:
+    """The label used as an answer: "answer is B", "option B", (B), a quoted B, "B)", or "B." opening a sentence."""
+    label_pattern = re.escape(label)
+    patterns = [
+        rf"{_ANSWER_KEYWORD}[(\[\"'*]*{label_pattern}(?!\w)",
+        rf"[(\[]\s*{label_pattern}\s*[)\]]",
+        rf"[\"'\u201c\u2018]{label_pattern}[\"'\u201d\u2019]",
+        rf"(?<![\w(]){label_pattern}\)",
+        rf"(?:^|[.!?]\s+)[\"'*]*{label_pattern}[\"'*]*\s*[.,:;!]",
+    ]
+    # Text labels ("Yes") are words; letter labels are exact capitals ("a" is the article, not A).
+    flags = re.IGNORECASE if label_style == "text" else 0
+    return any(re.search(pattern, hint, flags) for pattern in patterns)
+
+
+def _quotes_option(option: str, hint: str) -> bool:
+    """Most of the option's content words (or all of its numbers' values) appear in the hint."""
+    option_words = content_words(option)
+    if not option_words:
+        return False
+    shared = option_words & content_words(hint)
+    return len(shared) / len(option_words) >= OPTION_OVERLAP_LEAK_THRESHOLD
+
+
+def _mentions_free_form_answer(answer: str, hint: str) -> bool:
+    """A number in the hint equals the gold number; a non-numeric gold appears as whole words."""
+    answer_tokens = _tokens(answer)
+    if not answer_tokens:
+        return False
+    hint_tokens = _tokens(hint)
+    if len(answer_tokens) == 1:
+        return answer_tokens[0] in hint_tokens
+    return _contains_sequence(hint_tokens, answer_tokens)
+
+
+def content_words(text: str) -> set[str]:
+    """Distinct normalised words and canonical numbers of a text, stopwords removed."""
+    return {token for token in _tokens(text) if token not in STOPWORDS}
+
+
+def _tokens(text: str) -> list[str]:
+    """Casefolded words and numbers; numbers canonical ("1,200.0" -> "1200") and unsigned ("-3" -> "3").
+
+    The sign is dropped on purpose: "16-3" holds 3, and a hint showing 3 when the answer is -3 still leaks.
+    """
+    tokens = []
+    for token in _TOKEN.findall(normalise_text(text)):
+        if token[0].isdigit():
+            token = format_number(float(token.replace(",", "")))
+        tokens.append(token)
+    return tokens
+
+
+def _contains_sequence(tokens: list[str], sequence: list[str]) -> bool:
+    """`sequence` occurs contiguously in `tokens`."""
+    width = len(sequence)
+    return any(tokens[start : start + width] == sequence for start in range(len(tokens) - width + 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leak measurement
+
+
+def match_credit(example: Example, hint: str) -> float:
+    """Credit a hint-only matcher earns: it picks the option sharing most content words with the hint.
+
+    Ties share the pick: credit 1/#tied when the gold option is among them, so a hint that says nothing
+    about any option earns exactly chance (1/#options). Free-form: 1 when the gold number is in the hint.
+    """
+    if not example.is_multiple_choice:
+        return float(_mentions_free_form_answer(example.answer, hint))
+    overlaps = option_overlaps(example, hint)
+    return _tied_credit(overlaps, example.gold, max(overlaps))
+
+
+def elimination_credit(example: Example, hint: str) -> float:
+    """Credit of the reverse matcher: it picks among the options sharing the FEWEST words with the hint.
+
+    A filter that drops hints naming the gold option leaves hints that name distractors; this measures
+    whether that makes the shown hints an elimination cue. Free-form: 0 (nothing to eliminate).
+    """
+    if not example.is_multiple_choice:
+        return 0.0
+    overlaps = option_overlaps(example, hint)
+    return _tied_credit(overlaps, example.gold, min(overlaps))
+
+
+def option_overlaps(example: Example, hint: str) -> list[int]:
+    """Number of words each option shares with the hint: its content words, or all its words if it has none.
+
+    The fallback lets the matcher see options made of stopwords only ("Yes", "No", "None of these").
+    """
+    hint_words = set(_tokens(hint))
+    return [len((content_words(option) or set(_tokens(option))) & hint_words) for option in example.options]
+
+
+def _tied_credit(scores: list[int], gold: int, chosen_score: int) -> float:
+    """1/#options scoring `chosen_score` if the gold option is one of them, else 0."""
+    tied = [index for index, score in enumerate(scores) if score == chosen_score]
+    return 1.0 / len(tied) if gold in tied else 0.0
+
+
+def leak_rate(examples: list[Example], hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCES) -> dict:
+    """How much one hint style reveals on a dataset, as the oracle would show it to a wrong answer.
+
+    Keys: num_examples, num_hints (produced), num_flagged and flagged_fraction (what the filter flags),
+    num_dropped and dropped_fraction (what the oracle drops: flagged hints of non-leaky styles), num_shown,
+    matcher_rate (mean `match_credit` over shown hints), elimination_rate, chance_rate (mean 1/#options
+    over the same examples; None for free-form). Rates are None when no hint is shown.
+    """
+    hint_function = hint_function_for(hint_style)
+    is_filtered = hint_style not in LEAKY_HINT_STYLES
+    hinted = [(example, hint) for example in examples if (hint := hint_function(example, max_hint_sentences))]
+    flags = [leaks_answer(example, hint) for example, hint in hinted]
+    shown = [pair for pair, is_flagged in zip(hinted, flags) if not (is_flagged and is_filtered)]
+    num_dropped = len(hinted) - len(shown)
+    return {
+        "hint_style": hint_style,
+        "leaky": not is_filtered,
+        "num_examples": len(examples),
+        "num_hints": len(hinted),
+        "num_flagged": sum(flags),
+        "flagged_fraction": _fraction(sum(flags), len(hinted)),
+        "num_dropped": num_dropped,
+        "dropped_fraction": _fraction(num_dropped, len(hinted)),
+        "num_shown": len(shown),
+        "matcher_rate": _mean([match_credit(example, hint) for example, hint in shown]),
+        "elimination_rate": _mean([elimination_credit(example, hint) for example, hint in shown]),
+        "chance_rate": _chance_rate([example for example, _ in shown]),
+    }
+
+
+def leak_report(
+    datasets: dict[str, list[Example]], max_hint_sentences: int = DEFAULT_HINT_SENTENCES
+) -> list[dict]:
+    """`leak_rate` rows for every hint style on every dataset; a style without hint material reports 0 hints."""
+    rows = []
+    for dataset_name, examples in datasets.items():
+        for hint_style in HINT_STYLES:
+            row = leak_rate(examples, hint_style, max_hint_sentences)
+            rows.append({"dataset": dataset_name, **row})
+    return rows
+
+
+def _chance_rate(examples: list[Example]) -> float | None:
+    """Mean 1/#options: what guessing earns. None without multiple-choice examples."""
+    return _mean([1.0 / len(example.options) for example in examples if example.is_multiple_choice])
+
+
+def _fraction(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,191 @@
+"""Batched sampling and greedy decoding that return exactly the token ids the model generated.
+
+Those ids are what training and scoring use later: text is never re-tokenised (" B" sampled stays
+" B"), EOS is part of a completion only when the model emitted it, and a completion cut by the
+token limit ends without one. Decoding stops per sequence at EOS or at the end of the answer line
+(`completion_has_answer`), so no later, invented "Answer:" is produced.
+
+Our own decode loop rather than `model.generate`: a finished row leaves the batch (its key/value
+cache rows are dropped), so the rest of the batch runs faster, and each prompt samples from its
+own random stream. Prompts are grouped by length and left-padded.
+
+Reproducibility: prompt i of a call samples with a generator seeded from (seed, i), so its
+completion does not depend on which other prompts share its batch, up to float rounding: batch
+size and padding change the logits in the last bits, which can flip a near-tied draw.
+
+Left out: beam search, repetition penalties, stop strings other than the answer line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from rich.progress import track
+from transformers import DynamicCache
+
+from spearfl.data.scoring import completion_has_answer
+from spearfl.scoring_lm import left_pad
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated completion."""
+
+    token_ids: list[int]  # exactly the generated ids; ends with EOS only if the model emitted it
+    text: str  # token_ids decoded, special tokens skipped
+    finished_by: str  # "eos", "stop" (answer line complete) or "length" (token limit)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    top_p: float
+    stop_after_answer: bool
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int,
+    stop_after_answer: bool = True,
+    progress: bool | str = False,
+) -> list[Completion]:
+    """Complete each prompt (token ids) once; results in the order of `prompts`.
+
+    progress: False, True, or a description for the progress bar over batches.
+    """
+    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"bad sampling settings: {max_new_tokens=} {batch_size=} {temperature=} {top_p=}")
+    if any(not prompt for prompt in prompts):
+        raise ValueError("every prompt needs at least one token")
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, stop_after_answer)
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at the start.
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]), reverse=True)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if progress:
+        description = progress if isinstance(progress, str) else "generating"
+        batches = track(batches, description=description, transient=True)
+    results: list[Completion | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()  # LoRA dropout must not act while sampling
+    try:
+        for batch in batches:
+            generators = [prompt_generator(seed, index) for index in batch]
+            completions = generate_batch(model, tokenizer, [prompts[index] for index in batch], generators, settings)
+            for index, completion in zip(batch, completions):
+                results[index] = completion
+    finally:
+        model.train(was_training)
+    return results
+
+
+def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
+    """A CPU random stream for one prompt, from a hash so that (seed, index) pairs never collide."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSettings) -> list[Completion]:
+    """Decode one batch with a key/value cache, dropping each row from the batch once it finishes."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)  # [B, P]
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
+    cache = DynamicCache()
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]  # [B, V]
+    generated: list[list[int]] = [[] for _ in prompts]
+    finished_by: list[str | None] = [None] * len(prompts)
+    active = list(range(len(prompts)))  # batch rows still decoding, in cache order
+    for step in range(settings.max_new_tokens):
+        tokens = choose_tokens(logits, [generators[row] for row in active], settings)  # [A]
+        is_eos = torch.isin(tokens, eos_ids).tolist()
+        for row, token, emitted_eos in zip(active, tokens.tolist(), is_eos):
+            generated[row].append(token)
+            finished_by[row] = finish_reason(tokenizer, generated[row], emitted_eos, step, settings)
+        keep = [position for position, row in enumerate(active) if finished_by[row] is None]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            kept = torch.tensor(keep, device=device)
+            cache.batch_select_indices(kept)
+            attention_mask, tokens = attention_mask[kept], tokens[kept]
+            active = [active[position] for position in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)  # [A, P + step + 1]
+        logits = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=attention_mask.sum(-1, keepdim=True) - 1,
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    return [
+        Completion(token_ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True), finished_by=reason)
+        for ids, reason in zip(generated, finished_by)
+    ]
+
+
+def finish_reason(tokenizer, token_ids: list[int], emitted_eos: bool, step: int, settings: SamplingSettings) -> str | None:
+    """Why a row stops after its latest token, or None while it goes on."""
+    if emitted_eos:
+        return "eos"
+    # Decoding the whole completion only when a newline arrives keeps the check cheap.
+    if settings.stop_after_answer and "\n" in tokenizer.decode(token_ids[-1:]):
+        if completion_has_answer(tokenizer.decode(token_ids, skip_special_tokens=True)):
+            return "stop"
+    if step + 1 == settings.max_new_tokens:
+        return "length"
+    return None
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a turn: the tokenizer's EOS plus the model's generation config (chat models list several)."""
+    configured = model.generation_config.eos_token_id
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return {tokenizer.eos_token_id, *configured} - {None}
+
+
+def choose_tokens(logits: torch.Tensor, generators: list[torch.Generator], settings: SamplingSettings) -> torch.Tensor:
+    """Greedy or nucleus-sampled next tokens.  logits [A, V] -> [A]"""
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits.float() / settings.temperature, dim=-1)  # [A, V]
+    # One uniform draw per row from that row's own stream, taken on the CPU so that the draws
+    # are the same on every device.
+    uniforms = torch.stack([torch.rand((), generator=generator) for generator in generators]).to(logits.device)  # [A]
+    if settings.top_p == 1:
+        return sample_by_inversion(probabilities, uniforms)
+    sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)  # [A, V]
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
+    mass_before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities
+    sorted_probabilities = sorted_probabilities.masked_fill(mass_before >= settings.top_p, 0.0)
+    choice = sample_by_inversion(sorted_probabilities, uniforms)  # [A] positions in sorted order
+    return order.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def sample_by_inversion(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn in proportion to non-negative `weights`, by inverting the cumulative sum.  [A, V], [A] -> [A]"""
+    cumulative = weights.cumsum(dim=-1)  # [A, V]
+    total = cumulative[:, -1]  # [A]
+    # Strictly below the total even after rounding, so the draw always lands on a weighted entry.
+    thresholds = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))  # [A]
+    # right=True skips zero-weight entries: their cumulative sum equals the previous one.
+    return torch.searchsorted(cumulative, thresholds[:, None], right=True).squeeze(-1)

@@ -1,0 +1,63 @@
+"""Prompts: the task as the model sees it, the revision turn, and the one encoder used everywhere.
+
+Generation, training and evaluation all encode prompts through `encode_messages`, so the token ids
+a completion is trained under are the ids it was sampled under (the reference tokenised prompts with
+BOS for generation and without for training). The gold answer, facts and solutions never appear here:
+the task shows only the question, its passage and its options.
+"""
+
+from __future__ import annotations
+
+from spearfl.data.schema import Example
+
+INSTRUCTIONS = {
+    "letters": 'Reply with "Answer: " followed by the letter of the correct option.',
+    "numbers": 'Reply with "Answer: " followed by the number of the correct option.',
+    "text": 'Reply with "Answer: " followed by the correct option, written exactly as it is listed.',
+}
+FREE_FORM_INSTRUCTION = 'Solve the problem. End with a line "Answer: " followed by the final number only.'
+REVISION_INSTRUCTION = "Answer the question again from scratch, in the same format."
+
+
+def render_task(example: Example) -> str:
+    """The user turn for one example: passage, question, options and the answer-format instruction."""
+    parts = []
+    if example.passage:
+        parts.append(example.passage.strip())
+    parts.append(example.question.strip())
+    if example.is_multiple_choice:
+        if example.label_style == "text":
+            parts.append("\n".join(f"- {option}" for option in example.options))
+        else:
+            parts.append("\n".join(f"{label}. {option}" for label, option in zip(example.labels, example.options)))
+        parts.append(INSTRUCTIONS[example.label_style])
+    else:
+        parts.append(FREE_FORM_INSTRUCTION)
+    return "\n\n".join(parts)
+
+
+def task_messages(example: Example) -> list[dict[str, str]]:
+    """Chat messages for a first attempt."""
+    return [{"role": "user", "content": render_task(example)}]
+
+
+def revision_messages(example: Example, previous_answer: str, feedback_text: str) -> list[dict[str, str]]:
+    """Chat messages for a revision: the task, the previous answer, the feedback and the instruction."""
+    return [
+        {"role": "user", "content": render_task(example)},
+        {"role": "assistant", "content": previous_answer.strip()},
+        {"role": "user", "content": f"{feedback_text.strip()} {REVISION_INSTRUCTION}"},
+    ]
+
+
+def encode_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat prompt ending where the assistant's reply begins."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def encode_task(tokenizer, example: Example) -> list[int]:
+    """Token ids of an example's first-attempt prompt."""
+    return encode_messages(tokenizer, task_messages(example))
