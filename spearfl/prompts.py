@@ -50,8 +50,16 @@ def revision_messages(example: Example, previous_answer: str, feedback_text: str
     ]
 
 
+def plain_transcript(messages: list[dict[str, str]]) -> str:
+    """A plain-text dialogue for base models that ship no chat template."""
+    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
+    return "\n\n".join(turns) + "\n\nAssistant:"
+
+
 def encode_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat prompt ending where the assistant's reply begins."""
+    if tokenizer.chat_template is None:
+        return tokenizer.encode(plain_transcript(messages))
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(encoded, "keys"):
         encoded = encoded["input_ids"]

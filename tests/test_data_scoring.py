@@ -37,6 +37,8 @@ def test_doctests_pass():
         ("Answer: B.", "B"),
         ("Answer: B:", "B"),
         ("Answer: **B**", "B"),
+        ("Answer: 'B'", "B"),
+        ("Answer: `B`", "B"),
         ("Answer: B. Paris", "B"),
         ("Answer: B Paris", "B"),
         ("**Answer:** B", "B"),

@@ -55,7 +55,11 @@ class Example:
 
     @property
     def class_label(self) -> str:
-        """The class used for label-skew partitioning: the gold label, or the answer's last digit."""
+        """The class used for label-skew partitioning: the gold option's position, or the answer's last digit.
+
+        Position rather than text, so that tasks whose options change from question to question still
+        have a few classes to skew over.
+        """
         if self.is_multiple_choice:
-            return self.gold_label
+            return str(self.gold)
         return self.answer.strip()[-1:] or "?"

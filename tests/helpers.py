@@ -1,0 +1,242 @@
+"""Builders shared by the SPEAR, evaluation, runtime and CLI tests: tokenizer, tiny LoRA model, scripted
+generation, and a primed tiny model with a synthetic dataset and config for end-to-end runs."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spearfl.algorithms.base import ClientContext
+from spearfl.config import RunConfig, load_config
+from spearfl.data.schema import Example
+from spearfl.feedback import make_oracle
+from spearfl.generation import Completion
+from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_tokenizer
+from spearfl.prompts import REVISION_INSTRUCTION, encode_task
+
+TIMING_KEYS = {"seconds", "peak_memory_mb", "updated_at"}
+
+
+@functools.cache
+def shared_tokenizer():
+    """The default model's tokenizer (converted once into the cache; later loads take a fraction of a second)."""
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+def tiny_lora_model(tokenizer, seed: int = 0, rank: int = 4, dropout: float = 0.0):
+    """A fresh two-layer random Llama with a LoRA adapter on every linear projection."""
+    model = build_tiny_model(tokenizer, seed=seed)
+    return attach_lora(model, LoraSettings(rank=rank, alpha=2 * rank, dropout=dropout), seed=seed + 1)
+
+
+def make_config(*overrides: str) -> RunConfig:
+    """Defaults plus `a.b=c` overrides, small enough for tests."""
+    return load_config(None, ["data.num_clients=4", "server.clients_per_round=2", *overrides])
+
+
+def make_context(model, tokenizer, config: RunConfig, feedback=None) -> ClientContext:
+    return ClientContext(model, tokenizer, feedback or make_oracle("none"), config, torch.device("cpu"))
+
+
+def multiple_choice(uid: str, question: str, options: tuple[str, ...], gold: int, **fields) -> Example:
+    return Example(uid=uid, question=question, options=options, gold=gold, **fields)
+
+
+def completion_from_ids(tokenizer, token_ids: list[int], finished_by: str = "stop") -> Completion:
+    return Completion(list(token_ids), tokenizer.decode(token_ids, skip_special_tokens=True), finished_by)
+
+
+def completion_from_text(tokenizer, text: str, finished_by: str = "stop") -> Completion:
+    """A completion spelled with the canonical tokenisation of `text`, plus EOS when it finished by EOS."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if finished_by == "eos":
+        ids = ids + [tokenizer.eos_token_id]
+    return completion_from_ids(tokenizer, ids, finished_by)
+
+
+@dataclass
+class GenerationCall:
+    prompts: list[list[int]]
+    seed: int
+    is_revision: list[bool]
+
+
+@dataclass
+class ScriptedGeneration:
+    """Stands in for `spearfl.generation.generate`: answers each example from a script, records every call.
+
+    script: question text -> completions for the first attempt, then each revision, in order.
+    """
+
+    tokenizer: object
+    script: dict[str, list[Completion]]
+    calls: list[GenerationCall] = field(default_factory=list)
+    served: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, model, tokenizer, prompts, **settings) -> list[Completion]:
+        texts = [self.tokenizer.decode(prompt) for prompt in prompts]
+        self.calls.append(GenerationCall([list(p) for p in prompts], settings["seed"], [REVISION_INSTRUCTION in t for t in texts]))
+        results = []
+        for text in texts:
+            question = self.question_in(text)
+            attempt = self.served.get(question, 0)
+            self.served[question] = attempt + 1
+            results.append(self.script[question][attempt])
+        return results
+
+    def question_in(self, prompt_text: str) -> str:
+        matches = [question for question in self.script if question in prompt_text]
+        assert len(matches) == 1, f"prompt matches {matches}"
+        return matches[0]
+
+
+class StubModel:
+    """Enough of a model for code paths that only switch modes (scripted generation)."""
+
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+
+def strip_timing(value):
+    """History or metrics without wall-clock and memory fields, which differ between identical runs."""
+    if isinstance(value, dict):
+        return {
+            key: strip_timing(item)
+            for key, item in value.items()
+            if key not in TIMING_KEYS and not key.endswith("_seconds")
+        }
+    if isinstance(value, list):
+        return [strip_timing(item) for item in value]
+    return value
+
+
+def read_history(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# End-to-end assets: a synthetic two-option dataset and a tiny model primed to answer in the format.
+
+WORDS = [
+    ("red", "dog"), ("blue", "cat"), ("green", "table"), ("yellow", "horse"), ("purple", "chair"),
+    ("orange", "river"), ("pink", "stone"), ("black", "bread"), ("white", "cloud"), ("brown", "spoon"),
+    ("grey", "shoe"), ("violet", "lamp"), ("cyan", "apple"), ("gold", "window"), ("silver", "road"),
+    ("beige", "tree"), ("maroon", "glass"), ("teal", "paper"), ("navy", "bottle"), ("olive", "pencil"),
+]
+
+
+def synthetic_records() -> list[dict]:
+    """40 two-option items: "Which word is a colour?" with the colour first or second."""
+    rng = np.random.default_rng(0)
+    records = []
+    for index in range(40):
+        colour, thing = WORDS[index % len(WORDS)]
+        kind = "colour" if index < 20 else "object"
+        right, wrong = (colour, thing) if kind == "colour" else (thing, colour)
+        options = [right, wrong] if rng.random() < 0.5 else [wrong, right]
+        question = f"Item {index}: which word names a{'n' if kind == 'object' else ''} {kind}?"
+        records.append({"id": f"q{index}", "question": question, "options": options, "answer": right})
+    return records
+
+
+def prime_model(tokenizer, examples: list[Example], num_steps: int = 80) -> torch.nn.Module:
+    """Plain cross-entropy on prompt -> "Answer: <gold>\\n", so the random model answers in the format."""
+    model = build_tiny_model(tokenizer, seed=0)
+    model.requires_grad_(True)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = []
+    for example in examples:
+        prompt = encode_task(tokenizer, example)
+        answer = tokenizer.encode(f"Answer: {example.gold_label}\n", add_special_tokens=False)
+        rows.append((prompt, answer))
+    rng = np.random.default_rng(0)
+    for _ in range(num_steps):
+        batch = [rows[int(i)] for i in rng.choice(len(rows), size=8, replace=False)]
+        length = max(len(p) + len(a) for p, a in batch)
+        input_ids = torch.full((len(batch), length), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), length), -100)
+        attention = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, (prompt, answer) in enumerate(batch):
+            ids = torch.tensor(prompt + answer)
+            input_ids[row, : len(ids)] = ids
+            attention[row, : len(ids)] = 1
+            labels[row, len(prompt) : len(ids)] = torch.tensor(answer)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class EndToEndAssets:
+    root: Path
+    model_dir: Path
+    dataset: Path
+
+
+@functools.cache
+def end_to_end_assets() -> EndToEndAssets:
+    """Primed model folder and JSONL dataset, built once per test process in a temporary folder."""
+    from spearfl.data.sources import load_jsonl
+
+    root = Path(tempfile.mkdtemp(prefix="spearfl-e2e-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    dataset = root / "colours.jsonl"
+    dataset.write_text("".join(json.dumps(record) + "\n" for record in synthetic_records()))
+    tokenizer = shared_tokenizer()
+    model = prime_model(tokenizer, load_jsonl(dataset))
+    model_dir = root / "primed-model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return EndToEndAssets(root, model_dir, dataset)
+
+
+def run_config_text(assets: EndToEndAssets, output_dir: Path) -> str:
+    """2 rounds x 2 clients, tiny settings, evaluation every round."""
+    return f"""\
+seed: 7
+output_dir: {output_dir}
+model: {{name: {assets.model_dir}, device: cpu}}
+lora: {{rank: 4, alpha: 8, dropout: 0.0}}
+data: {{dataset: "jsonl:{assets.dataset}", heldout_size: 8, num_clients: 3, min_per_client: 6, max_per_client: 12}}
+feedback: {{hint: none}}
+generation: {{temperature: 1.0, max_new_tokens: 8, batch_size: 8}}
+optimizer: {{lr: 0.01, max_grad_norm: 1.0}}
+spear: {{prompts_per_round: 6, num_revisions: 1, local_steps: 2, batch_size: 4, margin: 0.0}}
+server: {{rounds: 2, clients_per_round: 2}}
+eval: {{every: 1, batch_size: 8, max_new_tokens: 8}}
+"""
+
+
+def write_run_config(assets: EndToEndAssets, path: Path, output_dir: Path) -> Path:
+    path.write_text(run_config_text(assets, output_dir))
+    return path
+
+
+@functools.cache
+def reference_run() -> Path:
+    """An uninterrupted run through the Python API, shared by the resume and the repeat checks."""
+    from spearfl.runtime.local import run_local
+
+    assets = end_to_end_assets()
+    output_dir = assets.root / "reference-run"
+    config = load_config(write_run_config(assets, assets.root / "reference.yaml", output_dir))
+    run_local(config, show_progress=False)
+    return output_dir
