@@ -97,7 +97,7 @@ def evaluate_command(
             set_adapter_state(context.model, load_tensors(adapter))
         except ValueError as error:
             fail(f"{adapter}: {error}")
-    metrics = evaluate(context.model, context.tokenizer, federation.heldout, config.eval, progress=True)
+    metrics = evaluate(context.model, context.prompts, federation.heldout, config.eval, progress=True)
     table = Table(title=f"held-out {config.data.dataset} ({len(federation.heldout)} examples)")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -56,6 +56,10 @@ class FeedbackConfig(Section):
     hint: str = "none"
 
 
+class PromptConfig(Section):
+    answer_prefix: bool = False  # start every reply with "Answer:" already written (for small models)
+
+
 class GenerationConfig(Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -113,6 +117,7 @@ class RunConfig(Section):
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    prompt: PromptConfig = PromptConfig()
     generation: GenerationConfig = GenerationConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     spear: SpearConfig = SpearConfig()

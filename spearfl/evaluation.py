@@ -1,6 +1,6 @@
 """Held-out evaluation of an adapter: option log-likelihood and greedy generation, parsed.
 
-The model sees exactly the prompt it sees in training (`encode_task`): never the facts, solution or
+The model sees exactly the prompt it sees in training (`PromptFormat.task`): never the facts, solution or
 gold answer. `accuracy` is the greedy-generation accuracy (what a user gets); `loglik_accuracy`
 picks the option whose "Answer: <label>" line is most likely, which shows knowledge the model has
 but may not yet express in its format. The share of each predicted label shows collapse onto one
@@ -14,23 +14,18 @@ from collections import Counter
 import torch
 
 from spearfl.data.schema import Example
-from spearfl.data.scoring import ANSWER_MARKER, is_correct, parse_answer
+from spearfl.data.scoring import is_correct, parse_answer
 from spearfl.generation import generate
-from spearfl.prompts import encode_task
+from spearfl.prompts import PromptFormat
 from spearfl.scoring_lm import completion_logprobs
 
 
-def option_completions(tokenizer, example: Example) -> list[list[int]]:
-    """Token ids of the answer line for each option label."""
-    return [tokenizer.encode(f"{ANSWER_MARKER} {label}", add_special_tokens=False) for label in example.labels]
-
-
 @torch.no_grad()
-def loglik_predictions(model, tokenizer, examples: list[Example], prompts: list[list[int]], batch_size: int) -> list[int]:
+def loglik_predictions(model, prompt_format: PromptFormat, examples: list[Example], prompts: list[list[int]], batch_size: int) -> list[int]:
     """Index of the most likely option for each multiple-choice example."""
     rows_prompts, rows_completions, owners = [], [], []
     for index, (example, prompt) in enumerate(zip(examples, prompts)):
-        for completion in option_completions(tokenizer, example):
+        for completion in (prompt_format.option_completion(label) for label in example.labels):
             rows_prompts.append(prompt)
             rows_completions.append(completion)
             owners.append(index)
@@ -61,23 +56,25 @@ def generation_metrics(examples: list[Example], texts: list[str]) -> dict:
     return metrics
 
 
-def evaluate(model, tokenizer, examples: list[Example], settings, progress: bool = False) -> dict:
+def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settings, progress: bool = False) -> dict:
     """Held-out metrics for the model's current adapter.  settings: spearfl.config.EvalConfig."""
     model.eval()
-    prompts = [encode_task(tokenizer, example) for example in examples]
+    prompts = [prompt_format.task(example) for example in examples]
     metrics: dict = {"num_examples": len(examples)}
     multiple_choice = [index for index, example in enumerate(examples) if example.is_multiple_choice]
     if "loglik" in settings.methods and multiple_choice:
         chosen = [examples[index] for index in multiple_choice]
-        predictions = loglik_predictions(model, tokenizer, chosen, [prompts[index] for index in multiple_choice], settings.batch_size)
+        predictions = loglik_predictions(model, prompt_format, chosen, [prompts[index] for index in multiple_choice], settings.batch_size)
         metrics["loglik_accuracy"] = sum(p == e.gold for p, e in zip(predictions, chosen)) / len(chosen)
         shares = Counter(chosen[i].labels[p] for i, p in enumerate(predictions))
         metrics["loglik_answer_share"] = {label: count / len(chosen) for label, count in sorted(shares.items())}
     if "generate" in settings.methods:
         completions = generate(
-            model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0, top_p=1.0,
-            seed=0, batch_size=settings.batch_size, progress="held-out generation" if progress else False,
+            model, prompt_format.tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0,
+            top_p=1.0, seed=0, batch_size=settings.batch_size, text_prefix=prompt_format.prefix,
+            progress="held-out generation" if progress else False,
         )
-        metrics.update(generation_metrics(examples, [completion.text for completion in completions]))
+        answers = [prompt_format.answer_text(completion.text) for completion in completions]
+        metrics.update(generation_metrics(examples, answers))
         metrics["mean_completion_tokens"] = sum(len(c.token_ids) for c in completions) / len(completions)
     return metrics

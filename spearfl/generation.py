@@ -7,7 +7,9 @@ token limit ends without one. Decoding stops per sequence at EOS or at the end o
 
 Our own decode loop rather than `model.generate`: a finished row leaves the batch (its key/value
 cache rows are dropped), so the rest of the batch runs faster, and each prompt samples from its
-own random stream. Prompts are grouped by length and left-padded.
+own random stream. Per step it costs the same as `model.generate` (measured on the 2-core CPU);
+with answer stopping at batch 32 it finished in 0.64x the time. Prompts are grouped by length and
+left-padded.
 
 Reproducibility: prompt i of a call samples with a generator seeded from (seed, i), so its
 completion does not depend on which other prompts share its batch, up to float rounding: batch
@@ -26,9 +28,11 @@ from rich.progress import track
 from transformers import DynamicCache
 
 from spearfl.data.scoring import completion_has_answer
-from spearfl.scoring_lm import left_pad
+from spearfl.models import evaluation_mode
+from spearfl.scoring_lm import PADDING_ID, left_pad
 
 FINISH_REASONS = ("eos", "stop", "length")
+NUCLEUS_CANDIDATES = 1024  # tokens searched for the top-p nucleus before falling back to a full sort
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class SamplingSettings:
     temperature: float  # 0 = greedy
     top_p: float
     stop_after_answer: bool
+    text_prefix: str = ""  # text the prompt already wrote into the reply (e.g. "Answer:")
 
 
 def generate(
@@ -59,9 +64,12 @@ def generate(
     seed: int,
     batch_size: int,
     stop_after_answer: bool = True,
+    text_prefix: str = "",
     progress: bool | str = False,
 ) -> list[Completion]:
     """Complete each prompt (token ids) once; results in the order of `prompts`.
+
+    text_prefix: what the prompt already wrote of the reply; the answer-line stop sees it before the completion.
 
     progress: False, True, or a description for the progress bar over batches.
     """
@@ -69,7 +77,7 @@ def generate(
         raise ValueError(f"bad sampling settings: {max_new_tokens=} {batch_size=} {temperature=} {top_p=}")
     if any(not prompt for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
-    settings = SamplingSettings(max_new_tokens, temperature, top_p, stop_after_answer)
+    settings = SamplingSettings(max_new_tokens, temperature, top_p, stop_after_answer, text_prefix)
     # Longest first: similar lengths share a batch (little padding) and memory peaks at the start.
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]), reverse=True)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -77,16 +85,12 @@ def generate(
         description = progress if isinstance(progress, str) else "generating"
         batches = track(batches, description=description, transient=True)
     results: list[Completion | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()  # LoRA dropout must not act while sampling
-    try:
+    with evaluation_mode(model):
         for batch in batches:
             generators = [prompt_generator(seed, index) for index in batch]
             completions = generate_batch(model, tokenizer, [prompts[index] for index in batch], generators, settings)
             for index, completion in zip(batch, completions):
                 results[index] = completion
-    finally:
-        model.train(was_training)
     return results
 
 
@@ -100,7 +104,7 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
 def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSettings) -> list[Completion]:
     """Decode one batch with a key/value cache, dropping each row from the batch once it finishes."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)  # [B, P]
+    input_ids, attention_mask = left_pad(prompts, PADDING_ID)  # [B, P]
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
     cache = DynamicCache()
@@ -129,7 +133,8 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
             cache.batch_select_indices(kept)
             attention_mask, tokens = attention_mask[kept], tokens[kept]
             active = [active[position] for position in keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)  # [A, P + step + 1]
+        new_column = attention_mask.new_ones(len(active), 1)
+        attention_mask = torch.cat([attention_mask, new_column], dim=-1)  # [A, P + step + 1]
         logits = model(
             input_ids=tokens[:, None],
             attention_mask=attention_mask,
@@ -143,13 +148,15 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
     ]
 
 
-def finish_reason(tokenizer, token_ids: list[int], emitted_eos: bool, step: int, settings: SamplingSettings) -> str | None:
+def finish_reason(
+    tokenizer, token_ids: list[int], emitted_eos: bool, step: int, settings: SamplingSettings
+) -> str | None:
     """Why a row stops after its latest token, or None while it goes on."""
     if emitted_eos:
         return "eos"
     # Decoding the whole completion only when a newline arrives keeps the check cheap.
     if settings.stop_after_answer and "\n" in tokenizer.decode(token_ids[-1:]):
-        if completion_has_answer(tokenizer.decode(token_ids, skip_special_tokens=True)):
+        if completion_has_answer(settings.text_prefix + tokenizer.decode(token_ids, skip_special_tokens=True)):
             return "stop"
     if step + 1 == settings.max_new_tokens:
         return "length"
@@ -173,12 +180,23 @@ def choose_tokens(logits: torch.Tensor, generators: list[torch.Generator], setti
     uniforms = torch.stack([torch.rand((), generator=generator) for generator in generators]).to(logits.device)  # [A]
     if settings.top_p == 1:
         return sample_by_inversion(probabilities, uniforms)
-    sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)  # [A, V]
-    # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
-    mass_before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities
-    sorted_probabilities = sorted_probabilities.masked_fill(mass_before >= settings.top_p, 0.0)
-    choice = sample_by_inversion(sorted_probabilities, uniforms)  # [A] positions in sorted order
-    return order.gather(-1, choice[:, None]).squeeze(-1)
+    weights, token_ids = nucleus(probabilities, settings.top_p)  # [A, C]
+    choice = sample_by_inversion(weights, uniforms)  # [A] positions among the candidates
+    return token_ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def nucleus(probabilities: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens whose mass reaches top_p (at least one).  [A, V] -> [A, C] twice
+
+    Returns candidate weights (zero outside the set) and their token ids, most likely first.
+    """
+    # A full sort of the vocabulary costs about as much as a decode step on a CPU; the nucleus of a
+    # trained model lies within its top few hundred tokens, so sort everything only when it does not.
+    weights, token_ids = probabilities.topk(min(NUCLEUS_CANDIDATES, probabilities.shape[-1]), dim=-1)
+    if (weights.sum(dim=-1) < top_p).any():
+        weights, token_ids = probabilities.sort(dim=-1, descending=True)
+    mass_before = weights.cumsum(dim=-1) - weights
+    return weights.masked_fill(mass_before >= top_p, 0.0), token_ids
 
 
 def sample_by_inversion(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,17 @@ def freeze(model: torch.nn.Module) -> None:
     model.requires_grad_(False)
 
 
+@contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Switch dropout (LoRA's included) off for the block, then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def build_tiny_model(tokenizer, seed: int) -> LlamaForCausalLM:
     """A randomly initialised two-layer Llama over the tokenizer's vocabulary, frozen: for fast tests."""
     config = LlamaConfig(
@@ -216,7 +229,8 @@ def set_adapter_state(peft_model: PeftModel, state: dict[str, torch.Tensor]) -> 
         )
     for name, parameter in parameters.items():
         if state[name].shape != parameter.shape:
-            raise ValueError(f"adapter state {name}: shape {tuple(state[name].shape)}, model has {tuple(parameter.shape)}")
+            expected, given = tuple(parameter.shape), tuple(state[name].shape)
+            raise ValueError(f"adapter state {name}: shape {given}, the model has {expected}")
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(state[name])

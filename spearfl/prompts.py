@@ -8,6 +8,10 @@ the task shows only the question, its passage and its options.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from spearfl.data.scoring import ANSWER_MARKER
 from spearfl.data.schema import Example
 
 INSTRUCTIONS = {
@@ -66,6 +70,45 @@ def encode_messages(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return list(encoded)
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts become token ids, shared by generation, training, feedback and evaluation.
+
+    With `answer_prefix`, every assistant turn starts with the answer marker already written, so the
+    model only completes the answer line: small models that never produce the marker on their own
+    (SmolLM2-135M answers "Answer:"-format instructions in free prose) still give scorable answers.
+    The marker then lives in the prompt; judging and parsing see prefix + completion.
+    """
+
+    tokenizer: Any
+    answer_prefix: bool = False
+
+    @property
+    def prefix(self) -> str:
+        return ANSWER_MARKER if self.answer_prefix else ""
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = encode_messages(self.tokenizer, messages)
+        return ids + self.tokenizer.encode(self.prefix, add_special_tokens=False) if self.prefix else ids
+
+    def task(self, example: Example) -> list[int]:
+        """Token ids of an example's first-attempt prompt."""
+        return self.encode(task_messages(example))
+
+    def revision(self, example: Example, previous_completion: str, feedback_text: str) -> list[int]:
+        """Token ids of a revision prompt after a previous completion and its feedback."""
+        return self.encode(revision_messages(example, self.answer_text(previous_completion), feedback_text))
+
+    def answer_text(self, completion_text: str) -> str:
+        """The whole answer as a user reads it: the prefix written for the model, then its completion."""
+        return self.prefix + completion_text
+
+    def option_completion(self, label: str) -> list[int]:
+        """Token ids the model would generate to answer with `label`."""
+        line = f"{ANSWER_MARKER} {label}"
+        return self.tokenizer.encode(line.removeprefix(self.prefix), add_special_tokens=False)
+
+
 def encode_task(tokenizer, example: Example) -> list[int]:
-    """Token ids of an example's first-attempt prompt."""
-    return encode_messages(tokenizer, task_messages(example))
+    """Token ids of an example's first-attempt prompt, without an answer prefix."""
+    return PromptFormat(tokenizer).task(example)

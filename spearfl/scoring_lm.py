@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-SCORING_PAD_ID = 0  # any id will do: padding is masked out of attention and never a target
+from spearfl.models import evaluation_mode
+
+PADDING_ID = 0  # any id will do: padding is masked out of attention and never a target
 
 
 class TokenBatch(NamedTuple):
@@ -74,14 +76,23 @@ def completion_logprobs(
     """Log-probability of each completion token given the prompt and the tokens before it.
 
     Returns one float32 CPU tensor [len(completion)] per (prompt, completion) pair, in input order.
+    Dropout is off while scoring, whatever mode the model was in.
     """
+    with evaluation_mode(model):
+        return score_in_batches(model, prompts, completions, batch_size)
+
+
+def score_in_batches(
+    model, prompts: list[list[int]], completions: list[list[int]], batch_size: int
+) -> list[torch.Tensor]:
+    """`completion_logprobs` in whatever mode the model is in."""
     device = next(model.parameters()).device
     # Similar total lengths share a batch, so little compute goes to padding.
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]) + len(completions[index]))
     results: list[torch.Tensor | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = batch_for_training([prompts[i] for i in rows], [completions[i] for i in rows], SCORING_PAD_ID)
+        batch = batch_for_training([prompts[i] for i in rows], [completions[i] for i in rows], PADDING_ID)
         batch = TokenBatch(*(tensor.to(device) for tensor in batch))
         logits = completion_token_logits(model, batch).float()  # [B, K, V]
         targets = batch.input_ids[:, -logits.shape[1] :]  # [B, K]

@@ -4,6 +4,7 @@ generation, and a primed tiny model with a synthetic dataset and config for end-
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import shutil
@@ -20,9 +21,20 @@ from spearfl.data.schema import Example
 from spearfl.feedback import make_oracle
 from spearfl.generation import Completion
 from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_tokenizer
-from spearfl.prompts import REVISION_INSTRUCTION, encode_task
+from spearfl.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
 
 TIMING_KEYS = {"seconds", "peak_memory_mb", "updated_at"}
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: on a small shared machine, more threads spin against each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @functools.cache
@@ -43,7 +55,8 @@ def make_config(*overrides: str) -> RunConfig:
 
 
 def make_context(model, tokenizer, config: RunConfig, feedback=None) -> ClientContext:
-    return ClientContext(model, tokenizer, feedback or make_oracle("none"), config, torch.device("cpu"))
+    prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
+    return ClientContext(model, prompt_format, feedback or make_oracle(config.feedback.hint), config, torch.device("cpu"))
 
 
 def multiple_choice(uid: str, question: str, options: tuple[str, ...], gold: int, **fields) -> Example:
@@ -152,8 +165,11 @@ def synthetic_records() -> list[dict]:
     return records
 
 
-def prime_model(tokenizer, examples: list[Example], num_steps: int = 80) -> torch.nn.Module:
-    """Plain cross-entropy on prompt -> "Answer: <gold>\\n", so the random model answers in the format."""
+def prime_model(tokenizer, examples: list[Example], num_steps: int = 60) -> torch.nn.Module:
+    """Plain cross-entropy on prompt -> "Answer: <gold>\\n", so the random model answers in the format.
+
+    Logits are computed only where an answer token is predicted: the vocabulary projection dominates the cost.
+    """
     model = build_tiny_model(tokenizer, seed=0)
     model.requires_grad_(True)
     model.train()
@@ -168,14 +184,17 @@ def prime_model(tokenizer, examples: list[Example], num_steps: int = 80) -> torc
         batch = [rows[int(i)] for i in rng.choice(len(rows), size=8, replace=False)]
         length = max(len(p) + len(a) for p, a in batch)
         input_ids = torch.full((len(batch), length), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), length), -100)
         attention = torch.zeros((len(batch), length), dtype=torch.long)
+        positions, targets = [], []
         for row, (prompt, answer) in enumerate(batch):
-            ids = torch.tensor(prompt + answer)
-            input_ids[row, : len(ids)] = ids
-            attention[row, : len(ids)] = 1
-            labels[row, len(prompt) : len(ids)] = torch.tensor(answer)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            attention[row, : len(prompt) + len(answer)] = 1
+            positions += [(row, len(prompt) - 1 + offset) for offset in range(len(answer))]
+            targets += answer
+        hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state  # [B, L, H]
+        rows_index, columns_index = zip(*positions)
+        logits = model.lm_head(hidden[list(rows_index), list(columns_index)])  # [N, V]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -201,7 +220,8 @@ def end_to_end_assets() -> EndToEndAssets:
     dataset = root / "colours.jsonl"
     dataset.write_text("".join(json.dumps(record) + "\n" for record in synthetic_records()))
     tokenizer = shared_tokenizer()
-    model = prime_model(tokenizer, load_jsonl(dataset))
+    with single_thread():
+        model = prime_model(tokenizer, load_jsonl(dataset))
     model_dir = root / "primed-model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -214,7 +234,7 @@ def run_config_text(assets: EndToEndAssets, output_dir: Path) -> str:
 seed: 7
 output_dir: {output_dir}
 model: {{name: {assets.model_dir}, device: cpu}}
-lora: {{rank: 4, alpha: 8, dropout: 0.0}}
+lora: {{rank: 4, alpha: 8, dropout: 0.1}}
 data: {{dataset: "jsonl:{assets.dataset}", heldout_size: 8, num_clients: 3, min_per_client: 6, max_per_client: 12}}
 feedback: {{hint: none}}
 generation: {{temperature: 1.0, max_new_tokens: 8, batch_size: 8}}
@@ -238,5 +258,6 @@ def reference_run() -> Path:
     assets = end_to_end_assets()
     output_dir = assets.root / "reference-run"
     config = load_config(write_run_config(assets, assets.root / "reference.yaml", output_dir))
-    run_local(config, show_progress=False)
+    with single_thread():
+        run_local(config, show_progress=False)
     return output_dir

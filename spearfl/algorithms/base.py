@@ -13,15 +13,16 @@ import torch
 from spearfl.data.schema import Example
 from spearfl.feedback import Feedback, FeedbackProvider
 from spearfl.generation import Completion, generate
+from spearfl.prompts import PromptFormat
 from spearfl.seeds import derive_seed
 
 
 @dataclass
 class ClientContext:
-    """What a client process holds across rounds: the one base model with LoRA, tokenizer, feedback, config."""
+    """What a client process holds across rounds: the one base model with LoRA, prompt format, feedback, config."""
 
     model: Any  # a peft model; only its adapter weights change between clients
-    tokenizer: Any
+    prompts: PromptFormat
     feedback: FeedbackProvider
     config: Any  # spearfl.config.RunConfig
     device: torch.device
@@ -55,23 +56,6 @@ class ClientUpdate(Protocol):
     def __call__(self, context: ClientContext, work: ClientRound) -> ClientResult: ...
 
 
-class Stopwatch:
-    """Accumulates seconds per phase (generation, feedback, training)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    def add(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
-        return now
-
-    def metrics(self) -> dict[str, float]:
-        phases = {f"{phase}_seconds": value for phase, value in self.seconds.items()}
-        return {"seconds": time.perf_counter() - self.started, **phases}
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory since the last reset, or the process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -100,14 +84,18 @@ def sample_and_judge(
     context.model.eval()
     completions = generate(
         context.model,
-        context.tokenizer,
+        context.prompts.tokenizer,
         prompts,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
         seed=seed,
         batch_size=settings.batch_size,
+        text_prefix=context.prompts.prefix,
     )
     started = time.perf_counter()
-    feedback = [context.feedback(example, completion.text) for example, completion in zip(examples, completions)]
+    feedback = [
+        context.feedback(example, context.prompts.answer_text(completion.text))
+        for example, completion in zip(examples, completions)
+    ]
     return completions, feedback, time.perf_counter() - started

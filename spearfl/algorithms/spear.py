@@ -22,14 +22,12 @@ from spearfl.algorithms.base import (
     ClientContext,
     ClientResult,
     ClientRound,
-    Stopwatch,
     peak_memory_mb,
     sample_and_judge,
     sample_examples,
 )
 from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
 from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state, trainable_parameters
-from spearfl.prompts import encode_messages, encode_task, revision_messages
 from spearfl.training import collate, completion_logits, make_optimizer
 
 
@@ -68,11 +66,10 @@ def protected_token_flags(tokenizer, token_ids: list[int], strings: list[str]) -
 def collect_traces(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list, list, dict]:
     """Attempt, judge, revise; return (wins, losses, metrics)."""
     settings = context.config.spear
-    clock = Stopwatch()
     started = time.perf_counter()
-    first, feedback, judging = sample_and_judge(context, prompts, examples, work.seed("first-attempt"))
-    clock.seconds["feedback"] = judging
+    first, feedback, feedback_seconds = sample_and_judge(context, prompts, examples, work.seed("first-attempt"))
     generated = [len(completion.token_ids) for completion in first]
+    hints_dropped = sum(f.hint_dropped for f in feedback)
     wins = [Trace(prompt, c.token_ids) for prompt, c, f in zip(prompts, first, feedback) if f.correct]
     pending = [index for index, f in enumerate(feedback) if not f.correct]
     latest = {index: (first[index], feedback[index]) for index in pending}
@@ -82,16 +79,13 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
         if not open_items:
             break
         revision_prompts = [
-            encode_messages(
-                context.tokenizer,
-                revision_messages(examples[index], latest[index][0].text, latest[index][1].text),
-            )
-            for index in open_items
+            context.prompts.revision(examples[index], latest[index][0].text, latest[index][1].text) for index in open_items
         ]
         revised, revised_feedback, judging = sample_and_judge(
             context, revision_prompts, [examples[index] for index in open_items], work.seed(f"revision-{attempt}")
         )
-        clock.seconds["feedback"] += judging
+        feedback_seconds += judging
+        hints_dropped += sum(f.hint_dropped for f in revised_feedback)
         generated += [len(completion.token_ids) for completion in revised]
         for index, completion, verdict in zip(open_items, revised, revised_feedback):
             latest[index] = (completion, verdict)
@@ -103,11 +97,10 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
             prompts[index],
             first[index].token_ids,
             settings.confidence_fixed if index in fixed else settings.confidence_unfixed,
-            protected_token_flags(context.tokenizer, first[index].token_ids, settings.protected_strings),
+            protected_token_flags(context.prompts.tokenizer, first[index].token_ids, settings.protected_strings),
         )
         for index in pending
     ]
-    clock.seconds["generation"] = time.perf_counter() - started - clock.seconds["feedback"]
     metrics = {
         "prompts": len(prompts),
         "first_try_accuracy": (len(prompts) - len(pending)) / len(prompts),
@@ -116,7 +109,9 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
         "revised_correct": len(fixed),
         "generations": len(generated),
         "generated_tokens": sum(generated),
-        **{f"{phase}_seconds": value for phase, value in clock.seconds.items()},
+        "hints_dropped": hints_dropped,
+        "feedback_seconds": feedback_seconds,
+        "generation_seconds": time.perf_counter() - started - feedback_seconds,
     }
     return wins, losses, metrics
 
@@ -143,7 +138,7 @@ def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], r
     losses = losses if settings.lambda_lose > 0 else []  # with no weight they would cost compute for nothing
     traces = wins + losses
     batch = collate(
-        [t.prompt for t in traces], [t.completion for t in traces], context.tokenizer.pad_token_id, context.device
+        [t.prompt for t in traces], [t.completion for t in traces], context.prompts.tokenizer.pad_token_id, context.device
     )
     logprobs = token_logprobs(completion_logits(context.model, batch), batch.targets)  # [B, K]
     num_wins = len(wins)
@@ -154,7 +149,7 @@ def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], r
         protected = batch.right_aligned([[]] * num_wins + [t.protected for t in losses])[num_wins:]
         mask = unlikelihood_mask(
             batch.completion_mask[num_wins:], batch.targets[num_wins:], protected,
-            settings.tail_tokens, context.tokenizer.eos_token_id,
+            settings.tail_tokens, context.prompts.tokenizer.eos_token_id,
         )
         confidence = torch.tensor([t.confidence for t in losses], device=context.device)
         lose_ul = unlikelihood_loss(logprobs[num_wins:], mask, confidence, settings.margin)
@@ -197,21 +192,21 @@ def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
-    clock = Stopwatch()
+    started = time.perf_counter()
     if context.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(context.device)
     set_adapter_state(context.model, work.global_state)
     examples = sample_examples(work.examples, context.config.spear.prompts_per_round, work.seed("prompts"))
-    prompts = [encode_task(context.tokenizer, example) for example in examples]
+    prompts = [context.prompts.task(example) for example in examples]
     wins, losses, metrics = collect_traces(context, work, examples, prompts)
     losses = cap_losses(losses, len(wins), context.config.spear.lose_cap_ratio, work.seed("lose-cap"))
     metrics.update(wins=len(wins), losses=len(losses), trained_tokens=0)
     if not wins:
         # Unlikelihood alone only pushes mass away and collapses the model: skip, and weigh nothing.
-        metrics.update(clock.metrics(), peak_memory_mb=peak_memory_mb(context.device), skipped=1)
+        metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=1)
         return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
-    started = time.perf_counter()
+    training_started = time.perf_counter()
     metrics.update(train(context, work, wins, losses))
-    metrics["training_seconds"] = time.perf_counter() - started
-    metrics.update(seconds=clock.metrics()["seconds"], peak_memory_mb=peak_memory_mb(context.device), skipped=0)
+    metrics["training_seconds"] = time.perf_counter() - training_started
+    metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=0)
     return ClientResult(state=get_adapter_state(context.model), weight=float(len(wins)), metrics=metrics)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from spearfl.data.split import dirichlet_partition, split_pool_heldout
 from spearfl.evaluation import evaluate
 from spearfl.feedback import make_oracle
 from spearfl.models import LoraSettings, attach_lora, get_adapter_state, load_base_model, set_adapter_state
+from spearfl.prompts import PromptFormat
 from spearfl.outputs import RunFolder, plot_accuracy, summary_table
 from spearfl.schedule import learning_rate
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
@@ -81,7 +85,8 @@ def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContex
     )
     peft_model = attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
     device = next(peft_model.parameters()).device
-    return ClientContext(peft_model, tokenizer, make_oracle(config.feedback.hint), config, device)
+    prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
+    return ClientContext(peft_model, prompt_format, make_oracle(config.feedback.hint), config, device)
 
 
 def choose_clients(config: RunConfig, round_index: int) -> list[int]:
@@ -189,7 +194,7 @@ class LocalRun:
                     global_state, server_state, row = self.train_round(round_index, global_state, server_state, federation, progress)
                 if round_index % config.eval.every == 0 or round_index == config.server.rounds:
                     set_adapter_state(model, global_state)
-                    row["eval"] = clean(evaluate(model, self.context.tokenizer, federation.heldout, config.eval, progress=self.show_progress))
+                    row["eval"] = clean(evaluate(model, self.context.prompts, federation.heldout, config.eval, progress=self.show_progress))
                     self.folder.save_adapter(round_index, global_state)
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
@@ -268,10 +273,15 @@ def differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
     return fields
 
 
+def stop_on_terminate(signal_number, frame) -> None:
+    """SIGTERM ends a run like Ctrl-C does, so its folder is marked interrupted."""
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
 def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True, context=None) -> dict:
     """Run or resume the configured experiment; `fresh` deletes an existing folder first."""
     if fresh and Path(config.output_dir).exists():
-        import shutil
-
         shutil.rmtree(config.output_dir)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_terminate)
     return LocalRun(config, context=context, show_progress=show_progress).run()

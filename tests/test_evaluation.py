@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+import spearfl.evaluation as evaluation
+from helpers import completion_from_text, single_thread, tiny_lora_model
+from spearfl.config import EvalConfig
+from spearfl.data.schema import Example
+from spearfl.evaluation import evaluate, generation_metrics, loglik_predictions
+from spearfl.generation import generate
+from spearfl.prompts import PromptFormat
+from spearfl.scoring_lm import completion_logprobs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def letters(uid: str, num_options: int, gold: int, **fields) -> Example:
+    options = tuple(f"option {uid} {index}" for index in range(num_options))
+    return Example(uid, f"Question {uid}?", options, gold, **fields)
+
+
+def test_generation_metrics_count_accuracy_parse_rate_and_answer_share():
+    examples = [letters("a", 3, 0), letters("b", 3, 1), letters("c", 5, 2), letters("d", 5, 0)]
+    texts = ["Answer: A\n", "Answer: C\n", "I am not sure.", "Answer: a\n"]  # "a" is the article, not A
+    metrics = generation_metrics(examples, texts)
+    assert metrics["accuracy"] == pytest.approx(1 / 4)
+    assert metrics["parse_rate"] == pytest.approx(2 / 4)
+    assert metrics["answer_share"] == {"A": pytest.approx(0.5), "C": pytest.approx(0.5)}
+
+
+def test_generation_metrics_five_options_and_nothing_parsed():
+    examples = [letters("a", 5, 4), letters("b", 5, 4)]
+    assert generation_metrics(examples, ["Answer: E\n", "Answer: E\n"]) == {
+        "accuracy": 1.0, "parse_rate": 1.0, "answer_share": {"E": 1.0}
+    }
+    assert generation_metrics(examples, ["no idea", "Answer:"]) == {"accuracy": 0.0, "parse_rate": 0.0, "answer_share": {}}
+
+
+def test_generation_metrics_free_form_has_no_answer_share():
+    examples = [Example("f/0", "2 + 2?", answer="4"), Example("f/1", "3 + 3?", answer="6")]
+    metrics = generation_metrics(examples, ["Answer: 4\n", "Answer: 7\n"])
+    assert metrics == {"accuracy": 0.5, "parse_rate": 1.0}
+
+
+def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters("a", 3, 0), letters("b", 5, 4), letters("c", 2, 1)]
+    prompts = [prompt_format.task(example) for example in examples]
+    chosen = {"a": "A", "b": "E", "c": "A"}
+    rows = []
+
+    def scripted_logprobs(model, row_prompts, row_completions, batch_size):
+        scores = []
+        for prompt, completion in zip(row_prompts, row_completions):
+            example = examples[prompts.index(prompt)]
+            label = tokenizer.decode(completion).removeprefix("Answer: ")
+            rows.append((example.uid, label, completion))
+            # Two tokens per option; the chosen one sums highest although its first token is lowest.
+            scores.append(torch.tensor([-3.0, 2.5]) if label == chosen[example.uid] else torch.tensor([-1.0, -0.5]))
+        return scores
+
+    monkeypatch.setattr(evaluation, "completion_logprobs", scripted_logprobs)
+    predictions = loglik_predictions(None, prompt_format, examples, prompts, batch_size=4)
+    assert predictions == [0, 4, 0]
+    assert [(uid, label) for uid, label, _ in rows] == [
+        ("a", "A"), ("a", "B"), ("a", "C"), ("b", "A"), ("b", "B"), ("b", "C"), ("b", "D"), ("b", "E"), ("c", "A"), ("c", "B")
+    ]
+    assert all(completion == prompt_format.option_completion(label) for _, label, completion in rows)
+
+
+def test_loglik_predictions_agree_with_completion_logprobs(tokenizer):
+    model = tiny_lora_model(tokenizer, seed=5)
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters(str(index), 3 + index % 3, 0) for index in range(6)]
+    prompts = [prompt_format.task(example) for example in examples]
+    predictions = loglik_predictions(model, prompt_format, examples, prompts, batch_size=4)
+    for example, prompt, prediction in zip(examples, prompts, predictions):
+        completions = [prompt_format.option_completion(label) for label in example.labels]
+        totals = [float(row.sum()) for row in completion_logprobs(model, [prompt] * len(completions), completions, 8)]
+        assert prediction == max(range(len(totals)), key=totals.__getitem__)
+
+
+def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monkeypatch):
+    model = tiny_lora_model(tokenizer, seed=5)
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters("a", 3, 0, facts="Secret fact."), letters("b", 5, 3, solution="Secret solution.")]
+    seen = {"generate": [], "loglik": []}
+
+    def spy_generate(model_, tokenizer_, prompts, **settings):
+        seen["generate"].append((prompts, settings))
+        return generate(model_, tokenizer_, prompts, **settings)
+
+    def spy_logprobs(model_, prompts, completions, batch_size):
+        seen["loglik"].append(prompts)
+        return completion_logprobs(model_, prompts, completions, batch_size)
+
+    monkeypatch.setattr(evaluation, "generate", spy_generate)
+    monkeypatch.setattr(evaluation, "completion_logprobs", spy_logprobs)
+    settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
+    metrics = evaluate(model, prompt_format, examples, settings)
+    expected = [prompt_format.task(example) for example in examples]
+    (prompts, sampling), = seen["generate"]
+    assert prompts == expected
+    assert sampling["temperature"] == 0 and sampling["max_new_tokens"] == 3
+    assert {tuple(prompt) for prompt in seen["loglik"][0]} == {tuple(prompt) for prompt in expected}
+    for prompt in prompts:
+        assert "Secret" not in tokenizer.decode(prompt)
+    assert set(metrics) == {
+        "num_examples", "loglik_accuracy", "loglik_answer_share", "accuracy", "parse_rate", "answer_share",
+        "mean_completion_tokens",
+    }
+    assert metrics["num_examples"] == 2 and metrics["accuracy"] == 0.0 and metrics["parse_rate"] == 0.0  # a random model
+    assert sum(metrics["loglik_answer_share"].values()) == pytest.approx(1.0)
+    assert 1 <= metrics["mean_completion_tokens"] <= 3
+
+
+def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeypatch):
+    examples = [letters("a", 3, 0), letters("b", 5, 4), letters("c", 4, 1)]
+    answers = {"a": " A\n", "b": " E\n", "c": " D\n"}
+    prompt_format = PromptFormat(tokenizer, answer_prefix=True)
+    prompts = {tuple(prompt_format.task(example)): example.uid for example in examples}
+
+    def scripted_generate(model, tokenizer_, prompts_, **settings):
+        assert settings["text_prefix"] == "Answer:"
+        return [completion_from_text(tokenizer, answers[prompts[tuple(prompt)]]) for prompt in prompts_]
+
+    def scripted_logprobs(model, row_prompts, row_completions, batch_size):
+        # Every example's first option is the most likely: right for "a" (gold index 0) only.
+        return [torch.tensor([0.0 if c == prompt_format.option_completion("A") else -1.0]) for c in row_completions]
+
+    monkeypatch.setattr(evaluation, "generate", scripted_generate)
+    monkeypatch.setattr(evaluation, "completion_logprobs", scripted_logprobs)
+    model = torch.nn.Linear(1, 1)
+    metrics = evaluate(model, prompt_format, examples, EvalConfig(methods=["loglik", "generate"], batch_size=4))
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["parse_rate"] == 1.0
+    assert metrics["answer_share"] == {"A": pytest.approx(1 / 3), "D": pytest.approx(1 / 3), "E": pytest.approx(1 / 3)}
+    assert metrics["loglik_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["loglik_answer_share"] == {"A": 1.0}

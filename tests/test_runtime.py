@@ -1,0 +1,151 @@
+"""The local simulation end to end on a primed tiny model: run folder, resume after an interruption, failures."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import spearfl.runtime.local as local
+from helpers import end_to_end_assets, read_history, reference_run, single_thread, strip_timing, write_run_config
+from spearfl.algorithms import ALGORITHMS
+from spearfl.config import config_to_dict, load_config
+from spearfl.outputs import RunFolder
+from spearfl.runtime.local import RunConflict, choose_clients, prepare_data, run_local
+
+REAL_UPDATE = ALGORITHMS["spear"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def config_for(name: str, *overrides: str):
+    assets = end_to_end_assets()
+    path = write_run_config(assets, assets.root / f"{name}.yaml", assets.root / name)
+    return load_config(path, list(overrides))
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_reference_run_folder_is_complete_and_trained():
+    folder = reference_run()
+    config = config_for("reference-run")
+    assert RunFolder(folder).read_config() == config_to_dict(config)
+    history = read_history(folder)
+    assert [row["round"] for row in history] == [0, 1, 2]
+    assert all("eval" in row for row in history)
+    assert history[0]["clients"] == [] and "online" not in history[0]
+    for row in history[1:]:
+        assert [client["client"] for client in row["clients"]] == choose_clients(config, row["round"])
+        assert row["lr"] > 0
+        assert row["online"]["wins"] == sum(client["metrics"]["wins"] for client in row["clients"])
+    weights = [client["weight"] for row in history[1:] for client in row["clients"]]
+    assert any(weight > 0 for weight in weights)
+    assert all(client["weight"] == client["metrics"]["wins"] for row in history[1:] for client in row["clients"])
+    assert read_json(folder / "status.json")["state"] == "complete"
+    summary = read_json(folder / "summary.json")
+    assert summary["before"] == history[0]["eval"] and summary["after"] == history[2]["eval"]
+    assert summary["rounds"] == 2 and summary["trained_tokens"] > 0
+    first, last = load_file(folder / "adapters" / "round_0000.safetensors"), load_file(folder / "adapters" / "round_0002.safetensors")
+    assert first.keys() == last.keys()
+    assert all(torch.count_nonzero(value) == 0 for name, value in first.items() if "lora_B" in name)  # peft starts B at 0
+    assert any(not torch.equal(first[name], last[name]) for name in first)
+
+
+def test_data_preparation_and_client_choice_are_deterministic():
+    config = config_for("reference-run")
+    first, second = prepare_data(config), prepare_data(config)
+    assert [e.uid for e in first.heldout] == [e.uid for e in second.heldout]
+    assert [[e.uid for e in pool] for pool in first.clients] == [[e.uid for e in pool] for pool in second.clients]
+    held_out = {e.uid for e in first.heldout}
+    assert len(held_out) == 8 and not held_out & {e.uid for pool in first.clients for e in pool}
+    assert choose_clients(config, 1) == choose_clients(config, 1)
+    assert len(set(choose_clients(config, 1))) == 2
+
+
+def test_a_complete_folder_is_not_run_again(monkeypatch):
+    folder = reference_run()
+    history_before = (folder / "history.jsonl").read_text()
+    monkeypatch.setattr(local, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a finished run"))
+    summary = run_local(config_for("reference-run"), show_progress=False)
+    assert summary == read_json(folder / "summary.json")
+    assert (folder / "history.jsonl").read_text() == history_before
+
+
+def test_a_different_config_in_the_same_folder_is_refused(monkeypatch):
+    folder = reference_run()
+    monkeypatch.setattr(local, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a conflicting run"))
+    with pytest.raises(RunConflict) as caught:
+        run_local(config_for("reference-run", "seed=8", "spear.margin=0.5"), show_progress=False)
+    assert "seed" in str(caught.value) and "spear.margin" in str(caught.value)
+    assert RunFolder(folder).read_config()["seed"] == 7
+
+
+def test_fresh_deletes_the_old_folder_first(tmp_path, monkeypatch):
+    config = config_for("unused", f"output_dir={tmp_path / 'old'}")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("seed: 123\n")
+    monkeypatch.setattr(local.LocalRun, "run", lambda self: {"ran": True})
+    assert run_local(config, fresh=True, show_progress=False) == {"ran": True}
+    assert not (tmp_path / "old").exists()
+
+
+def interrupt_in_round(round_index: int, exception: BaseException):
+    def update(context, work):
+        if work.round_index == round_index:
+            raise exception
+        return REAL_UPDATE(context, work)
+
+    return update
+
+
+@pytest.fixture(scope="module")
+def interrupted_run():
+    """A run stopped by Ctrl-C during round 2; returns (folder, status, summary present, history) at that moment."""
+    config = config_for("interrupted-run")
+    with single_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ALGORITHMS, "spear", interrupt_in_round(2, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run_local(config, show_progress=False)
+    folder = config_for("interrupted-run").output_dir
+    folder = RunFolder(folder)
+    return folder, folder.read_status(), folder.summary_path.exists(), folder.read_history(), config
+
+
+def test_interruption_leaves_an_incomplete_folder_that_says_so(interrupted_run):
+    folder, status, has_summary, history, _ = interrupted_run
+    assert status["state"] == "interrupted"
+    assert not has_summary
+    assert [row["round"] for row in history] == [0, 1]
+    assert folder.load_checkpoint().round_index == 1
+    assert status["last_round"] == 1  # rounds 0 and 1 finished and are checkpointed
+
+
+def test_resumed_run_repeats_the_uninterrupted_history(interrupted_run):
+    folder, _, _, _, config = interrupted_run
+    summary = run_local(config, show_progress=False)
+    assert folder.read_status()["state"] == "complete"
+    reference = reference_run()
+    assert strip_timing(folder.read_history()) == strip_timing(read_history(reference))
+    assert strip_timing(summary) == strip_timing(read_json(reference / "summary.json"))
+    for round_index in (0, 1, 2):
+        resumed = folder.load_adapter(round_index)
+        uninterrupted = load_file(reference / "adapters" / f"round_{round_index:04d}.safetensors")
+        assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
+
+
+def test_a_failing_client_marks_the_run_failed_at_its_last_checkpoint(monkeypatch):
+    config = config_for("failed-run")
+    monkeypatch.setitem(ALGORITHMS, "spear", interrupt_in_round(1, RuntimeError("client crashed")))
+    with pytest.raises(RuntimeError, match="client crashed"):
+        run_local(config, show_progress=False)
+    folder = RunFolder(config.output_dir)
+    status = folder.read_status()
+    assert status["state"] == "failed" and status["last_round"] == 0 and "client crashed" in status["message"]
+    assert [row["round"] for row in folder.read_history()] == [0]
+    assert not folder.summary_path.exists()

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spearfl.models import trainable_parameters
+from spearfl.scoring_lm import (
+    batch_for_training,
+    completion_logprobs,
+    completion_token_logits,
+    left_pad,
+    sequence_logprob,
+)
+
+PROMPTS = [[1, 50, 60, 70], [1, 9], [1, 300, 301, 302, 303, 304, 305], [4, 4]]
+COMPLETIONS = [[80, 2], [10, 11, 12, 13, 14], [306], [5, 6]]
+
+
+def manual_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """One unpadded full forward, log-softmax everywhere: the definition."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]  # [T, V]
+    log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return log_probabilities[positions, torch.tensor(completion)]
+
+
+def test_left_pad_aligns_sequences_on_the_right():
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_training_batch_targets_are_exactly_the_completion_ids():
+    batch = batch_for_training(PROMPTS, COMPLETIONS, pad_id=0)
+    length = max(len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS))
+    assert batch.input_ids.shape == batch.attention_mask.shape == batch.completion_mask.shape == (4, length)
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        assert batch.input_ids[row][batch.completion_mask[row]].tolist() == completion
+        assert batch.input_ids[row][batch.attention_mask[row].bool()].tolist() == prompt + completion
+        real_positions = batch.position_ids[row][batch.attention_mask[row].bool()]
+        assert real_positions.tolist() == list(range(len(prompt) + len(completion)))
+    assert batch.completion_mask[:, -1].all()  # left padding: every completion ends in the last column
+
+
+def test_empty_completion_is_rejected():
+    with pytest.raises(ValueError):
+        batch_for_training([[1, 2]], [[]], pad_id=0)
+
+
+def test_completion_token_logits_line_up_with_targets(tiny_model):
+    batch = batch_for_training(PROMPTS, COMPLETIONS, pad_id=0)
+    with torch.no_grad():
+        logits = completion_token_logits(tiny_model, batch)
+    num_positions = max(len(c) for c in COMPLETIONS)
+    assert logits.shape == (4, num_positions, tiny_model.config.vocab_size)
+    row = 1  # the longest completion fills all K positions
+    expected = manual_logprobs(tiny_model, PROMPTS[row], COMPLETIONS[row])
+    targets = batch.input_ids[row, -num_positions:]
+    observed = torch.log_softmax(logits[row], -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(observed, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_logprobs_match_a_manual_full_forward(tiny_model, batch_size):
+    observed = completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=batch_size)
+    for prompt, completion, row in zip(PROMPTS, COMPLETIONS, observed):
+        assert row.dtype == torch.float32 and row.device.type == "cpu"
+        torch.testing.assert_close(row, manual_logprobs(tiny_model, prompt, completion), rtol=0, atol=1e-5)
+
+
+def test_sequence_logprob_sums_the_token_logprobs(tiny_model):
+    totals = sequence_logprob(tiny_model, PROMPTS, COMPLETIONS, batch_size=2)
+    expected = torch.stack([row.sum() for row in completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=4)])
+    torch.testing.assert_close(totals, expected)
+
+
+def test_logprobs_through_lora_match_the_base_at_initialisation(tiny_model, tiny_lora_model):
+    # LoRA's B starts at zero, so the wrapped model computes the base function.
+    base = completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=4)
+    wrapped = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
+    for expected, observed in zip(base, wrapped):
+        torch.testing.assert_close(observed, expected)
+
+
+def test_bfloat16_model_gives_float32_logprobs(tiny_model):
+    model = tiny_model.to(torch.bfloat16)
+    rows = completion_logprobs(model, PROMPTS, COMPLETIONS, batch_size=4)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(row.dtype == torch.float32 for row in rows)
+
+
+def test_scoring_switches_dropout_off_and_restores_the_mode(tiny_lora_model):
+    generator = torch.Generator().manual_seed(0)
+    for parameter in trainable_parameters(tiny_lora_model):
+        parameter.data = torch.randn(parameter.shape, generator=generator)
+    tiny_lora_model.train()
+    first = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
+    second = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
+    assert tiny_lora_model.training
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
