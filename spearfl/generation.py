@@ -69,8 +69,7 @@ def generate(
 ) -> list[Completion]:
     """Complete each prompt (token ids) once; results in the order of `prompts`.
 
-    text_prefix: what the prompt already wrote of the reply; the answer-line stop sees it before the completion.
-
+    text_prefix: what the prompt already wrote of the reply (e.g. "Answer:"); the answer-line stop reads it first.
     progress: False, True, or a description for the progress bar over batches.
     """
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:

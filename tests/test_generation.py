@@ -76,6 +76,15 @@ def test_stops_at_the_end_of_the_answer_line(tokenizer):
     assert completion.finished_by == "stop"
 
 
+def test_answer_written_by_the_prompt_counts_for_the_stop(tokenizer):
+    chain = encode(tokenizer, " B\nNext line")
+    model = chain_model(tokenizer, chain)
+    [prefilled] = run(model, tokenizer, [[PROMPT_END]], text_prefix="Answer:")
+    assert prefilled.token_ids == chain[:2] and prefilled.finished_by == "stop"
+    [plain] = run(model, tokenizer, [[PROMPT_END]], max_new_tokens=5)
+    assert plain.finished_by == "length"
+
+
 def test_without_answer_stop_runs_to_the_limit(tokenizer):
     chain = encode(tokenizer, "Answer: B\nNext line")
     model = chain_model(tokenizer, chain)

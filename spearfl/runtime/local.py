@@ -164,14 +164,18 @@ class LocalRun:
         try:
             summary = self.run_rounds(checkpoint, start_round)
         except KeyboardInterrupt:
-            self.folder.write_status("interrupted", last_round=start_round - 1, message="stopped by Ctrl-C")
+            self.folder.write_status("interrupted", last_round=self.last_saved_round(), message="stopped by Ctrl-C")
             console.print(f"[yellow]interrupted: {self.folder.path} is incomplete; run again to resume[/yellow]")
             raise
         except BaseException as error:
-            last = self.folder.load_checkpoint()
-            self.folder.write_status("failed", last_round=-1 if last is None else last.round_index, message=repr(error))
+            self.folder.write_status("failed", last_round=self.last_saved_round(), message=repr(error))
             raise
         return summary
+
+    def last_saved_round(self) -> int:
+        """The last round whose result is checkpointed, -1 before any."""
+        checkpoint = self.folder.load_checkpoint()
+        return -1 if checkpoint is None else checkpoint.round_index
 
     def run_rounds(self, checkpoint, start_round: int) -> dict:
         config = self.config

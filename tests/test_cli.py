@@ -1,0 +1,124 @@
+"""The `spearfl` command through typer's CliRunner: a whole run on a primed tiny model, refusals, help."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers import end_to_end_assets, read_history, reference_run, single_thread, strip_timing, write_run_config
+from spearfl.cli import app
+from spearfl.config import config_to_dict, load_config
+from spearfl.outputs import RunFolder
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def invoke(*arguments: str):
+    result = CliRunner().invoke(app, [str(argument) for argument in arguments])
+    output = result.output + (result.stderr if result.stderr and result.stderr not in result.output else "")
+    return result, " ".join(output.split())  # rich wraps long lines
+
+
+@pytest.fixture(scope="module")
+def cli_run():
+    """`spearfl run CONFIG` on 2 rounds x 2 clients; returns (result, output, config path, run folder)."""
+    assets = end_to_end_assets()
+    folder = assets.root / "cli-run"
+    config_path = write_run_config(assets, assets.root / "cli.yaml", folder)
+    with single_thread():
+        result, output = invoke("run", config_path)
+    return result, output, config_path, folder
+
+
+def test_help_lists_the_commands():
+    result, output = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("run", "eval", "data"):
+        assert f" {command} " in output
+
+
+def test_run_writes_a_complete_run_folder(cli_run):
+    result, output, config_path, folder = cli_run
+    assert result.exit_code == 0, output
+    assert "held-out accuracy" in output and str(folder) in output
+    assert RunFolder(folder).read_config() == config_to_dict(load_config(config_path))
+    history = read_history(folder)
+    assert [row["round"] for row in history] == [0, 1, 2]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert "accuracy" in summary["before"] and "accuracy" in summary["after"]
+    assert "loglik_accuracy" in summary["before"]
+    assert json.loads((folder / "status.json").read_text())["state"] == "complete"
+    adapters = {index: load_file(folder / "adapters" / f"round_{index:04d}.safetensors") for index in (0, 1, 2)}
+    assert all(adapters[0].keys() == adapter.keys() and adapter for adapter in adapters.values())
+    assert (folder / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
+    weights = [client["weight"] for row in history[1:] for client in row["clients"]]
+    assert any(weight > 0 for weight in weights)
+    assert any(not torch.equal(adapters[0][name], adapters[2][name]) for name in adapters[0])
+
+
+def test_a_repeated_run_gives_the_same_history(cli_run):
+    """Same seed, fresh folder (the reference run went through the Python API): the same rounds, bit for bit."""
+    _, _, _, folder = cli_run
+    reference = reference_run()
+    assert reference != folder
+    assert strip_timing(read_history(folder)) == strip_timing(read_history(reference))
+    for index in (0, 1, 2):
+        ours = load_file(folder / "adapters" / f"round_{index:04d}.safetensors")
+        theirs = load_file(reference / "adapters" / f"round_{index:04d}.safetensors")
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def test_a_different_config_in_the_same_folder_is_refused(cli_run):
+    _, _, config_path, folder = cli_run
+    history_before = (folder / "history.jsonl").read_text()
+    result, output = invoke("run", config_path, "--set", "seed=8")
+    assert result.exit_code != 0
+    assert "different config" in output and "seed" in output
+    assert (folder / "history.jsonl").read_text() == history_before
+
+
+def test_a_complete_run_is_not_run_again(cli_run):
+    _, _, config_path, folder = cli_run
+    history_before = (folder / "history.jsonl").read_text()
+    result, output = invoke("run", config_path, "--quiet")
+    assert result.exit_code == 0, output
+    assert "already complete" in output
+    assert (folder / "history.jsonl").read_text() == history_before
+
+
+def test_an_unknown_key_fails_before_any_work(tmp_path):
+    assets = end_to_end_assets()
+    config_path = write_run_config(assets, tmp_path / "typo.yaml", tmp_path / "never")
+    config_path.write_text(config_path.read_text() + "extra_section: {lamda_lose: 0.2}\n")
+    result, output = invoke("run", config_path)
+    assert result.exit_code != 0
+    assert "extra_section" in output
+    result, output = invoke("run", write_run_config(assets, tmp_path / "ok.yaml", tmp_path / "never"), "--set", "spear.lamda_lose=0.2")
+    assert result.exit_code != 0
+    assert "spear.lamda_lose" in output
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_unknown_dataset_fails_naming_the_field(tmp_path):
+    config_path = write_run_config(end_to_end_assets(), tmp_path / "run.yaml", tmp_path / "never")
+    result, output = invoke("run", config_path, "--set", "data.dataset=no_such_dataset")
+    assert result.exit_code != 0 and "data.dataset" in output
+    assert not (tmp_path / "never").exists()
+
+
+def test_eval_scores_a_saved_adapter(cli_run):
+    _, _, config_path, folder = cli_run
+    result, output = invoke("eval", config_path, "--adapter", folder / "adapters" / "round_0002.safetensors")
+    assert result.exit_code == 0, output
+    after = json.loads((folder / "summary.json").read_text())["after"]
+    assert "accuracy" in output and f"{after['accuracy']:.4f}" in output
+    result, output = invoke("eval", config_path, "--adapter", folder / "no_such_adapter.safetensors")
+    assert result.exit_code != 0 and "not found" in output
