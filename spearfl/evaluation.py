@@ -56,8 +56,11 @@ def generation_metrics(examples: list[Example], texts: list[str]) -> dict:
     return metrics
 
 
-def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settings, progress: bool = False) -> dict:
-    """Held-out metrics for the model's current adapter.  settings: spearfl.config.EvalConfig."""
+def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settings, progress=False) -> dict:
+    """Held-out metrics for the model's current adapter.  settings: spearfl.config.EvalConfig.
+
+    progress: False, True, or a live rich Progress to show the generation bar on.
+    """
     model.eval()
     prompts = [prompt_format.task(example) for example in examples]
     metrics: dict = {"num_examples": len(examples)}
@@ -72,7 +75,7 @@ def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settin
         completions = generate(
             model, prompt_format.tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0,
             top_p=1.0, seed=0, batch_size=settings.batch_size, text_prefix=prompt_format.prefix,
-            progress="held-out generation" if progress else False,
+            progress=progress, description="held-out generation",
         )
         answers = [prompt_format.answer_text(completion.text) for completion in completions]
         metrics.update(generation_metrics(examples, answers))

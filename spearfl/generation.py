@@ -24,7 +24,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from rich.progress import track
+from rich.progress import Progress, track
 from transformers import DynamicCache
 
 from spearfl.data.scoring import completion_has_answer
@@ -65,12 +65,13 @@ def generate(
     batch_size: int,
     stop_after_answer: bool = True,
     text_prefix: str = "",
-    progress: bool | str = False,
+    progress: bool | str | Progress = False,
+    description: str = "generating",
 ) -> list[Completion]:
     """Complete each prompt (token ids) once; results in the order of `prompts`.
 
     text_prefix: what the prompt already wrote of the reply (e.g. "Answer:"); the answer-line stop reads it first.
-    progress: False, True, or a description for the progress bar over batches.
+    progress: False, True, a description, or a live rich Progress to add the bar over batches to.
     """
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"bad sampling settings: {max_new_tokens=} {batch_size=} {temperature=} {top_p=}")
@@ -80,9 +81,7 @@ def generate(
     # Longest first: similar lengths share a batch (little padding) and memory peaks at the start.
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]), reverse=True)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    if progress:
-        description = progress if isinstance(progress, str) else "generating"
-        batches = track(batches, description=description, transient=True)
+    batches = with_progress(batches, progress, description)
     results: list[Completion | None] = [None] * len(prompts)
     with evaluation_mode(model):
         for batch in batches:
@@ -91,6 +90,20 @@ def generate(
             for index, completion in zip(batch, completions):
                 results[index] = completion
     return results
+
+
+def with_progress(batches: list, progress: bool | str | Progress, description: str):
+    """Iterate over batches, showing a bar on the caller's Progress display or on a transient one of ours."""
+    if isinstance(progress, Progress):
+        task = progress.add_task(description, total=len(batches))
+        for batch in batches:
+            yield batch
+            progress.advance(task)
+        progress.remove_task(task)
+    elif progress:
+        yield from track(batches, description=progress if isinstance(progress, str) else description, transient=True)
+    else:
+        yield from batches
 
 
 def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:

@@ -257,8 +257,12 @@ def plot_accuracy(history_rows: list[dict[str, Any]], path: str | os.PathLike) -
 def _format_metric(value: Any, signed: bool = False) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int) and not signed:
+        return str(value)
     if _is_number(value):
         return f"{value:+.4f}" if signed else f"{value:.4f}"
+    if isinstance(value, dict):  # shares of each predicted label
+        return " ".join(f"{key} {item:.2f}" for key, item in value.items()) or "-"
     return str(value)
 
 

@@ -103,6 +103,12 @@ def test_base_inheritance_merges_sections_and_overrides_win(tmp_path):
     assert config.spear.margin == 0.2 and config.spear.local_steps == 7
 
 
+def test_a_cycle_of_bases_fails_with_a_config_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nseed: 2\n")
+    assert "base" in error_of(tmp_path / "a.yaml")
+
+
 def test_missing_file_and_non_mapping_yaml_fail(tmp_path):
     assert "not found" in error_of(tmp_path / "absent.yaml")
     listed = tmp_path / "list.yaml"

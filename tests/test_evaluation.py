@@ -45,6 +45,17 @@ def test_generation_metrics_free_form_has_no_answer_share():
     assert metrics == {"accuracy": 0.5, "parse_rate": 1.0}
 
 
+def test_generation_metrics_of_a_mixed_set_do_not_depend_on_its_order():
+    """A user JSONL may mix multiple choice and free-form items (examples/custom.jsonl does)."""
+    free_form = Example("f/0", "Sam has 12 apples and gives away 5. How many are left?", answer="7")
+    choices = [letters("a", 3, 0), letters("b", 3, 1)]
+    texts = {"f/0": "Answer: 7\n", "a": "Answer: A\n", "b": "Answer: C\n"}
+    first = generation_metrics([free_form, *choices], [texts[e.uid] for e in [free_form, *choices]])
+    last = generation_metrics([*choices, free_form], [texts[e.uid] for e in [*choices, free_form]])
+    assert first == last
+    assert last["answer_share"] == {"A": pytest.approx(0.5), "C": pytest.approx(0.5)}  # labels of options only
+
+
 def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
     prompt_format = PromptFormat(tokenizer)
     examples = [letters("a", 3, 0), letters("b", 5, 4), letters("c", 2, 1)]

@@ -1,6 +1,8 @@
 """The local simulation end to end on a primed tiny model: run folder, resume after an interruption, failures."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -149,3 +151,39 @@ def test_a_failing_client_marks_the_run_failed_at_its_last_checkpoint(monkeypatc
     assert status["state"] == "failed" and status["last_round"] == 0 and "client crashed" in status["message"]
     assert [row["round"] for row in folder.read_history()] == [0]
     assert not folder.summary_path.exists()
+
+
+def test_sigterm_marks_the_run_interrupted():
+    config = config_for("terminated-run")
+
+    def terminate_in_round_1(context, work):
+        if signal.getsignal(signal.SIGTERM) is not local.stop_on_terminate:
+            pytest.fail("run_local did not install its SIGTERM handler")  # never send an unhandled SIGTERM to pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+        return REAL_UPDATE(context, work)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(ALGORITHMS, "spear", terminate_in_round_1)
+            with pytest.raises(KeyboardInterrupt):
+                run_local(config, show_progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    status = RunFolder(config.output_dir).read_status()
+    assert status["state"] == "interrupted" and status["last_round"] == 0
+
+
+def test_run_local_restores_the_callers_sigterm_handler():
+    """run_local is also a library call: it must not leave its handler behind in the caller's process."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def callers_handler(signal_number, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        run_local(config_for("reference-run"), show_progress=False)  # a complete folder: returns at once
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)

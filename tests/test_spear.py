@@ -25,7 +25,7 @@ from spearfl.algorithms.base import ClientRound
 from spearfl.algorithms.spear import Trace, cap_losses, collect_traces, protected_token_flags, spear_loss
 from spearfl.data.sources import load_jsonl
 from spearfl.feedback import VERDICT_WRONG
-from spearfl.generation import generate
+from spearfl.generation import eos_token_ids, generate
 from spearfl.models import LoraSettings, attach_lora, freeze, get_adapter_state, lora_parameters
 from spearfl.prompts import REVISION_INSTRUCTION, encode_task
 from spearfl.scoring_lm import completion_logprobs
@@ -371,6 +371,25 @@ def test_spear_loss_matches_a_hand_assembly(tokenizer):
     assert parts["win_nll"] == pytest.approx(win_nll, rel=1e-4)
     assert parts["lose_unlikelihood"] == pytest.approx(unlikelihood, rel=1e-3)
     assert total.item() == pytest.approx(win_nll + 0.5 * unlikelihood + 0.25 * anchor, rel=1e-4)
+
+
+def test_unlikelihood_skips_every_end_of_turn_id_the_sampler_stops_on(tokenizer):
+    """Chat models list several EOS ids in their generation config (Llama-3 instruct, Qwen2.5 instruct); a
+    completion the sampler ended with any of them must not have that token pushed down."""
+    model = tiny_lora_model(tokenizer)
+    other_end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, other_end]
+    assert other_end != tokenizer.eos_token_id and other_end in eos_token_ids(model, tokenizer)
+    prompt = encode_task(tokenizer, COLOUR)
+    completion = tokenizer.encode("Answer: A\n", add_special_tokens=False) + [other_end]
+    win = Trace(prompt, tokenizer.encode("Answer: C\n", add_special_tokens=False))
+    loss = Trace(prompt, completion, 1.0, protected_token_flags(tokenizer, completion, ["Answer:"]))
+    config = make_config("spear.margin=0.0", "spear.tail_tokens=2", "spear.lambda_lose=1.0")
+    model.eval()
+    _, parts = spear_loss(make_context(model, tokenizer, config), [win], [loss], reference={})
+    (row,) = completion_logprobs(model, [prompt], [completion], batch_size=1)
+    newline_only = -math.log(1 - math.exp(float(row[-2])))  # the tail is "\n" and the end-of-turn id
+    assert parts["lose_unlikelihood"] == pytest.approx(newline_only, rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- learning

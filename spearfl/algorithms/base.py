@@ -26,6 +26,7 @@ class ClientContext:
     feedback: FeedbackProvider
     config: Any  # spearfl.config.RunConfig
     device: torch.device
+    progress: Any = None  # a live rich Progress to show generation on, if any
 
 
 @dataclass
@@ -74,7 +75,7 @@ def sample_examples(examples: list[Example], count: int, seed: int) -> list[Exam
 
 
 def sample_and_judge(
-    context: ClientContext, prompts: list[list[int]], examples: list[Example], seed: int
+    context: ClientContext, prompts: list[list[int]], examples: list[Example], seed: int, description: str = "generating"
 ) -> tuple[list[Completion], list[Feedback], float]:
     """Sample one completion per prompt with the run's sampling settings and judge each.
 
@@ -92,6 +93,8 @@ def sample_and_judge(
         seed=seed,
         batch_size=settings.batch_size,
         text_prefix=context.prompts.prefix,
+        progress=context.progress or False,
+        description=description,
     )
     started = time.perf_counter()
     feedback = [

@@ -67,7 +67,9 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
     """Attempt, judge, revise; return (wins, losses, metrics)."""
     settings = context.config.spear
     started = time.perf_counter()
-    first, feedback, feedback_seconds = sample_and_judge(context, prompts, examples, work.seed("first-attempt"))
+    first, feedback, feedback_seconds = sample_and_judge(
+        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts"
+    )
     generated = [len(completion.token_ids) for completion in first]
     hints_dropped = sum(f.hint_dropped for f in feedback)
     wins = [Trace(prompt, c.token_ids) for prompt, c, f in zip(prompts, first, feedback) if f.correct]
@@ -82,7 +84,8 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
             context.prompts.revision(examples[index], latest[index][0].text, latest[index][1].text) for index in open_items
         ]
         revised, revised_feedback, judging = sample_and_judge(
-            context, revision_prompts, [examples[index] for index in open_items], work.seed(f"revision-{attempt}")
+            context, revision_prompts, [examples[index] for index in open_items], work.seed(f"revision-{attempt}"),
+            f"client {work.client_id} revision {attempt}",
         )
         feedback_seconds += judging
         hints_dropped += sum(f.hint_dropped for f in revised_feedback)

@@ -190,6 +190,7 @@ class LocalRun:
             self.folder.rewind_to(checkpoint.round_index)
             console.print(f"resuming {self.folder.path} after round {checkpoint.round_index}")
         with self.progress() as progress:
+            self.context.progress = progress if self.show_progress else None
             rounds_bar = progress.add_task("rounds", total=config.server.rounds + 1, completed=start_round)
             for round_index in range(start_round, config.server.rounds + 1):
                 if round_index == 0:
@@ -198,7 +199,7 @@ class LocalRun:
                     global_state, server_state, row = self.train_round(round_index, global_state, server_state, federation, progress)
                 if round_index % config.eval.every == 0 or round_index == config.server.rounds:
                     set_adapter_state(model, global_state)
-                    row["eval"] = clean(evaluate(model, self.context.prompts, federation.heldout, config.eval, progress=self.show_progress))
+                    row["eval"] = clean(evaluate(model, self.context.prompts, federation.heldout, config.eval, progress=self.context.progress or False))
                     self.folder.save_adapter(round_index, global_state)
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
