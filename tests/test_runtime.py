@@ -114,8 +114,7 @@ def interrupted_run():
         patch.setitem(ALGORITHMS, "spear", interrupt_in_round(2, KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             run_local(config, show_progress=False)
-    folder = config_for("interrupted-run").output_dir
-    folder = RunFolder(folder)
+    folder = RunFolder(config.output_dir)
     return folder, folder.read_status(), folder.summary_path.exists(), folder.read_history(), config
 
 

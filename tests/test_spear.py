@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM
 
 import spearfl.algorithms.base
@@ -252,7 +251,8 @@ def test_client_update_caps_losses_from_the_round_seed(tokenizer, monkeypatch):
         result = spear.client_update(context, work_order(examples, run_seed=run_seed, global_state=global_state))
         assert result.metrics["wins"] == 2 and result.metrics["losses"] == 3  # floor(1.75 * 2)
         assert result.weight == 2
-    assert len(chosen[0]) == 3 and chosen[0] == chosen[1]
+    assert len(chosen[0]) == 3 and chosen[0] == chosen[1]  # same seed, same losses
+    assert set(chosen[2]) != set(chosen[0])  # another run seed draws another subset
 
 
 def test_seeds_of_round_1_client_2_and_round_2_client_1_differ(tokenizer, monkeypatch):
