@@ -168,9 +168,12 @@ def validate(tree: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"invalid {source}:\n" + "\n".join(problems)) from None
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read a YAML mapping; a config may name another with `base: other.yaml` (relative to itself)."""
     path = Path(path)
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: configs name each other as base in a cycle: {chain}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -182,7 +185,7 @@ def read_yaml(path: str | Path) -> dict:
     base = tree.pop("base", None)
     if base is None:
         return tree
-    merged = read_yaml(path.parent / base)
+    merged = read_yaml(path.parent / base, (*seen, path.resolve()))
     merge_into(merged, tree)
     return merged
 

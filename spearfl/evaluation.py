@@ -45,14 +45,14 @@ def generation_metrics(examples: list[Example], texts: list[str]) -> dict:
     """Accuracy, parse rate and the share of each predicted label among parsed answers."""
     parsed = [parse_answer(example, text) for example, text in zip(examples, texts)]
     correct = [is_correct(example, text) for example, text in zip(examples, texts)]
-    counts = Counter(answer for answer in parsed if answer is not None)
-    num_parsed = sum(counts.values())
     metrics = {
         "accuracy": sum(correct) / len(examples),
-        "parse_rate": num_parsed / len(examples),
+        "parse_rate": sum(answer is not None for answer in parsed) / len(examples),
     }
-    if examples[0].is_multiple_choice:
-        metrics["answer_share"] = {label: count / max(num_parsed, 1) for label, count in sorted(counts.items())}
+    choices = [answer for example, answer in zip(examples, parsed) if example.is_multiple_choice and answer is not None]
+    if any(example.is_multiple_choice for example in examples):
+        counts = Counter(choices)
+        metrics["answer_share"] = {label: count / max(len(choices), 1) for label, count in sorted(counts.items())}
     return metrics
 
 

@@ -6,6 +6,8 @@ to token t of the sequence, and the masks say which of those targets count. B = 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -26,16 +28,24 @@ def unlikelihood_loss(
     """Confidence-weighted tail unlikelihood.  logprobs [B, T], mask [B, T], confidence [B] -> [].
 
     Each masked token whose probability p exceeds `margin` costs -log(1 - p); a sequence's cost is the
-    mean over its masked tokens, weighted by that sequence's own confidence; sequences are averaged.
+    mean over its masked tokens, weighted by that sequence's own confidence; the average runs over the
+    sequences that have masked tokens (one made only of format tokens would otherwise dilute the rest).
     Tokens the model already finds unlikely (p <= margin) cost nothing, so mass is not pushed forever.
     """
     mask = mask.to(logprobs.dtype)
-    # log(1 - p) = log(-expm1(log p)), accurate when p is close to 1; keep p < 1 so the log stays finite.
-    log_one_minus_p = torch.log(-torch.expm1(logprobs.clamp(max=-1e-6)))  # [B, T]
+    log_one_minus_p = log_one_minus_exp(logprobs.clamp(max=-1e-6))  # [B, T]; p < 1 keeps it finite
     above_margin = (logprobs.exp() > margin).to(logprobs.dtype)  # [B, T]
     per_token = -log_one_minus_p * above_margin * mask  # [B, T]
-    per_sequence = per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B]
-    return (confidence.to(logprobs.dtype) * per_sequence).mean()
+    num_masked = mask.sum(dim=1)  # [B]
+    per_sequence = per_token.sum(dim=1) / num_masked.clamp(min=1.0)  # [B]
+    num_sequences = (num_masked > 0).sum().clamp(min=1)
+    return (confidence.to(logprobs.dtype) * per_sequence).sum() / num_sequences
+
+
+def log_one_minus_exp(logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - p) from log p, accurate for p near 0 (log1p) and near 1 (expm1) alike."""
+    small = logprobs < -math.log(2.0)
+    return torch.where(small, torch.log1p(-logprobs.exp()), torch.log(-torch.expm1(logprobs)))
 
 
 def anchor_loss(parameters: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -53,12 +63,13 @@ def tail_mask(completion_mask: torch.Tensor, num_tail_tokens: int) -> torch.Tens
 
 
 def unlikelihood_mask(
-    completion_mask: torch.Tensor, targets: torch.Tensor, protected: torch.Tensor, num_tail_tokens: int, eos_id: int
+    completion_mask: torch.Tensor, targets: torch.Tensor, protected: torch.Tensor, num_tail_tokens: int, end_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The tokens unlikelihood may push down: the tail of each completion, less EOS and protected tokens.
+    """The tokens unlikelihood may push down: the tail of each completion, less end-of-turn and protected tokens.
 
-    completion_mask, protected [B, T] bool; targets [B, T] token ids -> [B, T] bool.
+    completion_mask, protected [B, T] bool; targets [B, T] token ids; end_ids [E] every id that ends a
+    turn (chat models have several) -> [B, T] bool.
     EOS and the answer marker appear in right and wrong answers alike: pushing them down would teach the
     model to stop ending its answers or to drop the format, not to avoid the wrong content.
     """
-    return tail_mask(completion_mask, num_tail_tokens) & (targets != eos_id) & ~protected
+    return tail_mask(completion_mask, num_tail_tokens) & ~torch.isin(targets, end_ids) & ~protected

@@ -105,7 +105,7 @@ def test_unlikelihood_mask_drops_eos_and_protected_tokens_from_the_tail():
     completion_mask = torch.tensor([[False, True, True, True, True], [False, False, True, True, True]])
     targets = torch.tensor([[0, 10, 11, 12, eos], [0, 0, 20, 21, 22]])
     protected = torch.tensor([[False, False, True, False, False], [False, False, False, False, True]])
-    mask = unlikelihood_mask(completion_mask, targets, protected, num_tail_tokens=3, eos_id=eos)
+    mask = unlikelihood_mask(completion_mask, targets, protected, num_tail_tokens=3, end_ids=torch.tensor([eos]))
     # Row 0 tail = tokens 11, 12, EOS; 11 protected, EOS removed -> only 12.
     # Row 1 tail = 20, 21, 22; 22 protected -> 20, 21.
     assert mask.tolist() == [[False, False, False, True, False], [False, False, True, True, False]]

@@ -106,7 +106,10 @@ def test_win_and_lose_traces_under_the_original_prompt(tokenizer, monkeypatch):
         (prompts[2], answers[COLOUR][0].token_ids, 0.4),
     ]
     for loss in losses:
-        assert loss.protected == protected_token_flags(tokenizer, loss.completion, ["Answer:"])
+        # the marker's tokens, and the newline that ends the answer line (the sampler stopped on it)
+        expected = protected_token_flags(tokenizer, loss.completion, ["Answer:"])
+        expected[-1] = True
+        assert loss.protected == expected
     assert metrics["first_try_correct"] == 1 and metrics["revised_correct"] == 1
     assert metrics["revision_success"] == pytest.approx(0.5)
     assert metrics["generations"] == 6
@@ -387,7 +390,8 @@ def test_unlikelihood_skips_every_end_of_turn_id_the_sampler_stops_on(tokenizer)
     config = make_config("spear.margin=0.0", "spear.tail_tokens=2", "spear.lambda_lose=1.0")
     model.eval()
     _, parts = spear_loss(make_context(model, tokenizer, config), [win], [loss], reference={})
-    (row,) = completion_logprobs(model, [prompt], [completion], batch_size=1)
+    # Score both rows in one batch, padded as spear_loss pads them, so the numbers match to float precision.
+    _, row = completion_logprobs(model, [prompt, prompt], [win.completion, completion], batch_size=2)
     newline_only = -math.log(1 - math.exp(float(row[-2])))  # the tail is "\n" and the end-of-turn id
     assert parts["lose_unlikelihood"] == pytest.approx(newline_only, rel=1e-3)
 

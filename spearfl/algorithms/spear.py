@@ -26,6 +26,7 @@ from spearfl.algorithms.base import (
     sample_and_judge,
     sample_examples,
 )
+from spearfl.generation import Completion, eos_token_ids
 from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
 from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state, trainable_parameters
 from spearfl.training import collate, completion_logits, make_optimizer
@@ -60,6 +61,17 @@ def protected_token_flags(tokenizer, token_ids: list[int], strings: list[str]) -
     for index, end in enumerate(ends):
         begin = ends[index - 1] if index else 0
         flags.append(any(begin < span_end and end > span_start for span_start, span_end in spans))
+    return flags
+
+
+def format_token_flags(tokenizer, completion: Completion, strings: list[str]) -> list[bool]:
+    """Protected tokens of a completion: whole protected strings, and the newline that ends the answer line.
+
+    That newline closes every answer, right or wrong, like EOS: pushing it down teaches rambling.
+    """
+    flags = protected_token_flags(tokenizer, completion.token_ids, strings)
+    if completion.finished_by == "stop":
+        flags[-1] = True
     return flags
 
 
@@ -100,7 +112,7 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
             prompts[index],
             first[index].token_ids,
             settings.confidence_fixed if index in fixed else settings.confidence_unfixed,
-            protected_token_flags(context.prompts.tokenizer, first[index].token_ids, settings.protected_strings),
+            format_token_flags(context.prompts.tokenizer, first[index], settings.protected_strings),
         )
         for index in pending
     ]
@@ -152,7 +164,7 @@ def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], r
         protected = batch.right_aligned([[]] * num_wins + [t.protected for t in losses])[num_wins:]
         mask = unlikelihood_mask(
             batch.completion_mask[num_wins:], batch.targets[num_wins:], protected,
-            settings.tail_tokens, context.prompts.tokenizer.eos_token_id,
+            settings.tail_tokens, end_of_turn_ids(context),
         )
         confidence = torch.tensor([t.confidence for t in losses], device=context.device)
         lose_ul = unlikelihood_loss(logprobs[num_wins:], mask, confidence, settings.margin)
@@ -161,6 +173,11 @@ def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], r
     if settings.lambda_anchor > 0:
         total = total + settings.lambda_anchor * anchor_loss(lora_parameters(context.model), reference)
     return total, parts
+
+
+def end_of_turn_ids(context: ClientContext) -> torch.Tensor:
+    """Every id the sampler stops on: never pushed down, a wrong answer ends like a right one."""
+    return torch.tensor(sorted(eos_token_ids(context.model, context.prompts.tokenizer)), device=context.device)
 
 
 def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: list[Trace]) -> dict:

@@ -287,6 +287,10 @@ def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True
     """Run or resume the configured experiment; `fresh` deletes an existing folder first."""
     if fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop_on_terminate)
-    return LocalRun(config, context=context, show_progress=show_progress).run()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return LocalRun(config, context=context, show_progress=show_progress).run()
+    previous = signal.signal(signal.SIGTERM, stop_on_terminate)
+    try:
+        return LocalRun(config, context=context, show_progress=show_progress).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
