@@ -54,6 +54,8 @@ class DataConfig(Section):
 class FeedbackConfig(Section):
     provider: Literal["oracle"] = "oracle"
     hint: str = "none"
+    max_hint_sentences: int = Field(2, ge=1)
+    remind_format: bool = False  # an unparseable answer is told so (names no option)
 
 
 class PromptConfig(Section):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from spearfl.data.schema import Example
-from spearfl.data.scoring import format_number, is_correct, normalise_text
+from spearfl.data.scoring import format_number, is_correct, normalise_text, parse_answer
 
 VERDICT_CORRECT = "Your previous answer is correct."
 VERDICT_WRONG = "Your previous answer is not correct."
@@ -153,8 +153,20 @@ def solution_steps(solution: str) -> list[str]:
 # The oracle
 
 
-def make_oracle(hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCES) -> FeedbackProvider:
-    """A simulated user who knows the gold answer, judges with the dataset's scoring and never states it."""
+def format_reminder(example: Example) -> str:
+    """What a user says to an answer that names no option (or no number): the format, nothing of the content."""
+    if example.is_multiple_choice:
+        return "Your answer does not name one of the listed options; reply with one of them, written as listed."
+    return "Your answer does not end with a number."
+
+
+def make_oracle(
+    hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCES, remind_format: bool = False
+) -> FeedbackProvider:
+    """A simulated user who knows the gold answer, judges with the dataset's scoring and never states it.
+
+    remind_format: an answer that cannot be parsed also gets `format_reminder`, which names no option.
+    """
     hint_function = hint_function_for(hint_style)
     is_filtered = hint_style not in LEAKY_HINT_STYLES
 
@@ -162,9 +174,12 @@ def make_oracle(hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCE
         if is_correct(example, completion_text):
             return Feedback(correct=True, hint=None, style=hint_style)
         hint = hint_function(example, max_hint_sentences)
-        if hint is not None and is_filtered and leaks_answer(example, hint):
-            return Feedback(correct=False, hint=None, style=hint_style, hint_dropped=True)
-        return Feedback(correct=False, hint=hint, style=hint_style)
+        dropped = hint is not None and is_filtered and leaks_answer(example, hint)
+        if dropped:
+            hint = None
+        if remind_format and parse_answer(example, completion_text) is None:
+            hint = format_reminder(example) if hint is None else f"{format_reminder(example)} {hint}"
+        return Feedback(correct=False, hint=hint, style=hint_style, hint_dropped=dropped)
 
     return oracle
 

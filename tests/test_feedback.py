@@ -2,6 +2,7 @@ import pytest
 
 from spearfl.data.schema import Example
 from spearfl.feedback import (
+    format_reminder,
     HINT_STYLES,
     LEAKY_HINT_STYLES,
     SAFE_HINT_STYLES,
@@ -176,3 +177,13 @@ def test_yes_no_leaky_prefix_is_caught_by_filter_and_matcher():
 def test_solution_steps_keep_unpunctuated_lines_apart():
     example = free_form(solution="First add 2 and 3 to get 5\nThen double it to get 10\nFinally add 8,\n#### 18")
     assert solution_steps_hint(example) == "First add 2 and 3 to get 5. Then double it to get 10."
+
+
+def test_format_reminder_only_for_unparseable_answers_and_names_no_option():
+    example = Example(uid="t/1", question="Which is a fruit?", options=("apple", "stone", "chair"), gold=0, label_style="text")
+    oracle = make_oracle("none", remind_format=True)
+    unparseable = oracle(example, "Answer: I am not sure")
+    assert not unparseable.correct and unparseable.hint == format_reminder(example)
+    assert not any(option in unparseable.hint for option in example.options)
+    assert oracle(example, "Answer: stone").hint is None  # parseable but wrong: verdict only
+    assert make_oracle("none")(example, "Answer: I am not sure").hint is None  # off by default

@@ -86,7 +86,7 @@ def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContex
     peft_model = attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
     device = next(peft_model.parameters()).device
     prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
-    return ClientContext(peft_model, prompt_format, make_oracle(config.feedback.hint), config, device)
+    return ClientContext(peft_model, prompt_format, make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format), config, device)
 
 
 def choose_clients(config: RunConfig, round_index: int) -> list[int]:
