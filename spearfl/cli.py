@@ -30,6 +30,18 @@ SetOption = Annotated[
 ]
 
 
+@app.callback()
+def main() -> None:
+    """Quiet the libraries' own progress bars and deprecation notes; spearfl shows its own progress."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def fail(message: str) -> None:
     errors.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code=2)
@@ -161,6 +173,22 @@ def format_value(value) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def summarize(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Finished run folders, e.g. one per seed.")],
+) -> None:
+    """Held-out metrics before and after training over several runs: each run, then mean and spread."""
+    from spearfl.outputs import RunFolder, summarize_runs
+
+    summaries = []
+    for run_dir in run_dirs:
+        folder = RunFolder(run_dir)
+        if not folder.is_complete():
+            fail(f"{run_dir} is not a complete run (status: {(folder.read_status() or {}).get('state', 'missing')})")
+        summaries.append((str(run_dir), folder.read_summary()))
+    console.print(summarize_runs(summaries))
 
 
 @app.command()

@@ -39,6 +39,7 @@ class DataConfig(Section):
     dataset: str = "arc_easy"
     label_style: Literal["letters", "numbers", "text"] | None = None
     heldout_size: int = Field(300, ge=1)
+    split_seed: int = 0  # the held-out set stays the same across run seeds, so seeds differ only in training
     num_clients: int = Field(50, ge=1)
     dirichlet_alpha: float = Field(1.0, gt=0)
     min_per_client: int = Field(1, ge=1)

@@ -282,3 +282,29 @@ def summary_table(summary: dict[str, Any]) -> Table:
             _format_metric(deltas.get(name), signed=True),
         )
     return table
+
+
+SUMMARY_METRICS = ("accuracy", "loglik_accuracy", "parse_rate")
+
+
+def summarize_runs(summaries: list[tuple[str, dict[str, Any]]]) -> Table:
+    """Per headline held-out metric: before, after and delta as mean ± sample spread over runs, and each run's delta."""
+    metrics = [name for name in SUMMARY_METRICS if all(name in summary["before"] for _, summary in summaries)]
+    table = Table(title=f"held-out metrics over {len(summaries)} runs: mean ± sample standard deviation")
+    for column in ("metric", "before", "after", "delta", "delta per run"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name in metrics:
+        before = [summary["before"][name] for _, summary in summaries]
+        after = [summary["after"][name] for _, summary in summaries]
+        delta = [a - b for a, b in zip(after, before)]
+        per_run = " ".join(f"{value:+.3f}" for value in delta)
+        table.add_row(name, _mean_and_spread(before), _mean_and_spread(after), _mean_and_spread(delta), per_run)
+    return table
+
+
+def _mean_and_spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    spread = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {spread:.3f}"

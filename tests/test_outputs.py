@@ -192,3 +192,19 @@ def testaccuracy_series_picks_accuracy_metrics_only():
     assert set(series) == {"eval/accuracy", "eval/loglik_accuracy", "online/first_try_accuracy"}
     assert series["eval/accuracy"] == ([2], [pytest.approx(0.3)])
     assert series["online/first_try_accuracy"][0] == [1, 2]
+
+
+def test_summarize_runs_gives_mean_and_sample_spread_of_each_delta():
+    from rich.console import Console
+
+    from spearfl.outputs import summarize_runs
+
+    runs = [
+        ("a", {"before": {"accuracy": 0.2}, "after": {"accuracy": 0.5}}),
+        ("b", {"before": {"accuracy": 0.2}, "after": {"accuracy": 0.3}}),
+    ]
+    console = Console(width=200, record=True)
+    console.print(summarize_runs(runs))
+    text = console.export_text()
+    # deltas 0.3 and 0.1: mean 0.2, sample standard deviation sqrt(0.02) = 0.141
+    assert "0.200 ± 0.141" in text and "+0.300 +0.100" in text and "0.400 ± 0.141" in text

@@ -58,7 +58,7 @@ def prepare_data(config: RunConfig) -> Federation:
             dataclasses.replace(example, label_style=config.data.label_style) if example.is_multiple_choice else example
             for example in examples
         ]
-    pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.seed)
+    pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
     clients = dirichlet_partition(
         pool,
         num_clients=config.data.num_clients,
