@@ -11,34 +11,19 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 
 from spearfl.data.schema import Example
 from spearfl.data.scoring import is_correct, parse_answer
 from spearfl.generation import generate
 from spearfl.prompts import PromptFormat
-from spearfl.scoring_lm import completion_logprobs
+from spearfl.scoring_lm import option_logprobs
 
 
-@torch.no_grad()
 def loglik_predictions(model, prompt_format: PromptFormat, examples: list[Example], prompts: list[list[int]], batch_size: int) -> list[int]:
-    """Index of the most likely option for each multiple-choice example."""
-    rows_prompts, rows_completions, owners = [], [], []
-    for index, (example, prompt) in enumerate(zip(examples, prompts)):
-        for completion in (prompt_format.option_completion(label) for label in example.labels):
-            rows_prompts.append(prompt)
-            rows_completions.append(completion)
-            owners.append(index)
-    scores = completion_logprobs(model, rows_prompts, rows_completions, batch_size=batch_size)
-    best: dict[int, tuple[float, int]] = {}
-    option_of_row = Counter()
-    for owner, score in zip(owners, scores):
-        option = option_of_row[owner]
-        option_of_row[owner] += 1
-        total = float(score.sum())
-        if owner not in best or total > best[owner][0]:
-            best[owner] = (total, option)
-    return [best[index][1] for index in range(len(examples))]
+    """Index of the option whose answer line is most likely, for each multiple-choice example."""
+    options = [[prompt_format.option_completion(label) for label in example.labels] for example in examples]
+    scores = option_logprobs(model, prompts, options, batch_size=batch_size)
+    return [max(range(len(row)), key=row.__getitem__) for row in scores]
 
 
 def generation_metrics(examples: list[Example], texts: list[str]) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from transformers import DynamicCache
 
 from spearfl.models import evaluation_mode
 
@@ -106,3 +107,64 @@ def sequence_logprob(model, prompts: list[list[int]], completions: list[list[int
     """Total log-probability of each completion given its prompt.  -> [N] float32, CPU"""
     return torch.stack([row.sum() for row in completion_logprobs(model, prompts, completions, batch_size)])
 
+
+
+@torch.no_grad()
+def option_logprobs(
+    model, prompts: list[list[int]], options: list[list[list[int]]], batch_size: int
+) -> list[list[float]]:
+    """Total log-probability of each option's ids after its prompt: options[i][j] scored after prompts[i].
+
+    Each prompt runs once; its key/value cache is copied to every option row, so an n-option question
+    costs one prompt plus n short continuations instead of n full sequences.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    totals: list[list[float] | None] = [None] * len(prompts)
+    with evaluation_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            scores = score_options_batch(model, [prompts[i] for i in rows], [options[i] for i in rows], device)
+            for index, row_scores in zip(rows, scores):
+                totals[index] = row_scores
+    return totals
+
+
+def score_options_batch(model, prompts, options, device) -> list[list[float]]:
+    """One batch of `option_logprobs`: prompts left-padded, options right-padded after the cached prompts."""
+    input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(prompts, PADDING_ID))  # [B, P]
+    cache = DynamicCache()
+    last_logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1].float()  # [B, V]
+    owners = torch.tensor([i for i, choices in enumerate(options) for _ in choices], device=device)  # [R]
+    flat = [choice for choices in options for choice in choices]
+    length = max(len(choice) for choice in flat)
+    option_ids = torch.full((len(flat), length), PADDING_ID, dtype=torch.long, device=device)  # [R, L]
+    option_mask = torch.zeros((len(flat), length), dtype=torch.long, device=device)  # [R, L]
+    for row, choice in enumerate(flat):
+        option_ids[row, : len(choice)] = torch.tensor(choice, device=device)
+        option_mask[row, : len(choice)] = 1
+    cache.batch_select_indices(owners)
+    prompt_lengths = attention_mask.sum(-1)[owners]  # [R]
+    logits = model(
+        input_ids=option_ids,
+        attention_mask=torch.cat([attention_mask[owners], option_mask], dim=-1),
+        position_ids=prompt_lengths[:, None] + torch.arange(length, device=device),
+        cache=cache,
+        use_cache=True,
+    ).logits.float()  # [R, L, V]
+    # Token 0 of an option is predicted by the prompt's last position, token t by option position t - 1.
+    predicting = torch.cat([last_logits[owners][:, None], logits[:, :-1]], dim=1)  # [R, L, V]
+    token_logprobs = predicting.gather(-1, option_ids[..., None]).squeeze(-1) - predicting.logsumexp(-1)  # [R, L]
+    sums = (token_logprobs * option_mask).sum(-1).tolist()  # [R]
+    scores, row = [], 0
+    for choices in options:
+        scores.append(sums[row : row + len(choices)])
+        row += len(choices)
+    return scores

@@ -8,7 +8,7 @@ from spearfl.data.schema import Example
 from spearfl.evaluation import evaluate, generation_metrics, loglik_predictions
 from spearfl.generation import generate
 from spearfl.prompts import PromptFormat
-from spearfl.scoring_lm import completion_logprobs
+from spearfl.scoring_lm import completion_logprobs, option_logprobs
 
 
 @pytest.fixture(autouse=True)
@@ -63,17 +63,19 @@ def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
     chosen = {"a": "A", "b": "E", "c": "A"}
     rows = []
 
-    def scripted_logprobs(model, row_prompts, row_completions, batch_size):
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size):
         scores = []
-        for prompt, completion in zip(row_prompts, row_completions):
+        for prompt, options in zip(row_prompts, row_options):
             example = examples[prompts.index(prompt)]
-            label = tokenizer.decode(completion).removeprefix("Answer: ")
-            rows.append((example.uid, label, completion))
-            # Two tokens per option; the chosen one sums highest although its first token is lowest.
-            scores.append(torch.tensor([-3.0, 2.5]) if label == chosen[example.uid] else torch.tensor([-1.0, -0.5]))
+            row_scores = []
+            for completion in options:
+                label = tokenizer.decode(completion).removeprefix("Answer: ")
+                rows.append((example.uid, label, completion))
+                row_scores.append(-0.5 if label == chosen[example.uid] else -1.5)
+            scores.append(row_scores)
         return scores
 
-    monkeypatch.setattr(evaluation, "completion_logprobs", scripted_logprobs)
+    monkeypatch.setattr(evaluation, "option_logprobs", scripted_option_logprobs)
     predictions = loglik_predictions(None, prompt_format, examples, prompts, batch_size=4)
     assert predictions == [0, 4, 0]
     assert [(uid, label) for uid, label, _ in rows] == [
@@ -104,12 +106,12 @@ def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monk
         seen["generate"].append((prompts, settings))
         return generate(model_, tokenizer_, prompts, **settings)
 
-    def spy_logprobs(model_, prompts, completions, batch_size):
+    def spy_option_logprobs(model_, prompts, options, batch_size):
         seen["loglik"].append(prompts)
-        return completion_logprobs(model_, prompts, completions, batch_size)
+        return option_logprobs(model_, prompts, options, batch_size)
 
     monkeypatch.setattr(evaluation, "generate", spy_generate)
-    monkeypatch.setattr(evaluation, "completion_logprobs", spy_logprobs)
+    monkeypatch.setattr(evaluation, "option_logprobs", spy_option_logprobs)
     settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
     metrics = evaluate(model, prompt_format, examples, settings)
     expected = [prompt_format.task(example) for example in examples]
@@ -138,12 +140,12 @@ def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeyp
         assert settings["text_prefix"] == "Answer:"
         return [completion_from_text(tokenizer, answers[prompts[tuple(prompt)]]) for prompt in prompts_]
 
-    def scripted_logprobs(model, row_prompts, row_completions, batch_size):
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size):
         # Every example's first option is the most likely: right for "a" (gold index 0) only.
-        return [torch.tensor([0.0 if c == prompt_format.option_completion("A") else -1.0]) for c in row_completions]
+        return [[0.0 if c == prompt_format.option_completion("A") else -1.0 for c in options] for options in row_options]
 
     monkeypatch.setattr(evaluation, "generate", scripted_generate)
-    monkeypatch.setattr(evaluation, "completion_logprobs", scripted_logprobs)
+    monkeypatch.setattr(evaluation, "option_logprobs", scripted_option_logprobs)
     model = torch.nn.Linear(1, 1)
     metrics = evaluate(model, prompt_format, examples, EvalConfig(methods=["loglik", "generate"], batch_size=4))
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["parse_rate"] == 1.0

@@ -99,3 +99,18 @@ def test_scoring_switches_dropout_off_and_restores_the_mode(tiny_lora_model):
     second = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
     assert tiny_lora_model.training
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokenizer, tiny_model):
+    from spearfl.scoring_lm import option_logprobs, sequence_logprob
+
+    prompts = [tokenizer.encode("Which is a fruit?"), tokenizer.encode("Sky colour, in one word, please?")]
+    options = [
+        [tokenizer.encode(" Answer: apple", add_special_tokens=False), tokenizer.encode(" Answer: a big stone", add_special_tokens=False)],
+        [tokenizer.encode(" Answer: blue", add_special_tokens=False), tokenizer.encode(" Answer: red", add_special_tokens=False),
+         tokenizer.encode(" Answer: green grass", add_special_tokens=False)],
+    ]
+    cached = option_logprobs(tiny_model, prompts, options, batch_size=2)
+    for prompt, choices, scores in zip(prompts, options, cached):
+        expected = sequence_logprob(tiny_model, [prompt] * len(choices), choices, batch_size=1)
+        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
