@@ -34,11 +34,22 @@ def generation_metrics(examples: list[Example], texts: list[str]) -> dict:
         "accuracy": sum(correct) / len(examples),
         "parse_rate": sum(answer is not None for answer in parsed) / len(examples),
     }
-    choices = [answer for example, answer in zip(examples, parsed) if example.is_multiple_choice and answer is not None]
-    if any(example.is_multiple_choice for example in examples):
-        counts = Counter(choices)
-        metrics["answer_share"] = {label: count / max(len(choices), 1) for label, count in sorted(counts.items())}
+    multiple_choice = [(example, answer) for example, answer in zip(examples, parsed) if example.is_multiple_choice]
+    if multiple_choice:
+        keys = share_key_function([example for example, _ in multiple_choice])
+        counts = Counter(keys(example, answer) for example, answer in multiple_choice if answer is not None)
+        num_answers = sum(counts.values())
+        metrics["answer_share"] = {key: count / max(num_answers, 1) for key, count in sorted(counts.items())}
     return metrics
+
+
+def share_key_function(examples: list[Example]):
+    """How predictions are grouped in answer shares: by label, or by option position when option texts
+    serve as labels and change from question to question (shares of single texts would say nothing)."""
+    varied_text = any(e.label_style == "text" for e in examples) and len({e.options for e in examples}) > 1
+    if varied_text:
+        return lambda example, label: f"option {example.labels.index(label) + 1}"
+    return lambda example, label: label
 
 
 def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settings, progress=False) -> dict:
@@ -54,7 +65,8 @@ def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settin
         chosen = [examples[index] for index in multiple_choice]
         predictions = loglik_predictions(model, prompt_format, chosen, [prompts[index] for index in multiple_choice], settings.batch_size)
         metrics["loglik_accuracy"] = sum(p == e.gold for p, e in zip(predictions, chosen)) / len(chosen)
-        shares = Counter(chosen[i].labels[p] for i, p in enumerate(predictions))
+        keys = share_key_function(chosen)
+        shares = Counter(keys(chosen[i], chosen[i].labels[p]) for i, p in enumerate(predictions))
         metrics["loglik_answer_share"] = {label: count / len(chosen) for label, count in sorted(shares.items())}
     if "generate" in settings.methods:
         completions = generate(

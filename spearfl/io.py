@@ -18,6 +18,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o644)  # mkstemp makes files private; results are for sharing
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -50,6 +51,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     try:
         contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
         save_file(contiguous, temporary, metadata=metadata)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -152,3 +152,15 @@ def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeyp
     assert metrics["answer_share"] == {"A": pytest.approx(1 / 3), "D": pytest.approx(1 / 3), "E": pytest.approx(1 / 3)}
     assert metrics["loglik_accuracy"] == pytest.approx(1 / 3)
     assert metrics["loglik_answer_share"] == {"A": 1.0}
+
+
+def test_answer_shares_group_varied_option_texts_by_position():
+    examples = [
+        Example(uid="t/1", question="Fruit?", options=("apple", "stone"), gold=0, label_style="text"),
+        Example(uid="t/2", question="Metal?", options=("wood", "iron"), gold=1, label_style="text"),
+        Example(uid="t/3", question="Sky?", options=("blue", "grass"), gold=0, label_style="text"),
+    ]
+    metrics = generation_metrics(examples, ["Answer: apple", "Answer: wood", "Answer: no idea"])
+    assert metrics["answer_share"] == {"option 1": 1.0}
+    yes_no = [Example(uid=f"y/{i}", question="?", options=("Yes", "No"), gold=i % 2, label_style="text") for i in range(2)]
+    assert generation_metrics(yes_no, ["Answer: Yes", "Answer: No"])["answer_share"] == {"No": 0.5, "Yes": 0.5}
