@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from rich.progress import Progress, track
-from transformers import DynamicCache
 
 from spearfl.data.scoring import completion_has_answer
 from spearfl.models import evaluation_mode
-from spearfl.scoring_lm import PADDING_ID, left_pad
+from spearfl.scoring_lm import prefill
 
 FINISH_REASONS = ("eos", "stop", "length")
 NUCLEUS_CANDIDATES = 1024  # tokens searched for the top-p nucleus before falling back to a full sort
@@ -116,18 +115,8 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
 def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSettings) -> list[Completion]:
     """Decode one batch with a key/value cache, dropping each row from the batch once it finishes."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, PADDING_ID)  # [B, P]
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    cache = DynamicCache()
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]  # [B, V]
+    attention_mask, logits, cache = prefill(model, prompts, device)  # [B, P], [B, V]
     generated: list[list[int]] = [[] for _ in prompts]
     finished_by: list[str | None] = [None] * len(prompts)
     active = list(range(len(prompts)))  # batch rows still decoding, in cache order

@@ -130,8 +130,11 @@ def option_logprobs(
     return totals
 
 
-def score_options_batch(model, prompts, options, device) -> list[list[float]]:
-    """One batch of `option_logprobs`: prompts left-padded, options right-padded after the cached prompts."""
+def prefill(model, prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """Run left-padded prompts once, keeping their key/value cache.
+
+    Returns the attention mask [B, P], the logits at each prompt's last position [B, V], and the cache.
+    """
     input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(prompts, PADDING_ID))  # [B, P]
     cache = DynamicCache()
     last_logits = model(
@@ -141,7 +144,14 @@ def score_options_batch(model, prompts, options, device) -> list[list[float]]:
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
-    ).logits[:, -1].float()  # [B, V]
+    ).logits[:, -1]
+    return attention_mask, last_logits, cache
+
+
+def score_options_batch(model, prompts, options, device) -> list[list[float]]:
+    """One batch of `option_logprobs`: prompts left-padded, options right-padded after the cached prompts."""
+    attention_mask, last_logits, cache = prefill(model, prompts, device)
+    last_logits = last_logits.float()  # [B, V]
     owners = torch.tensor([i for i, choices in enumerate(options) for _ in choices], device=device)  # [R]
     flat = [choice for choices in options for choice in choices]
     length = max(len(choice) for choice in flat)
