@@ -94,6 +94,36 @@ class SpearConfig(Section):
     protected_strings: list[str] = ["Answer:"]
 
 
+class GrpoConfig(Section):
+    """GRPO (Shao et al. 2024, arXiv 2402.03300) as a client update; defaults are common GRPO settings."""
+
+    prompts_per_round: int = Field(16, ge=1)
+    group_size: int = Field(4, ge=2)
+    updates_per_batch: int = Field(2, ge=1)  # more than one, or the ratio is always 1 and clipping never acts
+    local_steps: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)  # completions per optimizer step
+    clip_epsilon: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.04, ge=0)  # KL to the round-start (global) adapter
+
+
+class OpsdConfig(Section):
+    """On-policy self-distillation: a frozen round-start teacher that sees privileged context."""
+
+    prompts_per_round: int = Field(16, ge=1)
+    local_steps: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
+    privileged: list[Literal["answer", "solution", "facts"]] = ["answer", "solution", "facts"]
+
+
+class RltfSdConfig(Section):
+    """RL from text feedback with self-distillation of the revised answer under the original prompt."""
+
+    prompts_per_round: int = Field(16, ge=1)
+    local_steps: int = Field(4, ge=1)
+    batch_size: int = Field(8, ge=1)
+    distill_coef: float = Field(1.0, ge=0)
+
+
 class ServerConfig(Section):
     rounds: int = Field(50, ge=1)
     clients_per_round: int = Field(4, ge=1)
@@ -124,6 +154,9 @@ class RunConfig(Section):
     generation: GenerationConfig = GenerationConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     spear: SpearConfig = SpearConfig()
+    grpo: GrpoConfig = GrpoConfig()
+    opsd: OpsdConfig = OpsdConfig()
+    rltf_sd: RltfSdConfig = RltfSdConfig()
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
 
