@@ -96,12 +96,19 @@ def choose_clients(config: RunConfig, round_index: int) -> list[int]:
     return sorted(int(client) for client in chosen)
 
 
+def upload_bytes(result: ClientResult) -> int:
+    """Bytes of adapter a client sends back; a client with weight 0 has nothing worth sending."""
+    if result.weight == 0:
+        return 0
+    return sum(tensor.numel() * tensor.element_size() for tensor in result.state.values())
+
+
 def online_summary(results: list[tuple[int, ClientResult]]) -> dict:
     """Round-level online metrics: rates pooled over prompts, counts summed, time and memory at their max."""
     metrics = [result.metrics for _, result in results]
     prompts = sum(m["prompts"] for m in metrics)
     wrong = sum(m["prompts"] - m["first_try_correct"] for m in metrics)
-    summed = ("wins", "losses", "generations", "generated_tokens", "trained_tokens")
+    summed = ("wins", "losses", "generations", "generated_tokens", "trained_tokens", "upload_bytes")
     return {
         "first_try_accuracy": sum(m["first_try_correct"] for m in metrics) / prompts,
         "revision_success": sum(m["revised_correct"] for m in metrics) / wrong if wrong else None,
@@ -248,6 +255,7 @@ class LocalRun:
             "rounds": self.config.server.rounds,
             "generated_tokens": sum(o["generated_tokens"] for o in online),
             "trained_tokens": sum(o["trained_tokens"] for o in online),
+            "upload_bytes": sum(o["upload_bytes"] for o in online),
             "client_seconds": sum(o["client_seconds"] for o in online),
             "peak_memory_mb": max((o["peak_memory_mb"] for o in online), default=None),
         }
