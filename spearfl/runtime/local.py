@@ -225,7 +225,9 @@ class LocalRun:
         results = []
         for client in clients:
             work = ClientRound(client, round_index, federation.clients[client], global_state, lr, config.seed)
-            results.append((client, self.update(self.context, work)))
+            result = self.update(self.context, work)
+            result.metrics["upload_bytes"] = upload_bytes(result)
+            results.append((client, result))
             progress.advance(clients_bar)
         progress.remove_task(clients_bar)
         new_global, new_server_state = self.strategy(
