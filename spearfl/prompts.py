@@ -2,8 +2,9 @@
 
 Generation, training and evaluation all encode prompts through `encode_messages`, so the token ids
 a completion is trained under are the ids it was sampled under (the reference tokenised prompts with
-BOS for generation and without for training). The gold answer, facts and solutions never appear here:
-the task shows only the question, its passage and its options.
+BOS for generation and without for training). The gold answer, facts and solutions never appear in the
+task or revision prompts: the task shows only the question, its passage and its options. Only
+`privileged`, the prompt of the OPSD teacher (a baseline that needs ground truth), shows them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class PromptFormat:
         """Token ids of a revision prompt after a previous completion and its feedback."""
         return self.encode(revision_messages(example, self.answer_text(previous_completion), feedback_text))
 
+    def privileged(self, example: Example, parts: list[str]) -> list[int]:
+        """Token ids of the task prompt with privileged reference material (OPSD's teacher only)."""
+        return self.encode(privileged_messages(example, parts))
+
     def answer_text(self, completion_text: str) -> str:
         """The whole answer as a user reads it: the prefix written for the model, then its completion."""
         return self.prefix + completion_text
@@ -112,3 +117,36 @@ class PromptFormat:
 def encode_task(tokenizer, example: Example) -> list[int]:
     """Token ids of an example's first-attempt prompt, without an answer prefix."""
     return PromptFormat(tokenizer).task(example)
+
+
+PRIVILEGED_INSTRUCTION = (
+    "Use it to reply correctly, in the format asked for above, as if you had worked it out yourself."
+)
+
+
+def gold_answer_text(example: Example) -> str:
+    """The gold answer as a reader names it: the label, with the option text when the label is a letter or number."""
+    if example.is_multiple_choice and example.label_style != "text":
+        return f"{example.gold_label} ({example.options[example.gold]})"
+    return example.gold_label
+
+
+def render_privileged(example: Example, parts: list[str]) -> str:
+    """Reference material from the example: its facts, worked solution and gold answer, as `parts` select.
+
+    parts: any of "facts", "solution", "answer"; facts and solution are skipped when the example has none.
+    """
+    lines = []
+    if "facts" in parts and example.facts:
+        lines.append(f"Facts: {example.facts.strip()}")
+    if "solution" in parts and example.solution:
+        lines.append(f"Worked solution: {example.solution.strip()}")
+    if "answer" in parts:
+        lines.append(f"Correct answer: {gold_answer_text(example)}")
+    return "\n".join(lines)
+
+
+def privileged_messages(example: Example, parts: list[str]) -> list[dict[str, str]]:
+    """Chat messages of the task, then privileged reference material: the OPSD teacher's prompt, never a student's."""
+    content = f"{render_task(example)}\n\nReference:\n{render_privileged(example, parts)}\n\n{PRIVILEGED_INSTRUCTION}"
+    return [{"role": "user", "content": content}]

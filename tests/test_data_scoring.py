@@ -103,8 +103,10 @@ def test_numbered_labels():
 def test_text_labels_yes_no():
     assert is_correct(YES_NO, "Answer: No")
     assert is_correct(YES_NO, "Answer: no.")
-    assert is_correct(YES_NO, "Answer: **No**")
     assert is_correct(YES_NO, "Answer: No, because of scattering.")
+    # The option "written exactly as it is listed": wrapped answers are a format error, not the option.
+    assert parse_answer(YES_NO, "Answer: **No**") is None
+    assert parse_answer(YES_NO, 'Answer: "No"') is None
     assert parse_answer(YES_NO, "Answer: Yes") == "Yes"
     assert parse_answer(YES_NO, "Answer: No one knows") is None
     assert parse_answer(YES_NO, "Answer: B") is None

@@ -171,17 +171,33 @@ def _parse_label(example: Example, text: str) -> str | None:
     return label if _starts_with_phrase(normalise_text(rest), option_text) else None
 
 
+def as_written(text: str) -> str:
+    """Casefold and collapse spaces, drop trailing sentence punctuation; quotes and other wrappers stay.
+
+    The instruction asks for the option "written exactly as it is listed": '"lamp"' or '**lamp**' is a
+    format error (the format reminder says so), not the option. A lenient parser here would reward
+    the quoted style and train it in.
+
+    >>> as_written("  Kinetic   energy. ")
+    'kinetic energy'
+    >>> as_written('"lamp"')
+    '"lamp"'
+    """
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text.rstrip(_TRAILING_PUNCTUATION + " ")
+
+
 def _match_option_text(example: Example, text: str, allow_prefix: bool) -> str | None:
     """The label of the one option whose text the answer is (or, with allow_prefix, opens with).
 
-    Verbatim equality is tried before normalised equality, so options that differ only in case
-    or wrapping ("TeSt" / "test", "*" / "**") stay distinguishable when answered verbatim.
+    Verbatim equality is tried before case-insensitive equality, so options that differ only in
+    case ("TeSt" / "test") stay distinguishable when answered verbatim.
     """
     verbatim = [index for index, option in enumerate(example.options) if option.strip() == text]
     if len(verbatim) == 1:
         return example.labels[verbatim[0]]
-    answer = normalise_text(text)
-    exact = [index for index, option in enumerate(example.options) if normalise_text(option) == answer]
+    answer = as_written(text)
+    exact = [index for index, option in enumerate(example.options) if as_written(option) == answer]
     if len(exact) == 1:
         return example.labels[exact[0]]
     if verbatim or exact or not allow_prefix:
@@ -189,7 +205,7 @@ def _match_option_text(example: Example, text: str, allow_prefix: bool) -> str |
     prefixed = [
         index
         for index, option in enumerate(example.options)
-        if _opens_with_then_punctuation(answer, normalise_text(option))
+        if _opens_with_then_punctuation(answer, as_written(option))
     ]
     return example.labels[prefixed[0]] if len(prefixed) == 1 else None
 
