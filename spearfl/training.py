@@ -9,7 +9,9 @@ trained at the position and under the prompt it was sampled with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from spearfl.scoring_lm import TokenBatch, batch_for_training, completion_token_logits
@@ -56,3 +58,22 @@ def completion_logits(model, batch: CompletionBatch) -> torch.Tensor:
 def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable (LoRA) parameters, fresh each client round: its state never leaves the client."""
     return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+Item = TypeVar("Item")
+
+
+def draw(items: list[Item], count: int, rng: np.random.Generator) -> list[Item]:
+    """Up to `count` items without replacement (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[int(index)] for index in rng.choice(len(items), size=count, replace=False)]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, max_grad_norm: float | None) -> None:
+    """Backward, clip the gradient norm of `parameters` if asked, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()

@@ -39,7 +39,7 @@ from spearfl.losses import token_logprobs
 from spearfl.losses_policy import clipped_fraction, clipped_surrogate_loss, group_advantages, k3_kl
 from spearfl.models import get_adapter_state, set_adapter_state, trainable_parameters
 from spearfl.scoring_lm import completion_logprobs
-from spearfl.training import CompletionBatch, collate, completion_logits, make_optimizer
+from spearfl.training import CompletionBatch, collate, completion_logits, draw, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -130,13 +130,6 @@ def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Te
     return surrogate + settings.kl_coef * kl, parts
 
 
-def draw(rollouts: list[Rollout], count: int, rng: np.random.Generator) -> list[Rollout]:
-    """Up to `count` rollouts without replacement."""
-    if len(rollouts) <= count:
-        return list(rollouts)
-    return [rollouts[int(index)] for index in rng.choice(len(rollouts), size=count, replace=False)]
-
-
 def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) -> dict:
     """local_steps optimizer steps; each batch of B rollouts serves updates_per_batch consecutive steps."""
     settings = context.config.grpo
@@ -150,11 +143,7 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) ->
         if step % settings.updates_per_batch == 0:
             batch = draw(rollouts, settings.batch_size, rng)
         loss, parts = grpo_loss(context, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if context.config.optimizer.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        optimizer.step()
+        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
         totals["loss"] += float(loss.detach())
         for key, value in parts.items():
             totals[key] += value

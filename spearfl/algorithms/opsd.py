@@ -40,7 +40,7 @@ from spearfl.algorithms.base import (
 )
 from spearfl.losses_distill import distillation_loss
 from spearfl.models import evaluation_mode, get_adapter_state, set_adapter_state, trainable_parameters
-from spearfl.training import collate, completion_logits, make_optimizer
+from spearfl.training import collate, completion_logits, draw, make_optimizer, optimizer_step
 
 TEACHER_DTYPE = torch.float16  # the module docstring says why half precision suffices
 
@@ -88,13 +88,6 @@ def right_aligned(rows: list[torch.Tensor], num_positions: int, device) -> torch
     return stacked
 
 
-def draw(samples: list[Sample], count: int, rng: np.random.Generator) -> list[Sample]:
-    """Up to `count` samples without replacement."""
-    if len(samples) <= count:
-        return list(samples)
-    return [samples[int(index)] for index in rng.choice(len(samples), size=count, replace=False)]
-
-
 def opsd_loss(context: ClientContext, samples: list[Sample]) -> tuple[torch.Tensor, int]:
     """KL(frozen teacher || student) over the completion tokens of a batch, and the tokens the forward processed."""
     pad_id = context.prompts.tokenizer.pad_token_id
@@ -115,11 +108,7 @@ def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> d
     trained_tokens, total_loss = 0, 0.0
     for _ in range(settings.local_steps):
         loss, num_tokens = opsd_loss(context, draw(samples, settings.batch_size, rng))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if context.config.optimizer.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        optimizer.step()
+        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
         trained_tokens += num_tokens
         total_loss += float(loss.detach())
     model.eval()

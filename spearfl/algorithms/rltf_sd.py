@@ -45,7 +45,7 @@ from spearfl.algorithms.base import (
 from spearfl.losses import likelihood_loss, token_logprobs
 from spearfl.losses_policy import baseline_advantages, reinforce_loss
 from spearfl.models import get_adapter_state, set_adapter_state, trainable_parameters
-from spearfl.training import collate, completion_logits, make_optimizer
+from spearfl.training import collate, completion_logits, draw, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -140,13 +140,6 @@ def rltf_sd_loss(context: ClientContext, rollouts: list[TwoTurns]) -> tuple[torc
     return total, parts
 
 
-def draw(rollouts: list[TwoTurns], count: int, rng: np.random.Generator) -> list[TwoTurns]:
-    """Up to `count` prompts' rollouts without replacement."""
-    if len(rollouts) <= count:
-        return list(rollouts)
-    return [rollouts[int(index)] for index in rng.choice(len(rollouts), size=count, replace=False)]
-
-
 def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -> dict:
     """local_steps optimizer steps, each on the rollouts of batch_size prompts drawn at random."""
     settings = context.config.rltf_sd
@@ -158,11 +151,7 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -
     totals = {"trained_tokens": 0, "loss": 0.0, "first_turn_pg": 0.0, "second_turn_pg": 0.0, "distill_nll": 0.0}
     for _ in range(settings.local_steps):
         loss, parts = rltf_sd_loss(context, draw(rollouts, settings.batch_size, rng))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if context.config.optimizer.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        optimizer.step()
+        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
         totals["loss"] += float(loss.detach())
         for key, value in parts.items():
             totals[key] += value

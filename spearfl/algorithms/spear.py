@@ -29,7 +29,7 @@ from spearfl.algorithms.base import (
 from spearfl.generation import Completion, eos_token_ids
 from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
 from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state, trainable_parameters
-from spearfl.training import collate, completion_logits, make_optimizer
+from spearfl.training import collate, completion_logits, draw, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -140,13 +140,6 @@ def cap_losses(losses: list[Trace], num_wins: int, ratio: float, seed: int) -> l
     return [losses[int(index)] for index in sorted(keep)]
 
 
-def draw(traces: list[Trace], count: int, rng: np.random.Generator) -> list[Trace]:
-    """Up to `count` traces without replacement."""
-    if len(traces) <= count:
-        return list(traces)
-    return [traces[int(index)] for index in rng.choice(len(traces), size=count, replace=False)]
-
-
 def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], reference) -> tuple[torch.Tensor, dict]:
     """L = lambda_win CE(wins) + lambda_lose UL(losses) + lambda_anchor ||theta - theta_global||^2."""
     settings = context.config.spear
@@ -192,11 +185,7 @@ def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: 
     totals = {"trained_tokens": 0, "win_nll": 0.0, "lose_unlikelihood": 0.0, "loss": 0.0}
     for _ in range(settings.local_steps):
         loss, parts = spear_loss(context, draw(wins, settings.batch_size, rng), draw(losses, settings.batch_size, rng), reference)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if context.config.optimizer.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        optimizer.step()
+        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
         totals["loss"] += float(loss.detach())
         for key, value in parts.items():
             totals[key] += value
