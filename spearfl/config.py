@@ -112,7 +112,7 @@ class OpsdConfig(Section):
     prompts_per_round: int = Field(16, ge=1)
     local_steps: int = Field(4, ge=1)
     batch_size: int = Field(8, ge=1)
-    privileged: list[Literal["answer", "solution", "facts"]] = ["answer", "solution", "facts"]
+    privileged: list[Literal["answer", "solution", "facts"]] = Field(["answer", "solution", "facts"], min_length=1)
 
 
 class RltfSdConfig(Section):

@@ -199,6 +199,9 @@ def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: 
     }
 
 
+NOTHING_TRAINED = {"skipped": 1, "training_seconds": 0.0, "loss": 0.0, "win_nll": 0.0, "lose_unlikelihood": 0.0}
+
+
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
     started = time.perf_counter()
@@ -212,7 +215,7 @@ def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     metrics.update(wins=len(wins), losses=len(losses), trained_tokens=0)
     if not wins:
         # Unlikelihood alone only pushes mass away and collapses the model: skip, and weigh nothing.
-        metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=1)
+        metrics.update(NOTHING_TRAINED, seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device))
         return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
     training_started = time.perf_counter()
     metrics.update(train(context, work, wins, losses))

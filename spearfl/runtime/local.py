@@ -113,6 +113,8 @@ def online_summary(results: list[tuple[int, ClientResult]]) -> dict:
         "first_try_accuracy": sum(m["first_try_correct"] for m in metrics) / prompts,
         "revision_success": sum(m["revised_correct"] for m in metrics) / wrong if wrong else None,
         **{key: sum(m[key] for m in metrics) for key in summed},
+        # forward-only tokens some methods spend besides sampling (a teacher, old log-probs); 0 for others
+        "scored_tokens": sum(m.get("teacher_tokens", 0) + m.get("scored_tokens", 0) for m in metrics),
         "client_seconds": sum(m["seconds"] for m in metrics),
         "peak_memory_mb": max(m["peak_memory_mb"] for m in metrics),
         "skipped_clients": sum(m["skipped"] for m in metrics),
