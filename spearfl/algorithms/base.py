@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -14,7 +14,9 @@ from spearfl.data.schema import Example
 from spearfl.feedback import Feedback, FeedbackProvider
 from spearfl.generation import Completion, generate
 from spearfl.prompts import PromptFormat
+from spearfl.models import trainable_parameters
 from spearfl.seeds import derive_seed
+from spearfl.training import make_optimizer, optimizer_step
 
 
 @dataclass
@@ -102,3 +104,31 @@ def sample_and_judge(
         for example, completion in zip(examples, completions)
     ]
     return completions, feedback, time.perf_counter() - started
+
+
+StepLoss = Callable[[np.random.Generator, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_steps(context: ClientContext, work: ClientRound, num_steps: int, step_loss: StepLoss) -> dict[str, float]:
+    """`num_steps` AdamW steps on the LoRA weights, fresh each round: its state never leaves the client.
+
+    step_loss(rng, step) returns a step's loss and its parts; batches are drawn from `rng` and dropout
+    from a torch seed, both derived from (round, client). Returns the parts ending in "_tokens" summed
+    and every other part, and `loss`, averaged over the steps.
+    """
+    model = context.model
+    optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
+    rng = np.random.default_rng(work.seed("training-batches"))
+    torch.manual_seed(work.seed("dropout"))
+    totals: dict[str, float] = {"loss": 0.0}
+    model.train()
+    try:
+        for step in range(num_steps):
+            loss, parts = step_loss(rng, step)
+            optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
+            totals["loss"] += float(loss.detach())
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0) + value
+    finally:
+        model.eval()
+    return {key: value if key.endswith("_tokens") else value / num_steps for key, value in totals.items()}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spearfl.algorithms.base import (
@@ -34,12 +33,13 @@ from spearfl.algorithms.base import (
     peak_memory_mb,
     sample_and_judge,
     sample_examples,
+    train_steps,
 )
 from spearfl.losses import token_logprobs
 from spearfl.losses_policy import clipped_fraction, clipped_surrogate_loss, group_advantages, k3_kl
-from spearfl.models import get_adapter_state, set_adapter_state, trainable_parameters
+from spearfl.models import get_adapter_state, set_adapter_state
 from spearfl.scoring_lm import completion_logprobs
-from spearfl.training import CompletionBatch, collate, completion_logits, draw, make_optimizer, optimizer_step
+from spearfl.training import CompletionBatch, collate, completion_logits, draw
 
 
 @dataclass
@@ -133,23 +133,15 @@ def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Te
 def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) -> dict:
     """local_steps optimizer steps; each batch of B rollouts serves updates_per_batch consecutive steps."""
     settings = context.config.grpo
-    model = context.model
-    optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
-    rng = np.random.default_rng(work.seed("training-batches"))
-    torch.manual_seed(work.seed("dropout"))
-    model.train()
-    totals = {"trained_tokens": 0, "loss": 0.0, "surrogate": 0.0, "kl": 0.0, "clipped_fraction": 0.0}
-    for step in range(settings.local_steps):
+    batch: list[Rollout] = []
+
+    def step_loss(rng, step):
+        nonlocal batch
         if step % settings.updates_per_batch == 0:
             batch = draw(rollouts, settings.batch_size, rng)
-        loss, parts = grpo_loss(context, batch)
-        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        totals["loss"] += float(loss.detach())
-        for key, value in parts.items():
-            totals[key] += value
-    model.eval()
-    steps = settings.local_steps
-    return {key: value if key == "trained_tokens" else value / steps for key, value in totals.items()}
+        return grpo_loss(context, batch)
+
+    return train_steps(context, work, settings.local_steps, step_loss)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:

@@ -27,7 +27,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spearfl.algorithms.base import (
@@ -37,10 +36,11 @@ from spearfl.algorithms.base import (
     peak_memory_mb,
     sample_and_judge,
     sample_examples,
+    train_steps,
 )
 from spearfl.losses_distill import distillation_loss
-from spearfl.models import evaluation_mode, get_adapter_state, set_adapter_state, trainable_parameters
-from spearfl.training import collate, completion_logits, draw, make_optimizer, optimizer_step
+from spearfl.models import evaluation_mode, get_adapter_state, set_adapter_state
+from spearfl.training import collate, completion_logits, draw
 
 TEACHER_DTYPE = torch.float16  # the module docstring says why half precision suffices
 
@@ -100,19 +100,12 @@ def opsd_loss(context: ClientContext, samples: list[Sample]) -> tuple[torch.Tens
 def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> dict:
     """S optimizer steps, each on B samples drawn at random; returns training metrics."""
     settings = context.config.opsd
-    model = context.model
-    optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
-    rng = np.random.default_rng(work.seed("training-batches"))
-    torch.manual_seed(work.seed("dropout"))
-    model.train()
-    trained_tokens, total_loss = 0, 0.0
-    for _ in range(settings.local_steps):
+
+    def step_loss(rng, step):
         loss, num_tokens = opsd_loss(context, draw(samples, settings.batch_size, rng))
-        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        trained_tokens += num_tokens
-        total_loss += float(loss.detach())
-    model.eval()
-    return {"trained_tokens": trained_tokens, "loss": total_loss / settings.local_steps}
+        return loss, {"trained_tokens": num_tokens}
+
+    return train_steps(context, work, settings.local_steps, step_loss)
 
 
 def collect_samples(context: ClientContext, work: ClientRound, examples) -> tuple[list[Sample], dict]:

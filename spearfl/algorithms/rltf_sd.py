@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spearfl.algorithms.base import (
@@ -41,11 +40,12 @@ from spearfl.algorithms.base import (
     peak_memory_mb,
     sample_and_judge,
     sample_examples,
+    train_steps,
 )
 from spearfl.losses import likelihood_loss, token_logprobs
 from spearfl.losses_policy import baseline_advantages, reinforce_loss
-from spearfl.models import get_adapter_state, set_adapter_state, trainable_parameters
-from spearfl.training import collate, completion_logits, draw, make_optimizer, optimizer_step
+from spearfl.models import get_adapter_state, set_adapter_state
+from spearfl.training import collate, completion_logits, draw
 
 
 @dataclass
@@ -143,21 +143,11 @@ def rltf_sd_loss(context: ClientContext, rollouts: list[TwoTurns]) -> tuple[torc
 def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -> dict:
     """local_steps optimizer steps, each on the rollouts of batch_size prompts drawn at random."""
     settings = context.config.rltf_sd
-    model = context.model
-    optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
-    rng = np.random.default_rng(work.seed("training-batches"))
-    torch.manual_seed(work.seed("dropout"))
-    model.train()
-    totals = {"trained_tokens": 0, "loss": 0.0, "first_turn_pg": 0.0, "second_turn_pg": 0.0, "distill_nll": 0.0}
-    for _ in range(settings.local_steps):
-        loss, parts = rltf_sd_loss(context, draw(rollouts, settings.batch_size, rng))
-        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        totals["loss"] += float(loss.detach())
-        for key, value in parts.items():
-            totals[key] += value
-    model.eval()
-    steps = settings.local_steps
-    return {key: value if key == "trained_tokens" else value / steps for key, value in totals.items()}
+
+    def step_loss(rng, step):
+        return rltf_sd_loss(context, draw(rollouts, settings.batch_size, rng))
+
+    return train_steps(context, work, settings.local_steps, step_loss)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:

@@ -25,11 +25,12 @@ from spearfl.algorithms.base import (
     peak_memory_mb,
     sample_and_judge,
     sample_examples,
+    train_steps,
 )
 from spearfl.generation import Completion, eos_token_ids
 from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
-from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state, trainable_parameters
-from spearfl.training import collate, completion_logits, draw, make_optimizer, optimizer_step
+from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state
+from spearfl.training import collate, completion_logits, draw
 
 
 @dataclass
@@ -176,27 +177,12 @@ def end_of_turn_ids(context: ClientContext) -> torch.Tensor:
 def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: list[Trace]) -> dict:
     """S optimizer steps, each on B wins and B losses drawn at random; returns training metrics."""
     settings = context.config.spear
-    model = context.model
-    reference = {name: p.detach().clone() for name, p in lora_parameters(model).items()}  # theta_global
-    optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
-    rng = np.random.default_rng(work.seed("training-batches"))
-    torch.manual_seed(work.seed("dropout"))
-    model.train()
-    totals = {"trained_tokens": 0, "win_nll": 0.0, "lose_unlikelihood": 0.0, "loss": 0.0}
-    for _ in range(settings.local_steps):
-        loss, parts = spear_loss(context, draw(wins, settings.batch_size, rng), draw(losses, settings.batch_size, rng), reference)
-        optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
-        totals["loss"] += float(loss.detach())
-        for key, value in parts.items():
-            totals[key] += value
-    model.eval()
-    steps = settings.local_steps
-    return {
-        "trained_tokens": totals["trained_tokens"],
-        "loss": totals["loss"] / steps,
-        "win_nll": totals["win_nll"] / steps,
-        "lose_unlikelihood": totals["lose_unlikelihood"] / steps,
-    }
+    reference = {name: p.detach().clone() for name, p in lora_parameters(context.model).items()}  # theta_global
+
+    def step_loss(rng, step):
+        return spear_loss(context, draw(wins, settings.batch_size, rng), draw(losses, settings.batch_size, rng), reference)
+
+    return {"lose_unlikelihood": 0.0, **train_steps(context, work, settings.local_steps, step_loss)}
 
 
 NOTHING_TRAINED = {"skipped": 1, "training_seconds": 0.0, "loss": 0.0, "win_nll": 0.0, "lose_unlikelihood": 0.0}
