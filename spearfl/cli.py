@@ -85,6 +85,32 @@ def run(
     console.print(f"run folder: {config.output_dir}")
 
 
+@app.command()
+def compare(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Run config shared by every run.")],
+    algorithms: Annotated[str, typer.Option(help="Comma-separated client updates, e.g. spear,feedback_sft,grpo,opsd,rltf_sd.")],
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per algorithm, with seeds seed, seed+1, ... of the config.")] = 3,
+    set_: SetOption = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Folder for the runs and the comparison (default: the config's output_dir/compare).")
+    ] = None,
+) -> None:
+    """Run every (algorithm, seed) pair on one config, resuming unfinished ones, then tabulate and plot them."""
+    config = load_or_fail(config_path, set_)
+    from spearfl.compare import compare as run_comparison
+    from spearfl.compare import comparison_table, default_output_dir, parse_algorithms
+    from spearfl.runtime.local import RunConflict
+
+    try:
+        names = parse_algorithms(algorithms)
+        output = output or default_output_dir(config)
+        rows, metrics = run_comparison(config, names, seeds, output)
+    except (ConfigError, RunConflict) as error:
+        fail(str(error))
+    console.print(comparison_table(rows, metrics))
+    console.print(f"comparison: {output / 'comparison.md'}, {output / 'comparison.csv'}")
+
+
 @app.command("eval")
 def evaluate_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the model and dataset.")],

@@ -59,10 +59,29 @@ class ClientUpdate(Protocol):
     def __call__(self, context: ClientContext, work: ClientRound) -> ClientResult: ...
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: the accelerator's counter, or on Linux the process's peak resident set."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass  # not Linux: peak_memory_mb then reports the process's lifetime peak
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory since the last reset, or the process's peak resident set on CPU."""
+    """Peak accelerator memory, or peak resident set of the process, since the last reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

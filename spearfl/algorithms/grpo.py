@@ -31,6 +31,7 @@ from spearfl.algorithms.base import (
     ClientResult,
     ClientRound,
     peak_memory_mb,
+    reset_peak_memory,
     sample_and_judge,
     sample_examples,
     train_steps,
@@ -147,8 +148,7 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) ->
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One GRPO round on one client; weight = number of prompts whose group had mixed rewards, 0 if none."""
     started = time.perf_counter()
-    if context.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(context.device)
+    reset_peak_memory(context.device)
     set_adapter_state(context.model, work.global_state)
     examples = sample_examples(work.examples, context.config.grpo.prompts_per_round, work.seed("prompts"))
     prompts = [context.prompts.task(example) for example in examples]

@@ -34,6 +34,7 @@ from spearfl.algorithms.base import (
     ClientResult,
     ClientRound,
     peak_memory_mb,
+    reset_peak_memory,
     sample_and_judge,
     sample_examples,
     train_steps,
@@ -149,8 +150,7 @@ def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     same adapter, the same first attempts.
     """
     started = time.perf_counter()
-    if context.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(context.device)
+    reset_peak_memory(context.device)
     set_adapter_state(context.model, work.global_state)
     examples = sample_examples(work.examples, context.config.opsd.prompts_per_round, work.seed("prompts"))
     samples, metrics = collect_samples(context, work, examples)  # the teacher is scored here, frozen from now on

@@ -38,6 +38,7 @@ from spearfl.algorithms.base import (
     ClientResult,
     ClientRound,
     peak_memory_mb,
+    reset_peak_memory,
     sample_and_judge,
     sample_examples,
     train_steps,
@@ -153,8 +154,7 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One RLTF-SD round on one client; weight = number of prompts with a learning signal, 0 if none."""
     started = time.perf_counter()
-    if context.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(context.device)
+    reset_peak_memory(context.device)
     set_adapter_state(context.model, work.global_state)
     settings = context.config.rltf_sd
     examples = sample_examples(work.examples, settings.prompts_per_round, work.seed("prompts"))

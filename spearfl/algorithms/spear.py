@@ -23,6 +23,7 @@ from spearfl.algorithms.base import (
     ClientResult,
     ClientRound,
     peak_memory_mb,
+    reset_peak_memory,
     sample_and_judge,
     sample_examples,
     train_steps,
@@ -191,8 +192,7 @@ NOTHING_TRAINED = {"skipped": 1, "training_seconds": 0.0, "loss": 0.0, "win_nll"
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
     started = time.perf_counter()
-    if context.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(context.device)
+    reset_peak_memory(context.device)
     set_adapter_state(context.model, work.global_state)
     examples = sample_examples(work.examples, context.config.spear.prompts_per_round, work.seed("prompts"))
     prompts = [context.prompts.task(example) for example in examples]
