@@ -14,14 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+import spearfl.algorithms.base
 from spearfl.algorithms.base import ClientContext
 from spearfl.config import RunConfig, load_config
 from spearfl.data.schema import Example
 from spearfl.feedback import make_oracle
-from spearfl.generation import Completion
+from spearfl.generation import Completion, generate
 from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_tokenizer
 from spearfl.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
+from spearfl.runtime.local import build_context, run_local
 
 TIMING_KEYS = {"seconds", "peak_memory_mb", "updated_at"}
 
@@ -261,3 +264,33 @@ def reference_run() -> Path:
     with single_thread():
         run_local(config, show_progress=False)
     return output_dir
+
+
+def one_round(tmp_path, monkeypatch, algorithm: str, *overrides: str):
+    """One round, two clients, through run_local on the primed tiny model, recording samples and verdicts."""
+    assets = end_to_end_assets()
+    config = load_config(
+        write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run"),
+        [f"algorithm={algorithm}", "server.rounds=1", "eval.methods=[loglik]", *overrides],
+    )
+    context = build_context(config)
+    calls = []
+
+    def spy_generate(*args, **kwargs):
+        completions = generate(*args, **kwargs)
+        calls.append((args[2], kwargs["seed"], completions))
+        return completions
+
+    monkeypatch.setattr(spearfl.algorithms.base, "generate", spy_generate)
+    judged = []
+    oracle = context.feedback
+    context.feedback = lambda example, text: judged.append((example, oracle(example, text))) or judged[-1][1]
+    base_before = {name: p.detach().clone() for name, p in context.model.named_parameters() if "lora_" not in name}
+    run_local(config, show_progress=False, context=context)
+    for name, value in context.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(value, base_before[name]), f"base parameter {name} changed"
+    history = read_history(tmp_path / "run")
+    adapters = [load_file(tmp_path / "run" / "adapters" / f"round_{index:04d}.safetensors") for index in (0, 1)]
+    assert any(not torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+    return config, calls, judged, history[1]

@@ -2,29 +2,24 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import spearfl.algorithms.base
 import spearfl.algorithms.grpo as grpo
 import spearfl.algorithms.spear as spear
 from helpers import (
+    one_round,
     ScriptedGeneration,
     completion_from_text,
-    end_to_end_assets,
     make_config,
     make_context,
     multiple_choice,
-    read_history,
     single_thread,
     tiny_lora_model,
-    write_run_config,
 )
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientRound, sample_examples
-from spearfl.config import load_config
-from spearfl.generation import generate
 from spearfl.models import get_adapter_state, set_adapter_state
-from spearfl.runtime.local import build_context, prepare_data, run_local
+from spearfl.runtime.local import prepare_data
 from spearfl.scoring_lm import completion_logprobs
 
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)
@@ -172,36 +167,6 @@ def test_grpo_gets_the_prompts_and_first_attempts_spear_would(tokenizer, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------- local runtime
-
-
-def one_round(tmp_path, monkeypatch, algorithm: str, *overrides: str):
-    """One round, two clients, through run_local on the primed tiny model, recording samples and verdicts."""
-    assets = end_to_end_assets()
-    config = load_config(
-        write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run"),
-        [f"algorithm={algorithm}", "server.rounds=1", "eval.methods=[loglik]", *overrides],
-    )
-    context = build_context(config)
-    calls = []
-
-    def spy_generate(*args, **kwargs):
-        completions = generate(*args, **kwargs)
-        calls.append((args[2], kwargs["seed"], completions))
-        return completions
-
-    monkeypatch.setattr(spearfl.algorithms.base, "generate", spy_generate)
-    judged = []
-    oracle = context.feedback
-    context.feedback = lambda example, text: judged.append((example, oracle(example, text))) or judged[-1][1]
-    base_before = {name: p.detach().clone() for name, p in context.model.named_parameters() if "lora_" not in name}
-    run_local(config, show_progress=False, context=context)
-    for name, value in context.model.named_parameters():
-        if "lora_" not in name:
-            assert torch.equal(value, base_before[name]), f"base parameter {name} changed"
-    history = read_history(tmp_path / "run")
-    adapters = [load_file(tmp_path / "run" / "adapters" / f"round_{index:04d}.safetensors") for index in (0, 1)]
-    assert any(not torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
-    return config, calls, judged, history[1]
 
 
 def test_one_grpo_round_through_the_local_runtime(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import spearfl.algorithms.base
 import spearfl.algorithms.rltf_sd as rltf_sd
 import spearfl.algorithms.spear as spear
 from helpers import (
+    one_round,
     ScriptedGeneration,
     completion_from_text,
     make_config,
@@ -24,7 +25,6 @@ from spearfl.feedback import VERDICT_CORRECT, VERDICT_WRONG
 from spearfl.models import get_adapter_state
 from spearfl.runtime.local import prepare_data
 from spearfl.scoring_lm import completion_logprobs
-from test_grpo import one_round
 
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)
 ANIMAL = multiple_choice("t/animal", "Which of these is an animal?", ("tree", "cat", "cup"), gold=1)
