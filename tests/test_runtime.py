@@ -186,3 +186,11 @@ def test_run_local_restores_the_callers_sigterm_handler():
         assert signal.getsignal(signal.SIGTERM) is callers_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_bfloat16_base_model_trains_its_adapter(tmp_path, monkeypatch):
+    from helpers import one_round
+
+    config, _, _, row = one_round(tmp_path, monkeypatch, "spear", "model.dtype=bfloat16")
+    assert config.model.dtype == "bfloat16"
+    assert any(client["weight"] > 0 for client in row["clients"])  # one_round also checks the adapter moved
