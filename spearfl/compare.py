@@ -47,8 +47,8 @@ CAPTION = (
     "Costs are the mean over seeds of each run's totals: generations / prompt = sampled completions over prompts, "
     "summed over client rounds; tokens = generated tokens (every sampled completion, revisions included) and trained "
     "tokens (every forward pass with a backward pass); client s = client wall-clock seconds. Peak MB is the maximum "
-    "over seeds and client rounds (GPU: allocated since the client round began; CPU: the process's peak resident set, "
-    "which covers everything the process ran before, earlier pairs of a comparison included). Upload B / client "
+    "over seeds and client rounds (GPU: allocated since the client round began; CPU on Linux: the process's peak "
+    "resident set since the client round began, which includes the base model). Upload B / client "
     "round = adapter bytes uploaded, summed over the run, divided by all client rounds, skipped ones (which upload "
     "nothing) included."
 )
