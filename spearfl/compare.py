@@ -30,7 +30,7 @@ from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
 from spearfl.io import atomic_write_bytes, atomic_write_text
 from spearfl.models import load_base_model
 from spearfl.outputs import RunFolder
-from spearfl.runtime.local import RunConflict, build_context, differing_fields, run_local
+from spearfl.runtime.local import build_context, check_run_folder, run_local
 
 ACCURACY_METRICS = ("accuracy", "loglik_accuracy")  # greedy generation; option log-likelihood (multiple choice)
 COST_COLUMNS = {  # key -> (title, decimals)
@@ -104,13 +104,7 @@ class SharedBaseModel:
 def check_folders(pairs: list[RunConfig]) -> None:
     """Refuse before any run starts when a pair's folder holds a different run (say, other --set values)."""
     for pair in pairs:
-        folder = RunFolder(pair.output_dir)
-        if folder.config_path.exists() and folder.read_config() != config_to_dict(pair):
-            fields = ", ".join(differing_fields(folder.read_config(), config_to_dict(pair)))
-            raise RunConflict(
-                f"{folder.path} holds a run with a different config (fields: {fields}); "
-                "choose another output folder for the comparison, or delete that run folder to redo it"
-            )
+        check_run_folder(RunFolder(pair.output_dir), pair)
 
 
 def run_pairs(

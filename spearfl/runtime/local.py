@@ -42,6 +42,18 @@ class RunConflict(RuntimeError):
     """The output folder holds a different run."""
 
 
+def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
+    """Refuse to mix runs: an existing run folder must hold this very config."""
+    if not folder.config_path.exists():
+        return
+    saved, wanted = folder.read_config(), config_to_dict(config)
+    if saved != wanted:
+        raise RunConflict(
+            f"{folder.path} holds a run with a different config (fields: {', '.join(differing_fields(saved, wanted))}); "
+            "choose another output folder, or delete that run folder to start it over (spearfl run --fresh)"
+        )
+
+
 @dataclass
 class Federation:
     """The data side of a run: held-out set and each client's pool."""
@@ -147,17 +159,7 @@ class LocalRun:
         )
 
     def check_folder(self) -> None:
-        """Refuse to mix runs: an existing folder must hold this very config."""
-        if not self.folder.config_path.exists():
-            return
-        saved = self.folder.read_config()
-        wanted = config_to_dict(self.config)
-        if saved != wanted:
-            fields = sorted(differing_fields(saved, wanted))
-            raise RunConflict(
-                f"{self.folder.path} holds a run with a different config (fields: {', '.join(fields)}); "
-                "choose another output_dir or pass --fresh to start over"
-            )
+        check_run_folder(self.folder, self.config)
 
     def run(self) -> dict:
         """Run (or resume) every round; returns the summary."""
