@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import spearfl.algorithms.base
-from spearfl.algorithms.base import ClientContext
+from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig, load_config
 from spearfl.data.schema import Example
 from spearfl.feedback import make_oracle
@@ -294,3 +294,17 @@ def one_round(tmp_path, monkeypatch, algorithm: str, *overrides: str):
     adapters = [load_file(tmp_path / "run" / "adapters" / f"round_{index:04d}.safetensors") for index in (0, 1)]
     assert any(not torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
     return config, calls, judged, history[1]
+
+
+def work_order(examples, global_state, round_index=1, client_id=0, lr=1e-3):
+    return ClientRound(client_id, round_index, list(examples), global_state, lr, run_seed=0)
+
+
+def answers(tokenizer, *labels):
+    return [completion_from_text(tokenizer, f"Answer: {label}\n") for label in labels]
+
+
+def scripted(monkeypatch, tokenizer, script) -> ScriptedGeneration:
+    generation = ScriptedGeneration(tokenizer, {example.question: completions for example, completions in script.items()})
+    monkeypatch.setattr(spearfl.algorithms.base, "generate", generation)
+    return generation

@@ -3,17 +3,16 @@
 import pytest
 import torch
 
-import spearfl.algorithms.base
 import spearfl.algorithms.grpo as grpo
 import spearfl.algorithms.spear as spear
 from helpers import (
+    answers,
+    scripted,
+    work_order,
     one_round,
-    ScriptedGeneration,
-    completion_from_text,
     make_config,
     make_context,
     multiple_choice,
-    single_thread,
     tiny_lora_model,
 )
 from spearfl.algorithms import ALGORITHMS
@@ -25,26 +24,6 @@ from spearfl.scoring_lm import completion_logprobs
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)
 ANIMAL = multiple_choice("t/animal", "Which of these is an animal?", ("tree", "cat", "cup"), gold=1)
 COLOUR = multiple_choice("t/colour", "Which of these is a colour?", ("dog", "pen", "red"), gold=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-def work_order(examples, global_state, round_index=1, client_id=0, lr=1e-3):
-    return ClientRound(client_id, round_index, list(examples), global_state, lr, run_seed=0)
-
-
-def answers(tokenizer, *labels):
-    return [completion_from_text(tokenizer, f"Answer: {label}\n") for label in labels]
-
-
-def scripted(monkeypatch, tokenizer, script) -> ScriptedGeneration:
-    generation = ScriptedGeneration(tokenizer, {example.question: completions for example, completions in script.items()})
-    monkeypatch.setattr(spearfl.algorithms.base, "generate", generation)
-    return generation
 
 
 def mixed_fruit_script(tokenizer):
