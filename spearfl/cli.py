@@ -67,7 +67,8 @@ def run(
 ) -> None:
     """Run a federated experiment (or resume an unfinished one in the same output folder)."""
     config = load_or_fail(config_path, set_)
-    from spearfl.runtime.local import RunConflict, run_local
+    from spearfl.runtime.local import run_local
+    from spearfl.runtime.server import RunConflict
 
     try:
         summary = run_local(config, fresh=fresh, show_progress=not quiet)
@@ -99,7 +100,7 @@ def compare(
     config = load_or_fail(config_path, set_)
     from spearfl.compare import compare as run_comparison
     from spearfl.compare import comparison_table, default_output_dir, parse_algorithms
-    from spearfl.runtime.local import RunConflict
+    from spearfl.runtime.server import RunConflict
 
     try:
         names = parse_algorithms(algorithms)
@@ -124,7 +125,7 @@ def evaluate_command(
     from spearfl.evaluation import evaluate
     from spearfl.io import load_tensors
     from spearfl.models import set_adapter_state
-    from spearfl.runtime.local import build_context, prepare_data
+    from spearfl.runtime.server import build_context, prepare_data
 
     federation = prepare_data(config)
     context = build_context(config)

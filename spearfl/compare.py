@@ -30,7 +30,8 @@ from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
 from spearfl.io import atomic_write_bytes, atomic_write_text
 from spearfl.models import load_base_model
 from spearfl.outputs import RunFolder
-from spearfl.runtime.local import build_context, check_run_folder, run_local
+from spearfl.runtime.local import run_local
+from spearfl.runtime.server import build_context, check_run_folder
 
 ACCURACY_METRICS = ("accuracy", "loglik_accuracy")  # greedy generation; option log-likelihood (multiple choice)
 COST_COLUMNS = {  # key -> (title, decimals)

@@ -24,7 +24,8 @@ from spearfl.feedback import make_oracle
 from spearfl.generation import Completion, generate
 from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_tokenizer
 from spearfl.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
-from spearfl.runtime.local import build_context, run_local
+from spearfl.runtime.local import run_local
+from spearfl.runtime.server import build_context
 
 TIMING_KEYS = {"seconds", "peak_memory_mb", "updated_at"}
 

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import spearfl.compare as compare_module
-import spearfl.runtime.local as local
+import spearfl.runtime.server as server
 from helpers import end_to_end_assets, read_history, single_thread, strip_timing, write_run_config
 from spearfl.cli import app
 from spearfl.compare import compare, pair_config, parse_algorithms
@@ -79,7 +79,7 @@ def test_a_rerun_reads_complete_folders_back_without_running(comparison, monkeyp
     histories = {path: path.read_text() for path in output.glob("*/seed*/history.jsonl")}
     assert len(histories) == len(ALGORITHMS) * len(SEEDS)
     monkeypatch.setattr(compare_module, "load_base_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
-    monkeypatch.setattr(local.LocalRun, "run_rounds", lambda *args: pytest.fail("ran a round"))
+    monkeypatch.setattr(server.FederatedRun, "run_rounds", lambda *args: pytest.fail("ran a round"))
     assert compare(config, ALGORITHMS, len(SEEDS), output, show_progress=False) == (rows, metrics)
     assert {path: path.read_text() for path in histories} == histories
 
@@ -88,7 +88,7 @@ def test_an_incomplete_pair_resumes_and_the_others_are_kept(tmp_path, monkeypatc
     config = shared_config(tmp_path / "unused")
     output = tmp_path / "comparison"
     ran = []
-    monkeypatch.setattr(local.LocalRun, "run_rounds", lambda self, checkpoint, start: ran.append(self.config.seed) or {})
+    monkeypatch.setattr(server.FederatedRun, "run_rounds", lambda self, checkpoint, start: ran.append(self.config.seed) or {})
     monkeypatch.setattr(compare_module, "SharedBaseModel", FakeModels)
     monkeypatch.setattr(compare_module, "write_comparison", lambda folders, output_dir: folders)
     for seed, state in ((7, "complete"), (8, "interrupted")):

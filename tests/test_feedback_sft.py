@@ -22,7 +22,8 @@ from spearfl.algorithms.base import ClientRound
 from spearfl.config import load_config
 from spearfl.models import get_adapter_state, load_base_model
 from spearfl.outputs import RunFolder
-from spearfl.runtime.local import build_context, run_local
+from spearfl.runtime.local import run_local
+from spearfl.runtime.server import build_context
 from spearfl.training import collate
 
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)

@@ -18,7 +18,7 @@ from helpers import (
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientRound, sample_examples
 from spearfl.models import get_adapter_state, set_adapter_state
-from spearfl.runtime.local import prepare_data
+from spearfl.runtime.server import prepare_data
 from spearfl.scoring_lm import completion_logprobs
 
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)

@@ -29,7 +29,8 @@ from spearfl.generation import Completion
 from spearfl.models import get_adapter_state, load_base_model, lora_parameters, set_adapter_state
 from spearfl.outputs import RunFolder
 from spearfl.prompts import render_task
-from spearfl.runtime.local import build_context, run_local
+from spearfl.runtime.local import run_local
+from spearfl.runtime.server import build_context
 from spearfl.scoring_lm import completion_logprobs
 
 SOLUTION = "Add the thousands first, then the rest."

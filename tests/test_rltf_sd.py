@@ -22,7 +22,7 @@ from spearfl.algorithms.base import ClientRound, sample_examples
 from spearfl.algorithms.rltf_sd import TwoTurns, rltf_sd_loss
 from spearfl.feedback import VERDICT_CORRECT, VERDICT_WRONG
 from spearfl.models import get_adapter_state
-from spearfl.runtime.local import prepare_data
+from spearfl.runtime.server import prepare_data
 from spearfl.scoring_lm import completion_logprobs
 
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)

@@ -9,11 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 import spearfl.runtime.local as local
+import spearfl.runtime.server as server
 from helpers import end_to_end_assets, read_history, reference_run, single_thread, strip_timing, write_run_config
 from spearfl.algorithms import ALGORITHMS
 from spearfl.config import config_to_dict, load_config
 from spearfl.outputs import RunFolder
-from spearfl.runtime.local import RunConflict, choose_clients, prepare_data, run_local
+from spearfl.runtime.local import run_local
+from spearfl.runtime.server import RunConflict, choose_clients, prepare_data
 
 REAL_UPDATE = ALGORITHMS["spear"]
 
@@ -73,7 +75,7 @@ def test_data_preparation_and_client_choice_are_deterministic():
 def test_a_complete_folder_is_not_run_again(monkeypatch):
     folder = reference_run()
     history_before = (folder / "history.jsonl").read_text()
-    monkeypatch.setattr(local, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a finished run"))
+    monkeypatch.setattr(server, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a finished run"))
     summary = run_local(config_for("reference-run"), show_progress=False)
     assert summary == read_json(folder / "summary.json")
     assert (folder / "history.jsonl").read_text() == history_before
@@ -81,7 +83,7 @@ def test_a_complete_folder_is_not_run_again(monkeypatch):
 
 def test_a_different_config_in_the_same_folder_is_refused(monkeypatch):
     folder = reference_run()
-    monkeypatch.setattr(local, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a conflicting run"))
+    monkeypatch.setattr(server, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a conflicting run"))
     with pytest.raises(RunConflict) as caught:
         run_local(config_for("reference-run", "seed=8", "spear.margin=0.5"), show_progress=False)
     assert "seed" in str(caught.value) and "spear.margin" in str(caught.value)
@@ -92,7 +94,7 @@ def test_fresh_deletes_the_old_folder_first(tmp_path, monkeypatch):
     config = config_for("unused", f"output_dir={tmp_path / 'old'}")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.yaml").write_text("seed: 123\n")
-    monkeypatch.setattr(local.LocalRun, "run", lambda self: {"ran": True})
+    monkeypatch.setattr(server.FederatedRun, "run", lambda self: {"ran": True})
     assert run_local(config, fresh=True, show_progress=False) == {"ran": True}
     assert not (tmp_path / "old").exists()
 

@@ -1,295 +1,46 @@
-"""Federated simulation on one machine: one base model, many clients taking turns, a server in-process.
+"""Federated simulation on one machine: one base model, many clients taking turns, the server in-process.
 
-Each round: choose K clients, give each the global adapter, run the configured client update, aggregate
-with the configured server strategy, evaluate on held-out data at eval rounds, then checkpoint. A run
-folder is resumed from its last checkpoint; every random choice derives from (seed, round, client), so
-a resumed run repeats the history an uninterrupted one would have written.
+The clients run one after another on the server's own model (only the LoRA weights are swapped), through
+the same client update and the same server loop (`spearfl.runtime.server`) that a Flower deployment uses.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import shutil
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from spearfl.aggregation import SERVER_STRATEGIES, ServerOptimizerSettings, initial_server_state
 from spearfl.algorithms import ALGORITHMS
-from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound
-from spearfl.config import RunConfig, config_to_dict
-from spearfl.data import load_examples
-from spearfl.data.schema import Example
-from spearfl.data.split import dirichlet_partition, split_pool_heldout
-from spearfl.evaluation import evaluate
-from spearfl.feedback import make_oracle
-from spearfl.models import LoraSettings, attach_lora, get_adapter_state, load_base_model, set_adapter_state
-from spearfl.prompts import PromptFormat
-from spearfl.outputs import RunFolder, plot_accuracy, summary_table
-from spearfl.schedule import learning_rate
-from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
-
-console = Console(stderr=True)
+from spearfl.algorithms.base import ClientContext, ClientRound
+from spearfl.config import RunConfig
+from spearfl.runtime.server import Federation, FederatedRun, RoundReplies, upload_bytes
 
 
-class RunConflict(RuntimeError):
-    """The output folder holds a different run."""
+class InProcessClients:
+    """Runs each chosen client's update in this process, on the shared model."""
 
-
-def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
-    """Refuse to mix runs: an existing run folder must hold this very config."""
-    if not folder.config_path.exists():
-        return
-    saved, wanted = folder.read_config(), config_to_dict(config)
-    if saved != wanted:
-        raise RunConflict(
-            f"{folder.path} holds a run with a different config (fields: {', '.join(differing_fields(saved, wanted))}); "
-            "choose another output folder, or delete that run folder to start it over (spearfl run --fresh)"
-        )
-
-
-@dataclass
-class Federation:
-    """The data side of a run: held-out set and each client's pool."""
-
-    heldout: list[Example]
-    clients: list[list[Example]]
-
-
-def prepare_data(config: RunConfig) -> Federation:
-    """Load the dataset, split off the held-out set, and partition the pool among clients."""
-    examples = load_examples(config.data.dataset)
-    if config.data.label_style:
-        examples = [
-            dataclasses.replace(example, label_style=config.data.label_style) if example.is_multiple_choice else example
-            for example in examples
-        ]
-    pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
-    clients = dirichlet_partition(
-        pool,
-        num_clients=config.data.num_clients,
-        alpha=config.data.dirichlet_alpha,
-        min_per_client=config.data.min_per_client,
-        max_per_client=config.data.max_per_client,
-        seed=config.seed,
-    )
-    return Federation(heldout=heldout, clients=clients)
-
-
-def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContext:
-    """Load the base model once (unless given), attach LoRA, and build the feedback provider."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if model is None:
-        model, tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
-    settings = LoraSettings(
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        target_modules=tuple(config.lora.target_modules),
-        layers=config.lora.layers,
-    )
-    peft_model = attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
-    device = next(peft_model.parameters()).device
-    prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
-    return ClientContext(peft_model, prompt_format, make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format), config, device)
-
-
-def choose_clients(config: RunConfig, round_index: int) -> list[int]:
-    """The K clients of a round, drawn without replacement from a round-specific seed."""
-    rng = numpy_generator(derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "client-selection"))
-    chosen = rng.choice(config.data.num_clients, size=config.server.clients_per_round, replace=False)
-    return sorted(int(client) for client in chosen)
-
-
-def upload_bytes(result: ClientResult) -> int:
-    """Bytes of adapter a client sends back; a client with weight 0 has nothing worth sending."""
-    if result.weight == 0:
-        return 0
-    return sum(tensor.numel() * tensor.element_size() for tensor in result.state.values())
-
-
-def online_summary(results: list[tuple[int, ClientResult]]) -> dict:
-    """Round-level online metrics: rates pooled over prompts, counts summed, time and memory at their max."""
-    metrics = [result.metrics for _, result in results]
-    prompts = sum(m["prompts"] for m in metrics)
-    wrong = sum(m["prompts"] - m["first_try_correct"] for m in metrics)
-    summed = ("wins", "losses", "generations", "generated_tokens", "trained_tokens", "upload_bytes")
-    return {
-        "first_try_accuracy": sum(m["first_try_correct"] for m in metrics) / prompts,
-        "revision_success": sum(m["revised_correct"] for m in metrics) / wrong if wrong else None,
-        **{key: sum(m[key] for m in metrics) for key in summed},
-        # forward-only tokens some methods spend besides sampling (a teacher, old log-probs); 0 for others
-        "scored_tokens": sum(m.get("teacher_tokens", 0) + m.get("scored_tokens", 0) for m in metrics),
-        "client_seconds": sum(m["seconds"] for m in metrics),
-        "peak_memory_mb": max(m["peak_memory_mb"] for m in metrics),
-        "skipped_clients": sum(m["skipped"] for m in metrics),
-    }
-
-
-def clean(value):
-    """JSON-safe metrics: NaN becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: clean(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [clean(item) for item in value]
-    return value
-
-
-class LocalRun:
-    """One run folder driven to completion, resumable."""
-
-    def __init__(self, config: RunConfig, context: ClientContext | None = None, show_progress: bool = True):
-        self.config = config
-        self.folder = RunFolder(config.output_dir)
-        self.show_progress = show_progress
+    def __init__(self, context: ClientContext, federation: Federation, progress: Progress | None):
         self.context = context
-        self.update = ALGORITHMS[config.algorithm]
-        self.strategy = SERVER_STRATEGIES[config.server.strategy]
-        self.server_settings = ServerOptimizerSettings(
-            server_lr=config.server.server_lr, beta1=config.server.beta1, beta2=config.server.beta2, tau=config.server.tau
-        )
+        self.federation = federation
+        self.progress = progress
+        self.update = ALGORITHMS[context.config.algorithm]
 
-    def check_folder(self) -> None:
-        check_run_folder(self.folder, self.config)
-
-    def run(self) -> dict:
-        """Run (or resume) every round; returns the summary."""
-        self.check_folder()
-        if self.folder.is_complete():
-            console.print(f"[green]{self.folder.path} is already complete[/green]")
-            return self.folder.read_summary()
-        self.folder.path.mkdir(parents=True, exist_ok=True)
-        self.folder.write_config(config_to_dict(self.config))
-        checkpoint = self.folder.load_checkpoint()
-        start_round = 0 if checkpoint is None else checkpoint.round_index + 1
-        self.folder.write_status("running", last_round=start_round - 1)
-        try:
-            summary = self.run_rounds(checkpoint, start_round)
-        except KeyboardInterrupt:
-            self.folder.write_status("interrupted", last_round=self.last_saved_round(), message="stopped by Ctrl-C")
-            console.print(f"[yellow]interrupted: {self.folder.path} is incomplete; run again to resume[/yellow]")
-            raise
-        except BaseException as error:
-            self.folder.write_status("failed", last_round=self.last_saved_round(), message=repr(error))
-            raise
-        return summary
-
-    def last_saved_round(self) -> int:
-        """The last round whose result is checkpointed, -1 before any."""
-        checkpoint = self.folder.load_checkpoint()
-        return -1 if checkpoint is None else checkpoint.round_index
-
-    def run_rounds(self, checkpoint, start_round: int) -> dict:
-        config = self.config
-        federation = prepare_data(config)
-        if self.context is None:
-            self.context = build_context(config)
-        model = self.context.model
-        if checkpoint is None:
-            global_state, server_state = get_adapter_state(model), initial_server_state()
-        else:
-            global_state, server_state = checkpoint.global_state, checkpoint.server_state
-            self.folder.rewind_to(checkpoint.round_index)
-            console.print(f"resuming {self.folder.path} after round {checkpoint.round_index}")
-        with self.progress() as progress:
-            self.context.progress = progress if self.show_progress else None
-            rounds_bar = progress.add_task("rounds", total=config.server.rounds + 1, completed=start_round)
-            for round_index in range(start_round, config.server.rounds + 1):
-                if round_index == 0:
-                    row = {"round": 0, "lr": 0.0, "clients": []}
-                else:
-                    global_state, server_state, row = self.train_round(round_index, global_state, server_state, federation, progress)
-                if round_index % config.eval.every == 0 or round_index == config.server.rounds:
-                    set_adapter_state(model, global_state)
-                    row["eval"] = clean(evaluate(model, self.context.prompts, federation.heldout, config.eval, progress=self.context.progress or False))
-                    self.folder.save_adapter(round_index, global_state)
-                    self.report_eval(round_index, row["eval"])
-                self.folder.append_history(clean(row))
-                self.folder.save_checkpoint(round_index, global_state, server_state, info={"round": round_index})
-                self.folder.write_status("running", last_round=round_index)
-                progress.advance(rounds_bar)
-        return self.finish()
-
-    def train_round(self, round_index: int, global_state, server_state, federation: Federation, progress):
-        config = self.config
-        lr = learning_rate(
-            round_index, config.server.rounds, config.optimizer.lr, config.optimizer.warmup_rounds, config.optimizer.min_lr_ratio
-        )
-        clients = choose_clients(config, round_index)
-        clients_bar = progress.add_task(f"round {round_index} clients", total=len(clients))
+    def train(self, round_index: int, clients: list[int], global_state, lr: float) -> RoundReplies:
+        bar = self.progress.add_task(f"round {round_index} clients", total=len(clients)) if self.progress else None
         results = []
         for client in clients:
-            work = ClientRound(client, round_index, federation.clients[client], global_state, lr, config.seed)
+            work = ClientRound(client, round_index, self.federation.clients[client], global_state, lr, self.context.config.seed)
             result = self.update(self.context, work)
-            result.metrics["upload_bytes"] = upload_bytes(result)
+            result.metrics["upload_bytes"] = upload_bytes(result.state, result.weight)
             results.append((client, result))
-            progress.advance(clients_bar)
-        progress.remove_task(clients_bar)
-        new_global, new_server_state = self.strategy(
-            global_state, [r.state for _, r in results], [r.weight for _, r in results], server_state, self.server_settings
-        )
-        row = {
-            "round": round_index,
-            "lr": lr,
-            "clients": [{"client": client, "weight": r.weight, "metrics": r.metrics} for client, r in results],
-            "online": online_summary(results),
-        }
-        return new_global, new_server_state, row
-
-    def report_eval(self, round_index: int, metrics: dict) -> None:
-        shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
-        console.print(f"round {round_index} held-out: {shown}")
-
-    def finish(self) -> dict:
-        """Write summary and plot, mark the folder complete, print the table."""
-        history = self.folder.read_history()
-        evals = [row for row in history if "eval" in row]
-        online = [row["online"] for row in history if "online" in row]
-        extra = {
-            "algorithm": self.config.algorithm,
-            "dataset": self.config.data.dataset,
-            "seed": self.config.seed,
-            "rounds": self.config.server.rounds,
-            "generated_tokens": sum(o["generated_tokens"] for o in online),
-            "trained_tokens": sum(o["trained_tokens"] for o in online),
-            "upload_bytes": sum(o["upload_bytes"] for o in online),
-            "client_seconds": sum(o["client_seconds"] for o in online),
-            "peak_memory_mb": max((o["peak_memory_mb"] for o in online), default=None),
-        }
-        self.folder.write_summary(evals[0]["eval"], evals[-1]["eval"], extra)
-        plot_accuracy(history, self.folder.plot_path)
-        self.folder.write_status("complete", last_round=self.config.server.rounds)
-        summary = self.folder.read_summary()
-        if self.show_progress:
-            console.print(summary_table(summary))
-        return summary
-
-    def progress(self) -> Progress:
-        return Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not self.show_progress, transient=False,
-        )
-
-
-def differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where two config trees differ."""
-    fields = []
-    for key in sorted(saved.keys() | wanted.keys()):
-        left, right = saved.get(key), wanted.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            fields += differing_fields(left, right, f"{prefix}{key}.")
-        elif left != right:
-            fields.append(f"{prefix}{key}")
-    return fields
+            if bar is not None:
+                self.progress.advance(bar)
+        if bar is not None:
+            self.progress.remove_task(bar)
+        return RoundReplies(results)
 
 
 def stop_on_terminate(signal_number, frame) -> None:
@@ -301,10 +52,11 @@ def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True
     """Run or resume the configured experiment; `fresh` deletes an existing folder first."""
     if fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
+    run = FederatedRun(config, InProcessClients, context=context, show_progress=show_progress)
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        return LocalRun(config, context=context, show_progress=show_progress).run()
+        return run.run()
     previous = signal.signal(signal.SIGTERM, stop_on_terminate)
     try:
-        return LocalRun(config, context=context, show_progress=show_progress).run()
+        return run.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
