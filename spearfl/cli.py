@@ -218,6 +218,27 @@ def summarize(
     console.print(summarize_runs(summaries))
 
 
+@app.command("client-worker")
+def client_worker(
+    port: Annotated[int, typer.Option(help="Port to listen on; give it to the SuperNode as --node-config \"worker='127.0.0.1:PORT'\".")] = 7301,
+    host: Annotated[str, typer.Option(help="Interface to listen on; keep the loopback, the worker has no authentication.")] = "127.0.0.1",
+) -> None:
+    """Keep one device's base model loaded across Flower rounds, for its SuperNode's ClientApp (see README).
+
+    Flower starts a fresh ClientApp process for every message, so the model would otherwise load every round.
+    Run one worker beside each SuperNode; it loads the model with the first round and serves until stopped.
+    """
+    import logging
+
+    from spearfl.runtime.worker import serve
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    try:
+        serve(host, port)
+    except OSError as error:
+        fail(f"cannot listen on {host}:{port}: {error}")
+
+
 @app.command()
 def prepare() -> None:
     """Convert the default model and cache the packaged datasets once (later runs start fast)."""

@@ -72,14 +72,19 @@ class Federation:
     clients: list[list[Example]]
 
 
+def with_label_style(examples: list[Example], label_style: str | None) -> list[Example]:
+    """The examples with multiple-choice labels restyled as configured (data.label_style), or as they are."""
+    if not label_style:
+        return examples
+    return [
+        dataclasses.replace(example, label_style=label_style) if example.is_multiple_choice else example
+        for example in examples
+    ]
+
+
 def prepare_data(config: RunConfig) -> Federation:
     """Load the dataset, split off the held-out set, and partition the pool among clients."""
-    examples = load_examples(config.data.dataset)
-    if config.data.label_style:
-        examples = [
-            dataclasses.replace(example, label_style=config.data.label_style) if example.is_multiple_choice else example
-            for example in examples
-        ]
+    examples = with_label_style(load_examples(config.data.dataset), config.data.label_style)
     pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
     clients = dirichlet_partition(
         pool,
@@ -98,6 +103,11 @@ def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContex
         torch.set_num_threads(config.threads)
     if model is None:
         model, tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
+    return client_context(config, attach_configured_lora(model, config), tokenizer)
+
+
+def attach_configured_lora(model, config: RunConfig):
+    """The base model wrapped with the configured LoRA adapter, initialised from the run seed."""
     settings = LoraSettings(
         rank=config.lora.rank,
         alpha=config.lora.alpha,
@@ -105,7 +115,11 @@ def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContex
         target_modules=tuple(config.lora.target_modules),
         layers=config.lora.layers,
     )
-    peft_model = attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
+    return attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
+
+
+def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
+    """What a client update needs around a loaded model: prompt format, feedback provider, config, device."""
     device = next(peft_model.parameters()).device
     prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
     feedback = make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format)

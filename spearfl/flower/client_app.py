@@ -1,0 +1,64 @@
+"""The Flower ClientApp: unpack the work order, run the client update the local runtime runs, pack the reply.
+
+Node config (`flower-supernode --node-config`; the simulation engine sets the first two itself):
+  partition-id    int, required: which client of the federation this node is (0 .. data.num_clients - 1)
+  num-partitions  int, optional: must equal the run's data.num_clients
+  worker          str, optional: host:port of this device's `spearfl client-worker`, which keeps the base model
+                  loaded across rounds (in a deployment Flower starts a new ClientApp process for every message)
+  examples        str, optional: path of this device's own JSONL examples, used instead of its partition of the
+                  configured dataset
+Without a worker the update runs in this process on a model cached for the life of the process: the
+simulation engine keeps its processes for the whole run, so there the model loads once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from spearfl.flower.records import node_content, read_work, reply_content
+from spearfl.runtime.worker import train_on_worker
+
+app = ClientApp()
+
+
+def partition_id(context: Context) -> int:
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=I num-partitions=N'")
+    return int(node["partition-id"])
+
+
+@app.query()
+def describe(message: Message, context: Context) -> Message:
+    """Tell the server which client this node is."""
+    return Message(node_content(partition_id(context)), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One client round on this node's examples, from the global adapter in the message."""
+    arrays, request = read_work(message.content)
+    node, client = context.node_config, partition_id(context)
+    if request["client_id"] != client:
+        raise ValueError(f"work for client {request['client_id']} reached the node of client {client}")
+    num_clients = request["config"]["data"]["num_clients"]
+    if "num-partitions" in node and int(node["num-partitions"]) != num_clients:
+        raise ValueError(f"node config num-partitions={node['num-partitions']} but the run has data.num_clients={num_clients}")
+    if "examples" in node:
+        request["examples_path"] = str(node["examples"])
+    if "worker" in node:
+        state, result = train_on_worker(str(node["worker"]), arrays, request)
+    else:
+        state, result = in_process_host().train_arrays(arrays, request)
+    return Message(reply_content(state, result), reply_to=message)
+
+
+@functools.cache
+def in_process_host():
+    """This process's ClientHost, created on first use (it imports torch and loads the model)."""
+    from spearfl.runtime.client import ClientHost
+
+    return ClientHost()

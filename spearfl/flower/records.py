@@ -1,0 +1,129 @@
+"""spearfl's messages as Flower records, and the server's checks on every reply before aggregation.
+
+Out (server -> client, message type "train"):
+    "adapter"  ArrayRecord   the global LoRA state, float32, keys as `spearfl.models.get_adapter_state` names them
+    "work"     ConfigRecord  {"request": JSON of a `spearfl.runtime.client.TrainRequest`}
+Back:
+    "metrics"  MetricRecord  the client's round metrics plus "weight" (0 = nothing to aggregate)
+    "adapter"  ArrayRecord   the trained LoRA state; absent when the weight is 0
+Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
+
+A reply is aggregated only if it passes `read_reply`: the expected keys, shapes and dtype, finite values,
+a finite weight between 0 and the number of completions the client sampled, and every counter the run
+history needs. Arrays travel as Flower's numpy arrays (never pickled: numpy loads them with
+allow_pickle=False). Imports no torch, so the per-message ClientApp process starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+ADAPTER, WORK, METRICS, NODE = "adapter", "work", "metrics", "node"
+WEIGHT = "weight"
+# Counters the server's history and summary read from every accepted reply.
+REQUIRED_METRICS = (
+    "prompts", "first_try_correct", "revised_correct", "wins", "losses", "generations",
+    "generated_tokens", "trained_tokens", "seconds", "peak_memory_mb", "skipped",
+)
+TRANSPORT_DTYPE = "float32"
+
+# (shape, dtype name) of each adapter tensor the server expects back
+Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+class InvalidReply(ValueError):
+    """A client's reply that must not be aggregated; the message says what is wrong with it."""
+
+
+def adapter_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(array)) for name, array in arrays.items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def work_content(arrays: dict[str, np.ndarray], request: dict) -> RecordDict:
+    return RecordDict({ADAPTER: adapter_record(arrays), WORK: ConfigRecord({"request": json.dumps(request)})})
+
+
+def read_work(content: RecordDict) -> tuple[dict[str, np.ndarray], dict]:
+    """(global adapter, TrainRequest fields) of a train message."""
+    return record_arrays(content.array_records[ADAPTER]), json.loads(content.config_records[WORK]["request"])
+
+
+def metric_values(result: dict) -> dict[str, int | float]:
+    """The weight and metrics of a client result as MetricRecord values (int or float; bools become 0/1)."""
+    values: dict[str, int | float] = {WEIGHT: float(result["weight"])}
+    for key, value in result["metrics"].items():
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"metric {key!r} is {value!r}; metrics must be numbers")
+        values[key] = value
+    return values
+
+
+def reply_content(arrays: dict[str, np.ndarray], result: dict) -> RecordDict:
+    records = {METRICS: MetricRecord(metric_values(result))}
+    if arrays:
+        records[ADAPTER] = adapter_record(arrays)
+    return RecordDict(records)
+
+
+def layout_of(arrays: dict[str, np.ndarray]) -> Layout:
+    return {name: (tuple(array.shape), str(array.dtype)) for name, array in arrays.items()}
+
+
+def read_reply(content: RecordDict, expected: Layout) -> tuple[dict[str, np.ndarray] | None, float, dict]:
+    """(adapter or None when the weight is 0, weight, metrics) of a reply; InvalidReply names what is wrong."""
+    if METRICS not in content.metric_records:
+        raise InvalidReply("no metrics record")
+    metrics = dict(content.metric_records[METRICS])
+    weight = metrics.pop(WEIGHT, None)
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise InvalidReply(f"weight must be a finite number >= 0, got {weight!r}")
+    missing = [key for key in REQUIRED_METRICS if key not in metrics]
+    if missing:
+        raise InvalidReply(f"metrics missing {missing}")
+    bad = [key for key in REQUIRED_METRICS if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key])]
+    if bad:
+        raise InvalidReply(f"metrics not finite numbers: {bad}")
+    if weight > metrics["generations"]:
+        raise InvalidReply(f"weight {weight} exceeds the {metrics['generations']} completions the client sampled")
+    if weight == 0:
+        return None, 0.0, metrics
+    if ADAPTER not in content.array_records:
+        raise InvalidReply(f"weight {weight} but no adapter")
+    return check_adapter(content.array_records[ADAPTER], expected), float(weight), metrics
+
+
+def check_adapter(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
+    """The adapter's arrays, if they have exactly the expected keys, shapes and dtype and only finite values."""
+    missing, unexpected = sorted(expected.keys() - record.keys()), sorted(record.keys() - expected.keys())
+    if missing or unexpected:
+        raise InvalidReply(f"adapter keys differ: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+    arrays = {}
+    for name, (shape, dtype) in expected.items():
+        declared = record[name]
+        if tuple(declared.shape) != shape or declared.dtype != dtype:  # checked before decoding anything
+            raise InvalidReply(f"{name}: {declared.dtype} {tuple(declared.shape)}, expected {dtype} {shape}")
+        array = declared.numpy()
+        if array.shape != shape or str(array.dtype) != dtype:
+            raise InvalidReply(f"{name}: data decodes to {array.dtype} {array.shape}, not the declared {dtype} {shape}")
+        if not np.isfinite(array).all():
+            raise InvalidReply(f"{name}: {int((~np.isfinite(array)).sum())} values are not finite")
+        arrays[name] = array
+    return arrays
+
+
+def node_content(partition_id: int) -> RecordDict:
+    return RecordDict({NODE: ConfigRecord({"partition-id": partition_id})})
+
+
+def read_node(content: RecordDict) -> int:
+    return int(content.config_records[NODE]["partition-id"])

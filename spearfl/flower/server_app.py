@@ -1,0 +1,157 @@
+"""The Flower ServerApp: the server loop the local runtime runs, with the clients reached by Flower messages.
+
+Run config (`[tool.flwr.app.config]` in pyproject.toml; `flwr run . --run-config "key=value ..."`):
+  config           spearfl YAML config; a relative path is taken from the app folder (where pyproject.toml is)
+  set              spearfl overrides, as `spearfl run --set` takes them, separated by spaces:
+                   "server.rounds=2 seed=1 output_dir=/data/runs/flower"
+  reply-timeout    seconds a round waits for its replies; a client that has not answered by then is dropped
+  connect-timeout  seconds the first round waits for every client's SuperNode to connect
+
+The run folder (config.yaml, history.jsonl, summary.json, adapters, checkpoint, plot) is the one the local
+runtime writes, in `output_dir`; a relative output_dir is taken from the SuperLink's working directory,
+where Flower runs the ServerApp. Running the same config again resumes it.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from spearfl.algorithms.base import ClientResult
+from spearfl.checks import check_config
+from spearfl.config import RunConfig, config_to_dict, load_config
+from spearfl.flower.records import InvalidReply, layout_of, read_node, read_reply, work_content
+from spearfl.runtime.server import FederatedRun, RoundReplies, console
+
+APP_FOLDER = Path(__file__).resolve().parents[2]
+POLL_SECONDS = 0.2  # between pulls for replies; Flower's own send_and_receive waits 3 s between pulls
+
+
+def config_from_run_config(run_config: dict) -> RunConfig:
+    """The spearfl config named by the run config's `config`, with its `set` overrides, validated."""
+    name = str(run_config.get("config", ""))
+    path = None if not name else Path(name) if Path(name).is_absolute() else APP_FOLDER / name
+    config = load_config(path, shlex.split(str(run_config.get("set", ""))))
+    check_config(config)
+    return config
+
+
+class FlowerClients:
+    """Runs a round's client updates on the SuperNodes that hold those clients, and checks every reply."""
+
+    def __init__(self, grid: Grid, config: RunConfig, reply_timeout: float, connect_timeout: float):
+        self.grid = grid
+        self.config = config
+        self.reply_timeout = reply_timeout
+        self.connect_timeout = connect_timeout
+        self.nodes: dict[int, int] = {}  # client id -> node id
+
+    def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
+        self.find_nodes(clients, wait=not self.nodes)
+        arrays = {name: tensor.numpy() for name, tensor in global_state.items()}
+        config = config_to_dict(self.config)
+        reachable = [client for client in clients if client in self.nodes]
+        messages = [
+            Message(
+                work_content(arrays, {"config": config, "client_id": client, "round_index": round_index, "lr": lr}),
+                dst_node_id=self.nodes[client],
+                message_type=MessageType.TRAIN,
+                group_id=str(round_index),
+            )
+            for client in reachable
+        ]
+        replies = dict(zip(reachable, self.exchange(messages, self.reply_timeout)))
+        accepted, rejected = [], []
+        for client in clients:
+            try:
+                accepted.append((client, self.accept(replies.get(client), global_state, layout_of(arrays), client in self.nodes)))
+            except InvalidReply as error:
+                rejected.append({"client": client, "reason": str(error)})
+        console.print(f"round {round_index}: {len(accepted)} of {len(clients)} client replies aggregated")
+        return RoundReplies(accepted, rejected)
+
+    def accept(self, reply: Message | None, global_state, expected, has_node: bool) -> ClientResult:
+        """The client's result, or InvalidReply saying why there is none to aggregate."""
+        if not has_node:
+            raise InvalidReply("no SuperNode of this client is connected")
+        if reply is None:
+            raise InvalidReply(f"no reply within {self.reply_timeout:g} s")
+        if reply.has_error():
+            raise InvalidReply(f"the client failed: {reply.error.reason[:500]}")
+        arrays, weight, metrics = read_reply(reply.content, expected)
+        if arrays is None:
+            return ClientResult(state=global_state, weight=0.0, metrics=metrics | {"upload_bytes": 0})
+        state = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        return ClientResult(state=state, weight=weight, metrics=metrics | {"upload_bytes": sum(a.nbytes for a in arrays.values())})
+
+    def exchange(self, messages: list[Message], timeout: float) -> list[Message | None]:
+        """Push the messages, pull their replies until all are in or the timeout passes; None for a missing one."""
+        if not messages:
+            return []
+        ids = list(self.grid.push_messages(messages))
+        replies: dict[str, Message] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < len(ids) and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages([i for i in ids if i not in replies]):
+                replies[reply.metadata.reply_to_message_id] = reply
+            if len(replies) < len(ids):
+                time.sleep(POLL_SECONDS)
+        return [replies.get(message_id) for message_id in ids]
+
+    def find_nodes(self, clients: list[int], wait: bool) -> None:
+        """Learn which SuperNode holds each client; on the first round wait until all of the run's clients have one."""
+        needed = set(range(self.config.data.num_clients)) if wait else set(clients)
+        deadline = time.monotonic() + (self.connect_timeout if wait else 0)
+        while True:
+            connected = set(self.grid.get_node_ids())
+            self.nodes = {client: node for client, node in self.nodes.items() if node in connected}
+            unknown = sorted(connected - set(self.nodes.values()))
+            queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in unknown]
+            for node, reply in zip(unknown, self.exchange(queries, timeout=60)):
+                self.record_node(node, reply)
+            if needed <= self.nodes.keys() or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        if wait and not needed <= self.nodes.keys():
+            raise RuntimeError(
+                f"after {self.connect_timeout:g} s, clients {sorted(needed - self.nodes.keys())} of data.num_clients="
+                f"{self.config.data.num_clients} have no SuperNode ({len(connected)} connected, holding clients "
+                f"{sorted(self.nodes)}); start one SuperNode per client with --node-config "
+                f"'partition-id=I num-partitions={self.config.data.num_clients}' (simulation: --federation-config "
+                f"num-supernodes={self.config.data.num_clients})"
+            )
+
+    def record_node(self, node: int, reply: Message | None) -> None:
+        if reply is None or reply.has_error():
+            reason = "no reply" if reply is None else reply.error.reason[:300]
+            console.print(f"[yellow]SuperNode {node} did not say which client it is: {reason}[/yellow]")
+            return
+        client = read_node(reply.content)
+        if client in self.nodes:
+            console.print(f"[yellow]SuperNodes {self.nodes[client]} and {node} both hold client {client}; using the first[/yellow]")
+        elif 0 <= client < self.config.data.num_clients:
+            self.nodes[client] = node
+        else:
+            console.print(f"[yellow]SuperNode {node} holds client {client}, outside 0..{self.config.data.num_clients - 1}[/yellow]")
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or resume) the configured experiment with its clients on Flower SuperNodes."""
+    config = config_from_run_config(context.run_config)
+    reply_timeout = float(context.run_config.get("reply-timeout", 3600))
+    connect_timeout = float(context.run_config.get("connect-timeout", 300))
+    console.print(f"spearfl run folder: {Path(config.output_dir).resolve()}")
+
+    def runner(server_context, federation, progress) -> FlowerClients:
+        return FlowerClients(grid, config, reply_timeout, connect_timeout)
+
+    FederatedRun(config, runner, show_progress=False).run()

@@ -1,0 +1,87 @@
+"""A client device's long-lived side: the base model loaded once, the client's examples, one update per request.
+
+The Flower ClientApp (in simulation) and the client worker (`spearfl client-worker`, in a deployment) hold
+one `ClientHost` for the life of their process. Each request carries the run config and the work order; the
+host runs the very client update the local runtime runs, on the same work order, so results carry over.
+The model is reloaded only when a request names another model or LoRA shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spearfl.algorithms import ALGORITHMS
+from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound
+from spearfl.config import RunConfig, validate
+from spearfl.data import load_jsonl
+from spearfl.data.schema import Example
+from spearfl.models import load_base_model
+from spearfl.runtime.server import attach_configured_lora, client_context, prepare_data, upload_bytes, with_label_style
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One client round, as the server orders it."""
+
+    config: dict  # the run config, as spearfl.config.config_to_dict writes it
+    client_id: int
+    round_index: int
+    lr: float
+    examples_path: str | None = None  # the device's own JSONL examples; None: its partition of the configured dataset
+
+    def run_config(self) -> RunConfig:
+        return validate(self.config, source="the run config sent by the server")
+
+
+class ClientHost:
+    """Holds the base model with LoRA and the client's examples across rounds; runs client updates."""
+
+    def __init__(self) -> None:
+        self.model_key: tuple | None = None
+        self.model = None
+        self.tokenizer = None
+        self.examples: dict[tuple, list[Example]] = {}  # a Flower simulation worker serves several clients
+
+    def train(self, request: TrainRequest, global_state: dict[str, torch.Tensor]) -> ClientResult:
+        """Run the configured client update on this client's examples, from the given global adapter."""
+        config = request.run_config()
+        context = self.context_for(config)
+        examples = self.examples_for(config, request)
+        work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
+        result = ALGORITHMS[config.algorithm](context, work)
+        result.metrics["upload_bytes"] = upload_bytes(result.state, result.weight)
+        return result
+
+    def train_arrays(self, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
+        """`train` with numpy in and out, for transports: (adapter to send, {"weight", "metrics"}).
+
+        The adapter is empty when the weight is 0: a client with nothing learned sends nothing.
+        """
+        global_state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
+        result = self.train(TrainRequest(**request), global_state)
+        state = {name: tensor.numpy() for name, tensor in result.state.items()} if result.weight > 0 else {}
+        return state, {"weight": result.weight, "metrics": result.metrics}
+
+    def context_for(self, config: RunConfig) -> ClientContext:
+        """The client context for this config, loading the base model only if its settings changed."""
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        key = (config.model.model_dump_json(), config.lora.model_dump_json())
+        if key != self.model_key:
+            self.model = None  # let the old model go before loading the next
+            model, self.tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
+            self.model, self.model_key = attach_configured_lora(model, config), key
+        return client_context(config, self.model, self.tokenizer)
+
+    def examples_for(self, config: RunConfig, request: TrainRequest) -> list[Example]:
+        """The device's own examples file, or its partition of the configured dataset (as the local runtime draws it)."""
+        key = (request.examples_path, request.client_id, config.seed, config.data.model_dump_json())
+        if key not in self.examples:
+            if request.examples_path:
+                self.examples[key] = with_label_style(load_jsonl(request.examples_path), config.data.label_style)
+            else:
+                self.examples[key] = prepare_data(config).clients[request.client_id]
+        return self.examples[key]

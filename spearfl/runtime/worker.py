@@ -1,0 +1,139 @@
+"""The client worker: one long-lived process per device that keeps the base model loaded across rounds.
+
+In a Flower deployment, Flower 1.42 starts a fresh ClientApp process for every message, so a model loaded
+there would be loaded again every round. `spearfl client-worker` runs beside the SuperNode and holds a
+`ClientHost`; the ClientApp hands each work order to it over HTTP on the loopback interface and relays
+the answer. The payload both ways is one safetensors file: the adapter as tensors, the work order (or the
+weight and metrics) as JSON in its metadata. Nothing is pickled.
+
+    POST /train    global adapter + {"request": TrainRequest fields}  ->  trained adapter + {"weight", "metrics"}
+    GET  /health   {"status": "ok"}
+
+This module imports neither torch nor Flower at the top, so the per-message ClientApp process that talks to
+the worker starts fast; the worker side imports the model code when it starts serving.
+Left out on purpose: authentication (the worker listens on 127.0.0.1 only, unless told otherwise) and
+serving several requests at once (one model, one client round at a time).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import signal
+import traceback
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import safetensors.numpy
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "spearfl"
+HEADER_SIZE_BYTES = 8  # safetensors: little-endian u64 length of the JSON header, then the header
+
+
+class WorkerError(RuntimeError):
+    """The client worker could not be reached, or it failed the request; the message says which and why."""
+
+
+def pack(arrays: dict[str, np.ndarray], header: dict) -> bytes:
+    """Tensors and a JSON-able header as one safetensors payload."""
+    return safetensors.numpy.save(arrays, metadata={METADATA_KEY: json.dumps(header)})
+
+
+def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """Inverse of `pack`: (tensors, header). Raises ValueError on anything else."""
+    if len(data) < HEADER_SIZE_BYTES:
+        raise ValueError("payload too short to be a safetensors file")
+    size = int.from_bytes(data[:HEADER_SIZE_BYTES], "little")
+    try:
+        metadata = json.loads(data[HEADER_SIZE_BYTES : HEADER_SIZE_BYTES + size]).get("__metadata__") or {}
+        header = json.loads(metadata[METADATA_KEY])
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"payload has no spearfl header: {error}") from None
+    return safetensors.numpy.load(data), header
+
+
+def train_on_worker(address: str, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """Send one work order to the worker at host:port; returns (trained adapter, {"weight", "metrics"})."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port))  # no timeout: a client round takes what it takes
+    try:
+        connection.request("POST", "/train", body=pack(arrays, {"request": request}))
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as error:
+        raise WorkerError(f"client worker at {address} unreachable ({error}); is `spearfl client-worker` running?") from None
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise WorkerError(f"client worker at {address} failed the round: {json.loads(body).get('error', body[:200])}")
+    return unpack(body)
+
+
+class WorkerHandler(BaseHTTPRequestHandler):
+    """HTTP front of one ClientHost (set on the server as `server.host`)."""
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self.reply_json(200, {"status": "ok"})
+        else:
+            self.reply_json(404, {"error": f"no such path {self.path}"})
+
+    def do_POST(self) -> None:
+        if self.path != "/train":
+            self.reply_json(404, {"error": f"no such path {self.path}"})
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        try:
+            arrays, header = unpack(body)
+        except ValueError as error:
+            self.reply_json(400, {"error": str(error)})
+            return
+        try:
+            state, result = self.server.host.train_arrays(arrays, header["request"])
+        except Exception as error:  # the round failed: tell the ClientApp why, keep serving
+            logger.error("client round failed:\n%s", traceback.format_exc())
+            self.reply_json(500, {"error": f"{type(error).__name__}: {error}"})
+            return
+        self.reply(200, pack(state, result), "application/octet-stream")
+
+    def reply_json(self, status: int, value: dict) -> None:
+        self.reply(status, json.dumps(value).encode(), "application/json")
+
+    def reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        logger.info("%s %s", self.address_string(), format % args)
+
+
+def stop_serving(signal_number, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
+def make_server(host: str, port: int, client_host) -> HTTPServer:
+    """An HTTP server in front of `client_host` (anything with ClientHost.train_arrays); port 0 picks a free one."""
+    server = HTTPServer((host, port), WorkerHandler)
+    server.host = client_host
+    return server
+
+
+def serve(host: str = "127.0.0.1", port: int = 7301) -> None:
+    """Serve client rounds until SIGTERM or Ctrl-C; the model loads with the first round."""
+    from spearfl.runtime.client import ClientHost  # the model code, imported only where it runs
+
+    server = make_server(host, port, ClientHost())
+    signal.signal(signal.SIGTERM, stop_serving)
+    logger.warning("spearfl client worker listening on http://%s:%d", *server.server_address[:2])
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
