@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -85,8 +86,10 @@ def test_a_deployment_run_matches_the_local_runtime(tmp_path, local_reference):
     try:
         superlink = free_port()
         start_superlink(processes, superlink)
+        worker_ports = []
         for client in range(NUM_CLIENTS):
             worker = start_worker(processes, client)
+            worker_ports.append(worker)
             node_config = f"partition-id={client} num-partitions={NUM_CLIENTS} worker='127.0.0.1:{worker}'"
             start_supernode(processes, superlink, node_config, client)
         home = tmp_path / "flwr-cli"
@@ -94,8 +97,9 @@ def test_a_deployment_run_matches_the_local_runtime(tmp_path, local_reference):
         started = flwr(home, "run", str(APP), "spearfl-test", "--stream", "--run-config", f"config='{config_path}'")
         assert started.returncode == 0, started.stdout + started.stderr
         assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()
-        workers = [p for p in processes.started if "client-worker" in " ".join(p.args)]
-        assert all(p.poll() is None for p in workers)  # the workers kept their models for both rounds
+        for port in worker_ports:  # each device loaded its model once and kept it for both rounds
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as health:
+                assert json.load(health)["models_loaded"] == 1
         assert_same_as_local(tmp_path / "flower-run", local_reference)
     finally:
         leftover = processes.stop()
@@ -111,13 +115,13 @@ def local_superlinks(port: int) -> list[psutil.Process]:
 
 def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_reference, monkeypatch):
     """`flwr run` on the local simulation engine, two virtual SuperNodes, two rounds."""
-    config_path = write_config(tmp_path, tmp_path / "simulation-run")
+    config_path = write_config(tmp_path, tmp_path / "elsewhere")  # `set` moves the run folder below
     home, port = tmp_path / "flwr-sim", free_port()
     monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
     superlinks: list[psutil.Process] = []
     try:
         started = flwr(
-            home, "run", str(APP), "--stream", "--run-config", f"config='{config_path}'",
+            home, "run", str(APP), "--stream", "--run-config", f"config='{config_path}' set='output_dir={tmp_path / 'simulation-run'}'",
             "--federation-config", f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1",
         )
         superlinks = local_superlinks(port)

@@ -205,6 +205,7 @@ def test_payloads_round_trip_and_garbage_is_refused():
 class RecordingHost:
     def __init__(self):
         self.requests = []
+        self.models_loaded = 0
 
     def train_arrays(self, arrays, request):
         self.requests.append(request)

@@ -41,6 +41,7 @@ class ClientHost:
 
     def __init__(self) -> None:
         self.model_key: tuple | None = None
+        self.models_loaded = 0
         self.model = None
         self.tokenizer = None
         self.examples: dict[tuple, list[Example]] = {}  # a Flower simulation worker serves several clients
@@ -74,6 +75,7 @@ class ClientHost:
             self.model = None  # let the old model go before loading the next
             model, self.tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
             self.model, self.model_key = attach_configured_lora(model, config), key
+            self.models_loaded += 1
         return client_context(config, self.model, self.tokenizer)
 
     def examples_for(self, config: RunConfig, request: TrainRequest) -> list[Example]:

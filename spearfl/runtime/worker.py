@@ -7,7 +7,7 @@ the answer. The payload both ways is one safetensors file: the adapter as tensor
 weight and metrics) as JSON in its metadata. Nothing is pickled.
 
     POST /train    global adapter + {"request": TrainRequest fields}  ->  trained adapter + {"weight", "metrics"}
-    GET  /health   {"status": "ok"}
+    GET  /health   {"status": "ok", "models_loaded": how many times this worker has loaded a base model}
 
 This module imports neither torch nor Flower at the top, so the per-message ClientApp process that talks to
 the worker starts fast; the worker side imports the model code when it starts serving.
@@ -77,7 +77,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            self.reply_json(200, {"status": "ok"})
+            self.reply_json(200, {"status": "ok", "models_loaded": self.server.host.models_loaded})
         else:
             self.reply_json(404, {"error": f"no such path {self.path}"})
 
