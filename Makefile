@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-all flower-demo
 
 setup:
 	bash scripts/setup.sh
@@ -12,3 +12,9 @@ test: setup
 
 test-all: setup
 	.venv/bin/python -m pytest -q -m "slow or not slow"
+
+# The demo on Flower's simulation engine: 4 virtual SuperNodes, one client each (see README, "Run on Flower").
+# Flower would otherwise re-install the project's dependencies (torch) for every run.
+flower-demo: setup
+	PATH="$(CURDIR)/.venv/bin:$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+		flwr run . --stream --federation-config "num-supernodes=4 client-resources-num-cpus=2"

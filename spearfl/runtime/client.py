@@ -18,7 +18,7 @@ from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound
 from spearfl.config import RunConfig, validate
 from spearfl.data import load_jsonl
 from spearfl.data.schema import Example
-from spearfl.models import load_base_model
+from spearfl.models import load_base_model, quiet_library_output
 from spearfl.runtime.server import attach_configured_lora, client_context, prepare_data, upload_bytes, with_label_style
 
 
@@ -40,6 +40,7 @@ class ClientHost:
     """Holds the base model with LoRA and the client's examples across rounds; runs client updates."""
 
     def __init__(self) -> None:
+        quiet_library_output()
         self.model_key: tuple | None = None
         self.models_loaded = 0
         self.model = None
