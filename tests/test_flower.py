@@ -33,21 +33,30 @@ NUM_CLIENTS = 2
 TOLERANCE = 1e-6  # float32 adapters; the same arithmetic runs in other processes
 
 
-def write_config(tmp_path: Path, output_dir: Path) -> Path:
+def write_config(tmp_path: Path, output_dir: Path, upload_encoding: str = "float32") -> Path:
     """The end-to-end test config (2 rounds, tiny primed model) with two clients, both chosen every round."""
     text = run_config_text(end_to_end_assets(), output_dir).replace("num_clients: 3", f"num_clients: {NUM_CLIENTS}")
+    text = text.replace("clients_per_round: 2}", f"clients_per_round: 2, upload_encoding: {upload_encoding}}}")
     path = tmp_path / f"{output_dir.name}.yaml"
     path.write_text(text + "threads: 1\n")
     return path
 
 
-@pytest.fixture(scope="module")
-def local_reference(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("local")
-    config = load_config(write_config(root, root / "local-run"))
+def run_locally(root: Path, upload_encoding: str) -> Path:
+    config = load_config(write_config(root, root / f"local-{upload_encoding}", upload_encoding))
     with single_thread():
         run_local(config, show_progress=False)
-    return root / "local-run"
+    return root / f"local-{upload_encoding}"
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory) -> Path:
+    return run_locally(tmp_path_factory.mktemp("local"), "float32")
+
+
+@pytest.fixture(scope="module")
+def local_bfloat16_reference(tmp_path_factory) -> Path:
+    return run_locally(tmp_path_factory.mktemp("local"), "bfloat16")
 
 
 def run_id_of(output: str) -> int:
@@ -113,9 +122,9 @@ def local_superlinks(port: int) -> list[psutil.Process]:
     return [psutil.Process(pid) for pid in owners if pid]
 
 
-def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_reference, monkeypatch):
-    """`flwr run` on the local simulation engine, two virtual SuperNodes, two rounds."""
-    config_path = write_config(tmp_path, tmp_path / "elsewhere")  # `set` moves the run folder below
+def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_bfloat16_reference, monkeypatch):
+    """`flwr run` on the local simulation engine, two virtual SuperNodes, two rounds, bfloat16 uploads."""
+    config_path = write_config(tmp_path, tmp_path / "elsewhere", "bfloat16")  # `set` moves the run folder below
     home, port = tmp_path / "flwr-sim", free_port()
     monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
     superlinks: list[psutil.Process] = []
@@ -127,7 +136,7 @@ def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_reference, m
         superlinks = local_superlinks(port)
         assert started.returncode == 0, started.stdout + started.stderr
         assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout
-        assert_same_as_local(tmp_path / "simulation-run", local_reference)
+        assert_same_as_local(tmp_path / "simulation-run", local_bfloat16_reference)
     finally:
         family = [p for link in superlinks for p in [link, *link.children(recursive=True)]]
         for process in family:

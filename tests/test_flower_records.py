@@ -27,6 +27,7 @@ from spearfl.flower.records import (
     work_content,
 )
 from spearfl.flower.server_app import APP_FOLDER, FlowerClients, config_from_run_config
+from spearfl.runtime.client import wire_array
 from spearfl.runtime.server import FederatedRun
 from spearfl.runtime.worker import WorkerError, make_server, pack, train_on_worker, unpack
 
@@ -43,14 +44,30 @@ def test_work_and_reply_round_trip_keep_arrays_and_metrics():
     arrays, request = read_work(work_content(adapter(), {"client_id": 3, "lr": 0.01}))
     assert request == {"client_id": 3, "lr": 0.01}
     assert all(np.array_equal(arrays[name], adapter()[name]) and arrays[name].dtype == np.float32 for name in arrays)
-    state, weight, metrics = read_reply(reply_content(adapter(2.0), good_result()), layout_of(adapter()))
-    assert weight == 2.0 and metrics["wins"] == 4 and np.isnan(metrics["revision_success"])
-    assert np.array_equal(state["a.lora_A.weight"], adapter(2.0)["a.lora_A.weight"])
+    reply = read_reply(reply_content(adapter(2.0), good_result()), layout_of(adapter()))
+    assert reply.weight == 2.0 and reply.metrics["wins"] == 4 and np.isnan(reply.metrics["revision_success"])
+    assert np.array_equal(reply.payload["a.lora_A.weight"], adapter(2.0)["a.lora_A.weight"])
+    assert reply.payload_bytes == 4 * 12
 
 
 def test_a_weight_zero_reply_needs_no_adapter():
-    state, weight, metrics = read_reply(reply_content({}, good_result(weight=0.0)), layout_of(adapter()))
-    assert state is None and weight == 0.0 and metrics["prompts"] == 4
+    reply = read_reply(reply_content({}, good_result(weight=0.0)), layout_of(adapter()))
+    assert reply.payload is None and reply.weight == 0.0 and reply.metrics["prompts"] == 4 and reply.payload_bytes == 0
+
+
+def test_a_bfloat16_payload_travels_as_bit_patterns_and_is_checked_as_numbers():
+    update = {name: torch.from_numpy(array) / 1000 for name, array in adapter(1.5).items()}
+    wire = {name: wire_array(tensor.to(torch.bfloat16)) for name, tensor in update.items()}
+    assert {array.dtype for array in wire.values()} == {np.dtype(np.uint16)}
+    reply = read_reply(reply_content(wire, good_result()), layout_of(adapter(), "bfloat16"))
+    assert reply.payload_bytes == 2 * 12
+    for name, values in reply.payload.items():
+        assert torch.equal(torch.from_numpy(values), update[name].to(torch.bfloat16).float())
+    wire["a.lora_A.weight"][0, 0] = 0x7FC0  # a bfloat16 NaN
+    with pytest.raises(InvalidReply, match="1 values are not finite"):
+        read_reply(reply_content(wire, good_result()), layout_of(adapter(), "bfloat16"))
+    with pytest.raises(InvalidReply, match="expected uint16"):  # float32 sent where bfloat16 was configured
+        read_reply(reply_content(adapter(), good_result()), layout_of(adapter(), "bfloat16"))
 
 
 def spoiled(change) -> RecordDict:

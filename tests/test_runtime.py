@@ -196,3 +196,17 @@ def test_a_bfloat16_base_model_trains_its_adapter(tmp_path, monkeypatch):
     config, _, _, row = one_round(tmp_path, monkeypatch, "spear", "model.dtype=bfloat16")
     assert config.model.dtype == "bfloat16"
     assert any(client["weight"] > 0 for client in row["clients"])  # one_round also checks the adapter moved
+
+
+def test_a_folder_written_before_a_config_field_existed_holds_its_default(tmp_path):
+    config = config_for("unused", f"output_dir={tmp_path / 'old'}")
+    saved = config_to_dict(config)
+    del saved["server"]["upload_encoding"]  # a field added later, at its default
+    folder = RunFolder(tmp_path / "old")
+    folder.path.mkdir()
+    folder.write_config(saved)
+    server.check_run_folder(folder, config)
+    saved["server"]["upload_encoding"] = "bfloat16"
+    folder.write_config(saved)
+    with pytest.raises(RunConflict, match="server.upload_encoding"):
+        server.check_run_folder(folder, config)

@@ -5,7 +5,8 @@ Out (server -> client, message type "train"):
     "work"     ConfigRecord  {"request": JSON of a `spearfl.runtime.client.TrainRequest`}
 Back:
     "metrics"  MetricRecord  the client's round metrics plus "weight" (0 = nothing to aggregate)
-    "adapter"  ArrayRecord   the trained LoRA state; absent when the weight is 0
+    "adapter"  ArrayRecord   the upload payload (spearfl.transport): the trained LoRA state in float32, or its
+                             update in bfloat16 sent as bit patterns (uint16); absent when the weight is 0
 Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
 
 A reply is aggregated only if it passes `read_reply`: the expected keys, shapes and dtype, finite values,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -29,10 +31,20 @@ REQUIRED_METRICS = (
     "prompts", "first_try_correct", "revised_correct", "wins", "losses", "generations",
     "generated_tokens", "trained_tokens", "seconds", "peak_memory_mb", "skipped",
 )
-TRANSPORT_DTYPE = "float32"
+WIRE_DTYPES = {"float32": "float32", "bfloat16": "uint16"}  # upload encoding -> numpy dtype on the wire
 
 # (shape, dtype name) of each adapter tensor the server expects back
 Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An accepted reply: the payload's values as float32 (None when the weight is 0), weight, metrics, bytes."""
+
+    payload: dict[str, np.ndarray] | None
+    weight: float
+    metrics: dict
+    payload_bytes: int
 
 
 class InvalidReply(ValueError):
@@ -75,12 +87,20 @@ def reply_content(arrays: dict[str, np.ndarray], result: dict) -> RecordDict:
     return RecordDict(records)
 
 
-def layout_of(arrays: dict[str, np.ndarray]) -> Layout:
-    return {name: (tuple(array.shape), str(array.dtype)) for name, array in arrays.items()}
+def layout_of(arrays: dict[str, np.ndarray], encoding: str = "float32") -> Layout:
+    """What a reply's payload must look like for an adapter of these arrays sent with this upload encoding."""
+    return {name: (tuple(array.shape), WIRE_DTYPES[encoding]) for name, array in arrays.items()}
 
 
-def read_reply(content: RecordDict, expected: Layout) -> tuple[dict[str, np.ndarray] | None, float, dict]:
-    """(adapter or None when the weight is 0, weight, metrics) of a reply; InvalidReply names what is wrong."""
+def wire_values(array: np.ndarray) -> np.ndarray:
+    """float32 values of a wire array; uint16 arrays are bfloat16 bit patterns (the upper half of a float32)."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def read_reply(content: RecordDict, expected: Layout) -> Reply:
+    """The reply's payload, weight and metrics; InvalidReply names what is wrong with it."""
     if METRICS not in content.metric_records:
         raise InvalidReply("no metrics record")
     metrics = dict(content.metric_records[METRICS])
@@ -96,14 +116,15 @@ def read_reply(content: RecordDict, expected: Layout) -> tuple[dict[str, np.ndar
     if weight > metrics["generations"]:
         raise InvalidReply(f"weight {weight} exceeds the {metrics['generations']} completions the client sampled")
     if weight == 0:
-        return None, 0.0, metrics
+        return Reply(None, 0.0, metrics, 0)
     if ADAPTER not in content.array_records:
         raise InvalidReply(f"weight {weight} but no adapter")
-    return check_adapter(content.array_records[ADAPTER], expected), float(weight), metrics
+    arrays = check_adapter(content.array_records[ADAPTER], expected)
+    return Reply({name: wire_values(array) for name, array in arrays.items()}, float(weight), metrics, sum(a.nbytes for a in arrays.values()))
 
 
 def check_adapter(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
-    """The adapter's arrays, if they have exactly the expected keys, shapes and dtype and only finite values."""
+    """The payload's wire arrays, if they have exactly the expected keys, shapes and dtype and only finite values."""
     missing, unexpected = sorted(expected.keys() - record.keys()), sorted(record.keys() - expected.keys())
     if missing or unexpected:
         raise InvalidReply(f"adapter keys differ: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
@@ -115,8 +136,9 @@ def check_adapter(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray
         array = declared.numpy()
         if array.shape != shape or str(array.dtype) != dtype:
             raise InvalidReply(f"{name}: data decodes to {array.dtype} {array.shape}, not the declared {dtype} {shape}")
-        if not np.isfinite(array).all():
-            raise InvalidReply(f"{name}: {int((~np.isfinite(array)).sum())} values are not finite")
+        not_finite = int((~np.isfinite(wire_values(array))).sum())
+        if not_finite:
+            raise InvalidReply(f"{name}: {not_finite} values are not finite")
         arrays[name] = array
     return arrays
 

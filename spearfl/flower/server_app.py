@@ -28,6 +28,7 @@ from spearfl.config import RunConfig, config_to_dict, load_config
 from spearfl.flower.records import InvalidReply, layout_of, read_node, read_reply, work_content
 from spearfl.models import quiet_library_output
 from spearfl.runtime.server import FederatedRun, RoundReplies, console
+from spearfl.transport import decode_upload
 
 APP_FOLDER = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.2  # between pulls for replies; Flower's own send_and_receive waits 3 s between pulls
@@ -67,28 +68,31 @@ class FlowerClients:
             for client in reachable
         ]
         replies = dict(zip(reachable, self.exchange(messages, self.reply_timeout)))
+        expected = layout_of(arrays, self.config.server.upload_encoding)
         accepted, rejected = [], []
         for client in clients:
             try:
-                accepted.append((client, self.accept(replies.get(client), global_state, layout_of(arrays), client in self.nodes)))
+                accepted.append((client, self.accept(replies.get(client), global_state, expected, client in self.nodes)))
             except InvalidReply as error:
                 rejected.append({"client": client, "reason": str(error)})
         console.print(f"round {round_index}: {len(accepted)} of {len(clients)} client replies aggregated")
         return RoundReplies(accepted, rejected)
 
     def accept(self, reply: Message | None, global_state, expected, has_node: bool) -> ClientResult:
-        """The client's result, or InvalidReply saying why there is none to aggregate."""
+        """The client's result as the server aggregates it, or InvalidReply saying why there is none."""
         if not has_node:
             raise InvalidReply("no SuperNode of this client is connected")
         if reply is None:
             raise InvalidReply(f"no reply within {self.reply_timeout:g} s")
         if reply.has_error():
             raise InvalidReply(f"the client failed: {reply.error.reason[:500]}")
-        arrays, weight, metrics = read_reply(reply.content, expected)
-        if arrays is None:
-            return ClientResult(state=global_state, weight=0.0, metrics=metrics | {"upload_bytes": 0})
-        state = {name: torch.from_numpy(array) for name, array in arrays.items()}
-        return ClientResult(state=state, weight=weight, metrics=metrics | {"upload_bytes": sum(a.nbytes for a in arrays.values())})
+        received = read_reply(reply.content, expected)
+        metrics = received.metrics | {"upload_bytes": received.payload_bytes}
+        if received.payload is None:
+            return ClientResult(state=global_state, weight=0.0, metrics=metrics)
+        payload = {name: torch.from_numpy(values) for name, values in received.payload.items()}
+        state = decode_upload(payload, global_state, self.config.server.upload_encoding)
+        return ClientResult(state=state, weight=received.weight, metrics=metrics)
 
     def exchange(self, messages: list[Message], timeout: float) -> list[Message | None]:
         """Push the messages, pull their replies until all are in or the timeout passes; None for a missing one."""

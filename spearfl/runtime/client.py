@@ -19,7 +19,7 @@ from spearfl.config import RunConfig, validate
 from spearfl.data import load_jsonl
 from spearfl.data.schema import Example
 from spearfl.models import load_base_model, quiet_library_output
-from spearfl.runtime.server import attach_configured_lora, client_context, prepare_data, upload_bytes, with_label_style
+from spearfl.runtime.server import attach_configured_lora, client_context, prepare_data, upload, with_label_style
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,19 @@ class ClientHost:
         context = self.context_for(config)
         examples = self.examples_for(config, request)
         work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
-        result = ALGORITHMS[config.algorithm](context, work)
-        result.metrics["upload_bytes"] = upload_bytes(result.state, result.weight)
-        return result
+        return ALGORITHMS[config.algorithm](context, work)
 
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
-        """`train` with numpy in and out, for transports: (adapter to send, {"weight", "metrics"}).
+        """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics"}).
 
-        The adapter is empty when the weight is 0: a client with nothing learned sends nothing.
+        The payload is the configured upload encoding of the trained adapter (spearfl.transport), as numpy
+        arrays (bfloat16 as its bit patterns, uint16); it is empty when the weight is 0.
         """
         global_state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
-        result = self.train(TrainRequest(**request), global_state)
-        state = {name: tensor.numpy() for name, tensor in result.state.items()} if result.weight > 0 else {}
-        return state, {"weight": result.weight, "metrics": result.metrics}
+        request = TrainRequest(**request)
+        result = self.train(request, global_state)
+        payload = upload(result, global_state, request.run_config().server.upload_encoding)
+        return {name: wire_array(tensor) for name, tensor in payload.items()}, {"weight": result.weight, "metrics": result.metrics}
 
     def context_for(self, config: RunConfig) -> ClientContext:
         """The client context for this config, loading the base model only if its settings changed."""
@@ -88,3 +88,10 @@ class ClientHost:
             else:
                 self.examples[key] = prepare_data(config).clients[request.client_id]
         return self.examples[key]
+
+
+def wire_array(tensor: torch.Tensor) -> np.ndarray:
+    """A payload tensor as numpy; numpy has no bfloat16, so those travel as their bit patterns (uint16)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()

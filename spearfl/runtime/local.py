@@ -16,7 +16,7 @@ from rich.progress import Progress
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
-from spearfl.runtime.server import Federation, FederatedRun, RoundReplies, upload_bytes
+from spearfl.runtime.server import Federation, FederatedRun, RoundReplies, as_received, upload
 
 
 class InProcessClients:
@@ -34,8 +34,8 @@ class InProcessClients:
         for client in clients:
             work = ClientRound(client, round_index, self.federation.clients[client], global_state, lr, self.context.config.seed)
             result = self.update(self.context, work)
-            result.metrics["upload_bytes"] = upload_bytes(result.state, result.weight)
-            results.append((client, result))
+            encoding = self.context.config.server.upload_encoding
+            results.append((client, as_received(result, upload(result, global_state, encoding), global_state, encoding)))
             if bar is not None:
                 self.progress.advance(bar)
         if bar is not None:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from spearfl.aggregation import SERVER_STRATEGIES, ServerOptimizerSettings, initial_server_state
 from spearfl.algorithms.base import ClientContext, ClientResult
-from spearfl.config import RunConfig, config_to_dict
+from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
 from spearfl.data import load_examples
 from spearfl.data.schema import Example
 from spearfl.data.split import dirichlet_partition, split_pool_heldout
@@ -32,6 +32,7 @@ from spearfl.outputs import RunFolder, plot_accuracy, summary_table
 from spearfl.prompts import PromptFormat
 from spearfl.schedule import learning_rate
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
+from spearfl.transport import decode_upload, encode_upload, payload_bytes
 
 console = Console(stderr=True)
 
@@ -44,12 +45,20 @@ def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
     """Refuse to mix runs: an existing run folder must hold this very config."""
     if not folder.config_path.exists():
         return
-    saved, wanted = folder.read_config(), config_to_dict(config)
+    saved, wanted = with_defaults(folder.read_config()), config_to_dict(config)
     if saved != wanted:
         raise RunConflict(
             f"{folder.path} holds a run with a different config (fields: {', '.join(differing_fields(saved, wanted))}); "
             "choose another output folder, or delete that run folder to start it over (spearfl run --fresh)"
         )
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config with the defaults of fields added since it was written (it ran with those defaults)."""
+    try:
+        return config_to_dict(validate(saved))
+    except ConfigError:
+        return saved  # not a config of this version: every difference shows
 
 
 def differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -133,11 +142,15 @@ def choose_clients(config: RunConfig, round_index: int) -> list[int]:
     return sorted(int(client) for client in chosen)
 
 
-def upload_bytes(state: dict[str, torch.Tensor], weight: float) -> int:
-    """Bytes of adapter a client sends back; a client with weight 0 has nothing worth sending."""
-    if weight == 0:
-        return 0
-    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+def upload(result: ClientResult, global_state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
+    """The payload a client sends for its result (spearfl.transport); none when its weight is 0."""
+    return encode_upload(result.state, global_state, encoding) if result.weight > 0 else {}
+
+
+def as_received(result: ClientResult, payload: dict[str, torch.Tensor], global_state, encoding: str) -> ClientResult:
+    """The result as the server sees it: the state decoded from the payload, and the payload's size counted."""
+    state = decode_upload(payload, global_state, encoding) if payload else global_state
+    return ClientResult(state=state, weight=result.weight, metrics=result.metrics | {"upload_bytes": payload_bytes(payload)})
 
 
 @dataclass
