@@ -214,6 +214,37 @@ def summarize(
     console.print(summarize_runs(summaries))
 
 
+@app.command()
+def bench(
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Config naming the model, dataset and round settings (default: the built-in defaults).")
+    ] = None,
+    set_: SetOption = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Repeats of each throughput measurement.")] = 5,
+    round_repeats: Annotated[int, typer.Option(min=1, help="SPEAR and GRPO client rounds to measure (each on other prompts).")] = 3,
+    output: Annotated[Path, typer.Option(help="Where to write the report as JSON.")] = Path("runs/bench.json"),
+) -> None:
+    """Measure this machine's matmul ceiling, the model's prefill, decode and LoRA training speed against it,
+    a SPEAR and a GRPO client round on the same prompts, upload sizes and peak memory; print and save them."""
+    from spearfl.bench import BenchSettings, report_tables, resident_mb, run_bench
+
+    baseline = resident_mb()
+    config = load_or_fail(config_path, set_)
+    from spearfl.io import atomic_write_json
+    from spearfl.runtime.server import build_context, prepare_data
+
+    context = build_context(config)
+    examples = prepare_data(config).clients[0]
+    settings = BenchSettings(repeats=repeats, round_repeats=round_repeats)
+    with console.status("measuring") as status:
+        report = run_bench(context, examples, settings, baseline, progress=lambda step: status.update(f"measuring {step}"))
+    report["config"] = str(config_path) if config_path else "(defaults)"
+    for table in report_tables(report):
+        console.print(table)
+    atomic_write_json(output, report)
+    console.print(f"report: {output}")
+
+
 @app.command("client-worker")
 def client_worker(
     port: Annotated[int, typer.Option(help="Port to listen on; give it to the SuperNode as --node-config \"worker='127.0.0.1:PORT'\".")] = 7301,

@@ -41,6 +41,9 @@ class Completion:
     token_ids: list[int]  # exactly the generated ids; ends with EOS only if the model emitted it
     text: str  # token_ids decoded, special tokens skipped
     finished_by: str  # "eos", "stop" (answer line complete) or "length" (token limit)
+    # log-probability of each generated id under the sampling model at temperature 1 (no dropout): the
+    # "old policy" of a policy-gradient ratio, so no second forward pass has to compute it
+    logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,9 @@ def generate(
     if any(not prompt for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
     settings = SamplingSettings(max_new_tokens, temperature, top_p, stop_after_answer, text_prefix)
-    # Longest first: similar lengths share a batch (little padding) and memory peaks at the start.
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]), reverse=True)
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at the start;
+    # copies of one prompt (a group of samples) sit together, so a batch runs each of them once.
+    order = sorted(range(len(prompts)), key=lambda index: (-len(prompts[index]), prompts[index]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     batches = with_progress(batches, progress, description)
     results: list[Completion | None] = [None] * len(prompts)
@@ -116,15 +120,18 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
     """Decode one batch with a key/value cache, dropping each row from the batch once it finishes."""
     device = next(model.parameters()).device
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    attention_mask, logits, cache = prefill(model, prompts, device)  # [B, P], [B, V]
+    attention_mask, logits, cache = prefill_distinct(model, prompts, device)  # [B, P], [B, V]
     generated: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
     finished_by: list[str | None] = [None] * len(prompts)
     active = list(range(len(prompts)))  # batch rows still decoding, in cache order
     for step in range(settings.max_new_tokens):
         tokens = choose_tokens(logits, [generators[row] for row in active], settings)  # [A]
+        chosen = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # [A]
         is_eos = torch.isin(tokens, eos_ids).tolist()
-        for row, token, emitted_eos in zip(active, tokens.tolist(), is_eos):
+        for row, token, logprob, emitted_eos in zip(active, tokens.tolist(), chosen.tolist(), is_eos):
             generated[row].append(token)
+            logprobs[row].append(logprob)
             finished_by[row] = finish_reason(tokenizer, generated[row], emitted_eos, step, settings)
         keep = [position for position, row in enumerate(active) if finished_by[row] is None]
         if not keep:
@@ -134,19 +141,36 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
             cache.batch_select_indices(kept)
             attention_mask, tokens = attention_mask[kept], tokens[kept]
             active = [active[position] for position in keep]
-        new_column = attention_mask.new_ones(len(active), 1)
-        attention_mask = torch.cat([attention_mask, new_column], dim=-1)  # [A, P + step + 1]
-        logits = model(
-            input_ids=tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=attention_mask.sum(-1, keepdim=True) - 1,
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
+        attention_mask, logits = decode_step(model, tokens, attention_mask, cache)
     return [
-        Completion(token_ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True), finished_by=reason)
-        for ids, reason in zip(generated, finished_by)
+        Completion(token_ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True), finished_by=reason, logprobs=row)
+        for ids, reason, row in zip(generated, finished_by, logprobs)
     ]
+
+
+def prefill_distinct(model, prompts: list[list[int]], device):
+    """`prefill`, running each distinct prompt once and giving every copy of it that prompt's cache row."""
+    distinct = list(dict.fromkeys(tuple(prompt) for prompt in prompts))
+    if len(distinct) == len(prompts):
+        return prefill(model, prompts, device)
+    attention_mask, logits, cache = prefill(model, [list(prompt) for prompt in distinct], device)
+    position = {prompt: index for index, prompt in enumerate(distinct)}
+    owners = torch.tensor([position[tuple(prompt)] for prompt in prompts], device=device)
+    cache.batch_select_indices(owners)
+    return attention_mask[owners], logits[owners], cache
+
+
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed one token per row through the cache.  tokens [A], mask [A, L] -> mask [A, L + 1], logits [A, V]"""
+    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tokens), 1)], dim=-1)
+    logits = model(
+        input_ids=tokens[:, None],
+        attention_mask=attention_mask,
+        position_ids=attention_mask.sum(-1, keepdim=True) - 1,
+        cache=cache,
+        use_cache=True,
+    ).logits[:, -1]
+    return attention_mask, logits
 
 
 def finish_reason(

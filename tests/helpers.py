@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import json
 import shutil
@@ -25,6 +26,7 @@ from spearfl.generation import Completion, generate
 from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_tokenizer
 from spearfl.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
 from spearfl.runtime.local import run_local
+from spearfl.scoring_lm import completion_logprobs
 from spearfl.runtime.server import build_context
 
 TIMING_KEYS = {"seconds", "peak_memory_mb", "updated_at"}
@@ -107,12 +109,20 @@ class ScriptedGeneration:
             attempt = self.served.get(question, 0)
             self.served[question] = attempt + 1
             results.append(self.script[question][attempt])
-        return results
+        return with_sampler_logprobs(model, prompts, results)
 
     def question_in(self, prompt_text: str) -> str:
         matches = [question for question in self.script if question in prompt_text]
         assert len(matches) == 1, f"prompt matches {matches}"
         return matches[0]
+
+
+def with_sampler_logprobs(model, prompts, completions: list[Completion]) -> list[Completion]:
+    """The completions with the log-probs `generate` would have recorded for them (none on a StubModel)."""
+    if isinstance(model, StubModel):
+        return completions
+    rows = completion_logprobs(model, [list(p) for p in prompts], [c.token_ids for c in completions], batch_size=8)
+    return [dataclasses.replace(c, logprobs=row.tolist()) for c, row in zip(completions, rows)]
 
 
 class StubModel:

@@ -219,3 +219,29 @@ def test_nucleus_from_candidates_equals_the_full_sort(peaked):
     for row in range(3):
         expected = set(order[row][in_nucleus[row]].tolist())
         assert set(token_ids[row][weights[row] > 0].tolist()) == expected
+
+
+def test_copies_of_a_prompt_run_once_and_each_samples_its_own_stream(tiny_model, tokenizer):
+    prompt, other = [1, 100, 200, 300], [1, 5, 6]
+    prefill_rows = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        grouped = run(tiny_model, tokenizer, [prompt, other, prompt, prompt], batch_size=4, temperature=1.0, seed=5, max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert prefill_rows == [2]  # one prefill row per distinct prompt
+    alone = run(tiny_model, tokenizer, [prompt, other, prompt, prompt], batch_size=1, temperature=1.0, seed=5, max_new_tokens=6)
+    assert [c.token_ids for c in grouped] == [c.token_ids for c in alone]
+    assert len({tuple(grouped[i].token_ids) for i in (0, 2, 3)}) > 1  # the copies drew different samples
+
+
+def test_sampled_ids_come_with_their_log_probabilities(tiny_lora_model, tokenizer):
+    prompts = [[1, 100, 200], [1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9]]
+    completions = run(tiny_lora_model, tokenizer, prompts, temperature=0.7, top_p=0.9, seed=2, max_new_tokens=5)
+    scored = completion_logprobs(tiny_lora_model, prompts, [c.token_ids for c in completions], batch_size=1)
+    for completion, row in zip(completions, scored):
+        assert len(completion.logprobs) == len(completion.token_ids)
+        assert torch.allclose(torch.tensor(completion.logprobs), row, atol=1e-4)  # temperature 1, not the sampling one

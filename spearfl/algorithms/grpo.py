@@ -8,6 +8,8 @@ completions is used for `updates_per_batch` consecutive steps, so from its secon
 new / old policy departs from 1 and the clip acts. Groups whose samples all got the same reward carry
 no signal and are not trained on. Completions are trained on the exact token ids that were sampled.
 Needs no ground truth in the training context: only the verdicts (as rewards), never a hint.
+The old-policy log-probs of the ratio are the sampler's own (`Completion.logprobs`, temperature 1, no
+dropout), recorded while decoding, so no forward pass is spent on recomputing them.
 
 Seeds: prompts come from work.seed("prompts") as in SPEAR, and the G copies of the prompts go to the
 sampler sample-major ([all prompts] x G) with SPEAR's first-attempt seed, so sample 0 of every group
@@ -39,7 +41,6 @@ from spearfl.algorithms.base import (
 from spearfl.losses import token_logprobs
 from spearfl.losses_policy import clipped_fraction, clipped_surrogate_loss, group_advantages, k3_kl
 from spearfl.models import get_adapter_state, set_adapter_state
-from spearfl.scoring_lm import completion_logprobs
 from spearfl.training import CompletionBatch, collate, completion_logits, draw
 
 
@@ -50,7 +51,7 @@ class Rollout:
     prompt: list[int]
     completion: list[int]
     advantage: float
-    old_logprobs: torch.Tensor | None = None  # [len(completion)] float32, CPU
+    old_logprobs: torch.Tensor  # [len(completion)] float32, CPU: the sampler's, without dropout
 
 
 def sample_groups(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list[Rollout], dict]:
@@ -65,8 +66,9 @@ def sample_groups(context: ClientContext, work: ClientRound, examples, prompts) 
     advantages = group_advantages(rewards)  # [P, G]
     informative = (rewards.std(dim=-1) > 0).tolist()  # [P]
     rollouts = [
-        Rollout(prompts[p], completions[g * num_prompts + p].token_ids, float(advantages[p, g]))
-        for p in range(num_prompts) if informative[p] for g in range(group_size)
+        Rollout(prompts[p], sample.token_ids, float(advantages[p, g]), torch.tensor(sample.logprobs))
+        for p in range(num_prompts) if informative[p]
+        for g, sample in ((g, completions[g * num_prompts + p]) for g in range(group_size))
     ]
     first_try_correct = int(rewards[:, 0].sum())
     metrics = {
@@ -85,21 +87,6 @@ def sample_groups(context: ClientContext, work: ClientRound, examples, prompts) 
         "generation_seconds": time.perf_counter() - started - feedback_seconds,
     }
     return rollouts, metrics
-
-
-def record_old_logprobs(context: ClientContext, rollouts: list[Rollout]) -> int:
-    """Store each rollout's token log-probs under the sampling (round-start) policy; returns tokens scored.
-
-    Scored without dropout, as the sampler ran; with LoRA dropout on, the training passes are noisy, so
-    the ratio departs from 1 slightly even on a batch's first step. This pass has no backward pass, so
-    its tokens count as scored_tokens, not trained_tokens.
-    """
-    rows = completion_logprobs(
-        context.model, [r.prompt for r in rollouts], [r.completion for r in rollouts], context.config.generation.batch_size
-    )
-    for rollout, row in zip(rollouts, rows):
-        rollout.old_logprobs = row
-    return sum(len(r.prompt) + len(r.completion) for r in rollouts)
 
 
 def right_aligned_values(batch: CompletionBatch, rows: list[torch.Tensor]) -> torch.Tensor:
@@ -153,13 +140,12 @@ def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     examples = sample_examples(work.examples, context.config.grpo.prompts_per_round, work.seed("prompts"))
     prompts = [context.prompts.task(example) for example in examples]
     rollouts, metrics = sample_groups(context, work, examples, prompts)
-    metrics.update(trained_tokens=0, scored_tokens=0, training_seconds=0.0)
+    metrics.update(trained_tokens=0, training_seconds=0.0)
     if not rollouts:
         # Every group agreed with itself: all advantages are 0, a step would only add noise.
         metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=1)
         return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
     training_started = time.perf_counter()
-    metrics["scored_tokens"] = record_old_logprobs(context, rollouts)
     metrics.update(train(context, work, rollouts))
     metrics["training_seconds"] = time.perf_counter() - training_started
     metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=0)
