@@ -28,6 +28,7 @@ from rich.progress import Progress, track
 
 from spearfl.data.scoring import completion_has_answer
 from spearfl.models import evaluation_mode
+from spearfl.prefix_cache import PrefixCache, prefill_reusing
 from spearfl.scoring_lm import prefill
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -69,11 +70,13 @@ def generate(
     text_prefix: str = "",
     progress: bool | str | Progress = False,
     description: str = "generating",
+    prefixes: PrefixCache | None = None,
 ) -> list[Completion]:
     """Complete each prompt (token ids) once; results in the order of `prompts`.
 
     text_prefix: what the prompt already wrote of the reply (e.g. "Answer:"); the answer-line stop reads it first.
     progress: False, True, a description, or a live rich Progress to add the bar over batches to.
+    prefixes: the states of prompts run earlier under the same adapter, reused and added to (spearfl.prefix_cache).
     """
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"bad sampling settings: {max_new_tokens=} {batch_size=} {temperature=} {top_p=}")
@@ -89,7 +92,7 @@ def generate(
     with evaluation_mode(model):
         for batch in batches:
             generators = [prompt_generator(seed, index) for index in batch]
-            completions = generate_batch(model, tokenizer, [prompts[index] for index in batch], generators, settings)
+            completions = generate_batch(model, tokenizer, [prompts[index] for index in batch], generators, settings, prefixes)
             for index, completion in zip(batch, completions):
                 results[index] = completion
     return results
@@ -116,11 +119,11 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSettings) -> list[Completion]:
+def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSettings, prefixes=None) -> list[Completion]:
     """Decode one batch with a key/value cache, dropping each row from the batch once it finishes."""
     device = next(model.parameters()).device
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
-    attention_mask, logits, cache = prefill_distinct(model, prompts, device)  # [B, P], [B, V]
+    attention_mask, logits, cache = prefill_batch(model, prompts, device, prefixes)  # [B, P], [B, V]
     generated: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
     finished_by: list[str | None] = [None] * len(prompts)
@@ -146,6 +149,19 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
         Completion(token_ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True), finished_by=reason, logprobs=row)
         for ids, reason, row in zip(generated, finished_by, logprobs)
     ]
+
+
+def prefill_batch(model, prompts: list[list[int]], device, prefixes: PrefixCache | None):
+    """Prefill a batch, after whatever prefixes it can reuse; the batch's states join `prefixes` for later prompts."""
+    if prefixes is None:
+        return prefill_distinct(model, prompts, device)
+    reused = [prefixes.longest_prefix(prompt) for prompt in prompts]
+    if any(length for length, _ in reused):
+        attention_mask, logits, cache = prefill_reusing(model, prompts, reused, device)
+    else:
+        attention_mask, logits, cache = prefill_distinct(model, prompts, device)
+    prefixes.store(prompts, attention_mask, cache)
+    return attention_mask, logits, cache
 
 
 def prefill_distinct(model, prompts: list[list[int]], device):

@@ -245,3 +245,25 @@ def test_sampled_ids_come_with_their_log_probabilities(tiny_lora_model, tokenize
     for completion, row in zip(completions, scored):
         assert len(completion.logprobs) == len(completion.token_ids)
         assert torch.allclose(torch.tensor(completion.logprobs), row, atol=1e-4)  # temperature 1, not the sampling one
+
+
+def test_a_prompt_extending_an_earlier_one_runs_only_its_new_tokens_and_samples_the_same(tiny_lora_model, tokenizer):
+    from spearfl.prefix_cache import PrefixCache
+
+    tasks = [[1, 100, 200, 300, 400], [1, 5, 6, 7]]
+    revisions = [tasks[0] + [11, 12, 13], tasks[1] + [21, 22], [1, 100, 200, 55, 56, 57, 58]]  # the last shares 3 tokens
+    settings = dict(temperature=1.0, seed=4, max_new_tokens=5)
+    plain = run(tiny_lora_model, tokenizer, revisions, **settings)
+    prefixes = PrefixCache()
+    run(tiny_lora_model, tokenizer, tasks, prefixes=prefixes, **settings)
+    assert prefixes.num_tokens == sum(len(task) for task in tasks)
+    widths = []
+    hook = tiny_lora_model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        reused = run(tiny_lora_model, tokenizer, revisions, prefixes=prefixes, **settings)
+    finally:
+        hook.remove()
+    assert widths[0] == 4  # the new tokens only: the longest row runs 4 of its 7
+    assert [c.token_ids for c in reused] == [c.token_ids for c in plain]
+    for left, right in zip(reused, plain):
+        assert torch.allclose(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=1e-5)

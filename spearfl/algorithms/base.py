@@ -13,6 +13,7 @@ import torch
 from spearfl.data.schema import Example
 from spearfl.feedback import Feedback, FeedbackProvider
 from spearfl.generation import Completion, generate
+from spearfl.prefix_cache import PrefixCache
 from spearfl.prompts import PromptFormat
 from spearfl.models import trainable_parameters
 from spearfl.seeds import derive_seed
@@ -96,10 +97,16 @@ def sample_examples(examples: list[Example], count: int, seed: int) -> list[Exam
 
 
 def sample_and_judge(
-    context: ClientContext, prompts: list[list[int]], examples: list[Example], seed: int, description: str = "generating"
+    context: ClientContext,
+    prompts: list[list[int]],
+    examples: list[Example],
+    seed: int,
+    description: str = "generating",
+    prefixes: PrefixCache | None = None,
 ) -> tuple[list[Completion], list[Feedback], float]:
     """Sample one completion per prompt with the run's sampling settings and judge each.
 
+    prefixes: states of this round's earlier prompts, for prompts that begin with them (a revision).
     Returns the completions, their feedback and the seconds spent judging.
     """
     settings = context.config.generation
@@ -116,6 +123,7 @@ def sample_and_judge(
         text_prefix=context.prompts.prefix,
         progress=context.progress or False,
         description=description,
+        prefixes=prefixes,
     )
     started = time.perf_counter()
     feedback = [

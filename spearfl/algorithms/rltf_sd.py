@@ -46,6 +46,7 @@ from spearfl.algorithms.base import (
 from spearfl.losses import likelihood_loss, token_logprobs
 from spearfl.losses_policy import baseline_advantages, reinforce_loss
 from spearfl.models import get_adapter_state, set_adapter_state
+from spearfl.prefix_cache import PrefixCache
 from spearfl.training import collate, completion_logits, draw
 
 
@@ -70,15 +71,17 @@ class TwoTurns:
 def collect_turns(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list[TwoTurns], dict]:
     """First attempts, feedback, one revision of every attempt, and both turns' rewards; returns (rollouts, metrics)."""
     started = time.perf_counter()
+    prefixes = PrefixCache()  # each revision prompt begins with its task prompt: its prefill runs only the rest
     first, feedback, feedback_seconds = sample_and_judge(
-        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts"
+        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts", prefixes
     )
+    prefixes.retain(prompts)
     revision_prompts = [
         context.prompts.revision(example, completion.text, verdict.text)
         for example, completion, verdict in zip(examples, first, feedback)
     ]
     revised, revised_feedback, judging = sample_and_judge(
-        context, revision_prompts, examples, work.seed("revision-1"), f"client {work.client_id} revisions"
+        context, revision_prompts, examples, work.seed("revision-1"), f"client {work.client_id} revisions", prefixes
     )
     feedback_seconds += judging
     first_rewards = torch.tensor([float(f.correct) for f in feedback])  # [n]

@@ -31,6 +31,7 @@ from spearfl.algorithms.base import (
 from spearfl.generation import Completion, eos_token_ids
 from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
 from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state
+from spearfl.prefix_cache import PrefixCache
 from spearfl.training import collate, completion_logits, draw
 
 
@@ -81,13 +82,15 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
     """Attempt, judge, revise; return (wins, losses, metrics)."""
     settings = context.config.spear
     started = time.perf_counter()
+    prefixes = PrefixCache()  # a revision prompt begins with its task prompt: its prefill runs only the rest
     first, feedback, feedback_seconds = sample_and_judge(
-        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts"
+        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts", prefixes
     )
     generated = [len(completion.token_ids) for completion in first]
     hints_dropped = sum(f.hint_dropped for f in feedback)
     wins = [Trace(prompt, c.token_ids) for prompt, c, f in zip(prompts, first, feedback) if f.correct]
     pending = [index for index, f in enumerate(feedback) if not f.correct]
+    prefixes.retain([prompts[index] for index in pending])
     latest = {index: (first[index], feedback[index]) for index in pending}
     fixed: set[int] = set()
     for attempt in range(1, settings.num_revisions + 1):
@@ -99,7 +102,7 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
         ]
         revised, revised_feedback, judging = sample_and_judge(
             context, revision_prompts, [examples[index] for index in open_items], work.seed(f"revision-{attempt}"),
-            f"client {work.client_id} revision {attempt}",
+            f"client {work.client_id} revision {attempt}", prefixes,
         )
         feedback_seconds += judging
         hints_dropped += sum(f.hint_dropped for f in revised_feedback)
