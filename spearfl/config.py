@@ -33,6 +33,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     layers: list[int] | None = None
+    checkpoint_activations: bool = False  # recompute LoRA layers' activations in the backward pass: less memory, more time
 
 
 class DataConfig(Section):

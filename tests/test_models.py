@@ -175,3 +175,28 @@ def test_conversion_into_an_empty_cache_gives_the_same_model(default_model, monk
     cached_model, cached_tokenizer = default_model
     assert tokenizer.chat_template == cached_tokenizer.chat_template
     assert torch.equal(model.model.layers[3].mlp.up_proj.weight, cached_model.model.layers[3].mlp.up_proj.weight)
+
+
+def test_checkpointed_lora_layers_give_the_same_gradients(tokenizer):
+    from spearfl.models import checkpoint_lora_layers
+    from spearfl.training import collate, completion_logits
+    from spearfl.losses import likelihood_loss, token_logprobs
+
+    prompts, completions = [[1, 100, 200, 300], [1, 5, 6]], [[7, 8, 9], [10, 11]]
+
+    def gradients(checkpointed: bool):
+        model = attach_lora(build_tiny_model(tokenizer, seed=0), LoraSettings(rank=4, alpha=8, dropout=0.1, layers=[1]), seed=3)
+        if checkpointed:
+            assert checkpoint_lora_layers(model) == 1  # only the layer that has LoRA
+        model.train()
+        calls = []
+        model.base_model.model.model.layers[1].self_attn.register_forward_hook(lambda *args: calls.append(1))
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        batch = collate(prompts, completions, 0, torch.device("cpu"))
+        likelihood_loss(token_logprobs(completion_logits(model, batch), batch.targets), batch.completion_mask).backward()
+        assert len(calls) == (2 if checkpointed else 1)  # the backward pass ran the layer again
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-6) for name in plain)

@@ -27,7 +27,7 @@ from spearfl.data.schema import Example
 from spearfl.data.split import dirichlet_partition, split_pool_heldout
 from spearfl.evaluation import evaluate
 from spearfl.feedback import make_oracle
-from spearfl.models import LoraSettings, attach_lora, get_adapter_state, load_base_model, set_adapter_state
+from spearfl.models import LoraSettings, attach_lora, checkpoint_lora_layers, get_adapter_state, load_base_model, set_adapter_state
 from spearfl.outputs import RunFolder, plot_accuracy, summary_table
 from spearfl.prompts import PromptFormat
 from spearfl.schedule import learning_rate
@@ -124,7 +124,10 @@ def attach_configured_lora(model, config: RunConfig):
         target_modules=tuple(config.lora.target_modules),
         layers=config.lora.layers,
     )
-    return attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
+    peft_model = attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
+    if config.lora.checkpoint_activations:
+        checkpoint_lora_layers(peft_model)
+    return peft_model
 
 
 def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
