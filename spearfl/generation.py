@@ -28,8 +28,8 @@ from rich.progress import Progress, track
 
 from spearfl.data.scoring import completion_has_answer
 from spearfl.models import evaluation_mode
-from spearfl.prefix_cache import PrefixCache, prefill_reusing
-from spearfl.scoring_lm import prefill
+from spearfl.prefix_cache import PrefixCache
+from spearfl.scoring_lm import prefill, prefill_after
 
 FINISH_REASONS = ("eos", "stop", "length")
 NUCLEUS_CANDIDATES = 1024  # tokens searched for the top-p nucleus before falling back to a full sort
@@ -157,7 +157,7 @@ def prefill_batch(model, prompts: list[list[int]], device, prefixes: PrefixCache
         return prefill_distinct(model, prompts, device)
     reused = [prefixes.longest_prefix(prompt) for prompt in prompts]
     if any(length for length, _ in reused):
-        attention_mask, logits, cache = prefill_reusing(model, prompts, reused, device)
+        attention_mask, logits, cache = prefill_after(model, prompts, reused, device)
     else:
         attention_mask, logits, cache = prefill_distinct(model, prompts, device)
     prefixes.store(prompts, attention_mask, cache)

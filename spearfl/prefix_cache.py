@@ -2,13 +2,11 @@
 
 A revision prompt begins with the tokens of its task prompt (the chat only grows: task, answer, feedback),
 and every prompt of a chat model begins with the same system turn. `PrefixCache` keeps, for each prompt a
-client round has prefilled, the keys and values of each layer; `prefill_reusing` then runs only the tokens
-after the longest stored common prefix. Keys and values of a token depend on the tokens before it alone,
+client round has prefilled, the keys and values of each layer; `scoring_lm.prefill_after` then runs only
+the tokens after the longest stored common prefix. Keys and values of a token depend on the tokens before it alone,
 so the result equals a full prefill (up to float rounding, as batching already allows).
 
-Rows of a reusing batch are laid out [padding, reused prefix, padding, new tokens]: every row's last
-prompt token sits in the last column, as decoding expects, and the attention mask and position ids skip
-the padding. The cache lives for one client round; it costs 2 x layers x key/value width x 4 bytes per
+The cache lives for one client round; it costs 2 x layers x key/value width x 4 bytes per
 token (about 46 kB a token for SmolLM2-135M in float32).
 Left out on purpose: eviction (a round's prompts are few) and sharing across rounds (the adapter changes).
 """
@@ -18,9 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from spearfl.scoring_lm import PADDING_ID, left_pad
 
-LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head dim]
+from spearfl.scoring_lm import LayerStates
 
 
 class PrefixCache:
@@ -65,38 +62,3 @@ def common_prefix_length(left, right, limit: int) -> int:
             break
         length += 1
     return length
-
-
-def prefill_reusing(
-    model, prompts: list[list[int]], reused: list[tuple[int, LayerStates | None]], device
-) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
-    """`scoring_lm.prefill` after the reused prefixes (`PrefixCache.longest_prefix` of each prompt, at least one
-    nonempty): returns the attention mask [B, P + S], the last logits [B, V] and the cache."""
-    prefix_length = max(length for length, _ in reused)
-    cache = DynamicCache()
-    first = next(states for length, states in reused if length)
-    for layer, (keys, _) in enumerate(first):
-        heads, _, width = keys.shape
-        layer_keys = keys.new_zeros(len(prompts), heads, prefix_length, width)
-        layer_values = keys.new_zeros(len(prompts), heads, prefix_length, width)
-        for row, (length, states) in enumerate(reused):
-            if length:
-                layer_keys[row, :, prefix_length - length :] = states[layer][0][:, :length]
-                layer_values[row, :, prefix_length - length :] = states[layer][1][:, :length]
-        cache.update(layer_keys.to(device), layer_values.to(device), layer)
-    prefix_mask = torch.zeros(len(prompts), prefix_length, dtype=torch.long)
-    for row, (length, _) in enumerate(reused):
-        prefix_mask[row, prefix_length - length :] = 1
-    suffix_ids, suffix_mask = left_pad([prompt[length:] for prompt, (length, _) in zip(prompts, reused)], PADDING_ID)
-    lengths = torch.tensor([length for length, _ in reused])
-    position_ids = (lengths[:, None] + suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
-    logits = model(
-        input_ids=suffix_ids.to(device),
-        attention_mask=attention_mask,
-        position_ids=position_ids.to(device),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    return attention_mask, logits, cache

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from spearfl.models import evaluation_mode
 
 PADDING_ID = 0  # any id will do: padding is masked out of attention and never a target
+LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head dim]
 
 
 class TokenBatch(NamedTuple):
@@ -52,15 +53,24 @@ def batch_for_training(prompts: list[list[int]], completions: list[list[int]], p
     return TokenBatch(input_ids, attention_mask, completion_mask, position_ids)
 
 
+MIN_SHARED_PREFIX = 8  # shorter common beginnings are not worth a second forward call
+
+
 def completion_token_logits(model, batch: TokenBatch) -> torch.Tensor:
     """Logits predicting each of the last K tokens, K = the longest completion.  -> [B, K, V]
 
-    They line up with `batch.input_ids[:, -K:]` (targets) and `batch.completion_mask[:, -K:]`.
+    They line up with `batch.input_ids[:, -K:]` (targets) and `batch.completion_mask[:, -K:]`. When every row
+    begins with the same tokens (a chat model's system turn), those run once and every row attends to them:
+    the same logits, and through autograd the same gradients, for less work. Not while dropout is active
+    (rows would share one dropout mask over those tokens) or activations are checkpointed (no cache then).
     """
     num_positions = int(batch.completion_mask.sum(-1).max())
     length = batch.input_ids.shape[1]
     # Position t predicts token t + 1, so the logits come from the K positions before the last.
     predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
+    shared = shared_prefix_length(batch)
+    if shared >= MIN_SHARED_PREFIX and not stochastic_or_checkpointed(model):
+        return shared_prefix_logits(model, batch, shared, predicting)
     return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -68,6 +78,56 @@ def completion_token_logits(model, batch: TokenBatch) -> torch.Tensor:
         use_cache=False,
         logits_to_keep=predicting,
     ).logits
+
+
+def shared_prefix_length(batch: TokenBatch) -> int:
+    """Tokens every row begins with, stopping short of each row's last prompt token (it predicts the completion)."""
+    lengths = batch.attention_mask.sum(-1)  # [B]
+    limit = int((lengths - batch.completion_mask.sum(-1)).min()) - 1
+    if limit <= 0:
+        return 0
+    starts = batch.input_ids.shape[1] - lengths  # [B] first real column of each row
+    aligned = batch.input_ids.gather(1, starts[:, None] + torch.arange(limit, device=starts.device))  # [B, limit]
+    differs = (aligned != aligned[:1]).any(0)  # [limit]
+    return int(differs.nonzero()[0]) if differs.any() else limit
+
+
+def stochastic_or_checkpointed(model) -> bool:
+    """Whether a training forward has active dropout or checkpointed layers (which take no cache)."""
+    return model.training and any(
+        (isinstance(module, torch.nn.Dropout) and module.p > 0) or getattr(module, "gradient_checkpointing", False)
+        for module in model.modules()
+    )
+
+
+def shared_prefix_logits(model, batch: TokenBatch, shared: int, predicting: torch.Tensor) -> torch.Tensor:
+    """`completion_token_logits` with the rows' first `shared` tokens run once, as one row, then repeated."""
+    rows, length = batch.input_ids.shape
+    starts = length - batch.attention_mask.sum(-1)  # [B]
+    first = int(starts[0])
+    cache = DynamicCache()
+    model(
+        input_ids=batch.input_ids[:1, first : first + shared],
+        position_ids=torch.arange(shared, device=starts.device)[None],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(rows)
+    # The rest: every column from the earliest row's first unshared token, or from the first predicting
+    # position if that comes earlier; a row's own shared tokens inside it are masked, they are in the cache.
+    rest_start = min(int(starts.min()) + shared, int(predicting[0]))
+    columns = torch.arange(rest_start, length, device=starts.device)  # [R]
+    rest_mask = batch.attention_mask[:, rest_start:] * (columns[None] >= (starts + shared)[:, None])  # [B, R]
+    logits = model(
+        input_ids=batch.input_ids[:, rest_start:],
+        attention_mask=torch.cat([rest_mask.new_ones(rows, shared), rest_mask], dim=-1),
+        position_ids=(columns[None] - starts[:, None]).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=predicting - rest_start,
+    ).logits
+    return logits
 
 
 @torch.no_grad()
@@ -131,10 +191,16 @@ def option_logprobs(
 
 
 def prefill(model, prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
-    """Run left-padded prompts once, keeping their key/value cache.
+    """Run left-padded prompts once, keeping their key/value cache; a beginning all prompts share runs once.
 
     Returns the attention mask [B, P], the logits at each prompt's last position [B, V], and the cache.
     """
+    shared = common_beginning(prompts)
+    if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX:
+        cache = DynamicCache()
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        states = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        return prefill_after(model, prompts, [(shared, states)] * len(prompts), device)
     input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(prompts, PADDING_ID))  # [B, P]
     cache = DynamicCache()
     last_logits = model(
@@ -146,6 +212,55 @@ def prefill(model, prompts: list[list[int]], device) -> tuple[torch.Tensor, torc
         logits_to_keep=1,
     ).logits[:, -1]
     return attention_mask, last_logits, cache
+
+
+def common_beginning(prompts: list[list[int]]) -> int:
+    """Tokens every prompt begins with, leaving each at least its last token to run."""
+    limit = min(len(prompt) for prompt in prompts) - 1
+    for position in range(limit):
+        token = prompts[0][position]
+        if any(prompt[position] != token for prompt in prompts):
+            return position
+    return max(limit, 0)
+
+
+def prefill_after(
+    model, prompts: list[list[int]], reused: list[tuple[int, LayerStates | None]], device
+) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """`prefill` after prefixes already run: `reused[i]` = (tokens of prompt i already run, their LayerStates),
+    at least one nonempty. Returns the attention mask [B, P + S], the last logits [B, V] and the cache.
+
+    Rows are laid out [padding, reused prefix, padding, new tokens]: every row's last prompt token sits in
+    the last column, as decoding expects, and the attention mask and position ids skip the padding.
+    """
+    prefix_length = max(length for length, _ in reused)
+    cache = DynamicCache()
+    first = next(states for length, states in reused if length)
+    for layer, (keys, _) in enumerate(first):
+        heads, _, width = keys.shape
+        layer_keys = keys.new_zeros(len(prompts), heads, prefix_length, width)
+        layer_values = keys.new_zeros(len(prompts), heads, prefix_length, width)
+        for row, (length, states) in enumerate(reused):
+            if length:
+                layer_keys[row, :, prefix_length - length :] = states[layer][0][:, :length]
+                layer_values[row, :, prefix_length - length :] = states[layer][1][:, :length]
+        cache.update(layer_keys.to(device), layer_values.to(device), layer)
+    prefix_mask = torch.zeros(len(prompts), prefix_length, dtype=torch.long)
+    for row, (length, _) in enumerate(reused):
+        prefix_mask[row, prefix_length - length :] = 1
+    suffix_ids, suffix_mask = left_pad([prompt[length:] for prompt, (length, _) in zip(prompts, reused)], PADDING_ID)
+    lengths = torch.tensor([length for length, _ in reused])
+    position_ids = (lengths[:, None] + suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
+    logits = model(
+        input_ids=suffix_ids.to(device),
+        attention_mask=attention_mask,
+        position_ids=position_ids.to(device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    return attention_mask, logits, cache
 
 
 def score_options_batch(model, prompts, options, device) -> list[list[float]]:

@@ -114,3 +114,67 @@ def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokeniz
     for prompt, choices, scores in zip(prompts, options, cached):
         expected = sequence_logprob(tiny_model, [prompt] * len(choices), choices, batch_size=1)
         assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+SYSTEM = list(range(300, 312))  # 12 tokens every prompt begins with, like a chat model's system turn
+
+
+@pytest.mark.parametrize(
+    "prompts, completions",
+    [
+        ([SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM + [9, 10, 11, 12, 13]], [[20, 21], [22, 23, 24, 25], [26]]),
+        ([SYSTEM + [5], SYSTEM + [5]], [[20, 21, 22], [23]]),  # one prompt twice: the shared part stops before its last token
+    ],
+)
+def test_a_shared_beginning_runs_once_with_the_same_logits_and_gradients(tokenizer, monkeypatch, prompts, completions):
+    import spearfl.scoring_lm as scoring_lm
+    from helpers import tiny_lora_model as build
+
+    tiny_lora_model = build(tokenizer, dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in tiny_lora_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))  # B = 0 would hide the A gradients
+
+    batch = batch_for_training(prompts, completions, 0)
+    assert scoring_lm.shared_prefix_length(batch) == (12 if prompts[0] != prompts[1] else len(prompts[0]) - 1)
+    tiny_lora_model.train()
+    widths = []
+    hook = tiny_lora_model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+
+    def logits_and_gradients():
+        torch.manual_seed(0)
+        logits = completion_token_logits(tiny_lora_model, batch)
+        (logits.float().logsumexp(-1) * batch.completion_mask[:, -logits.shape[1]:]).sum().backward()
+        gradients = {name: p.grad.clone() for name, p in tiny_lora_model.named_parameters() if p.grad is not None}
+        tiny_lora_model.zero_grad(set_to_none=True)
+        return logits.detach(), gradients
+
+    shared_logits, shared_gradients = logits_and_gradients()
+    hook.remove()
+    assert widths[0][0] == 1  # the shared beginning ran as one row
+    monkeypatch.setattr(scoring_lm, "MIN_SHARED_PREFIX", 10**6)
+    plain_logits, plain_gradients = logits_and_gradients()
+    mask = batch.completion_mask[:, -plain_logits.shape[1]:]
+    assert torch.allclose(shared_logits[mask], plain_logits[mask], atol=1e-5)
+    assert shared_gradients.keys() == plain_gradients.keys()
+    assert all(torch.allclose(shared_gradients[name], plain_gradients[name], atol=1e-5) for name in plain_gradients)
+
+
+def test_a_prefill_runs_a_shared_beginning_once_with_the_same_results(tiny_model, monkeypatch):
+    import spearfl.scoring_lm as scoring_lm
+    from spearfl.generation import decode_step
+
+    prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM + [9, 10, 11, 12, 13]]
+    device = torch.device("cpu")
+
+    def prefill_then_step():
+        with torch.no_grad():
+            mask, logits, cache = scoring_lm.prefill(tiny_model, prompts, device)
+            _, next_logits = decode_step(tiny_model, logits.argmax(-1), mask, cache)
+        return logits, next_logits
+
+    shared = prefill_then_step()
+    monkeypatch.setattr(scoring_lm, "MIN_SHARED_PREFIX", 10**6)
+    plain = prefill_then_step()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, plain))
