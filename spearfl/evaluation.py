@@ -14,15 +14,18 @@ from collections import Counter
 
 from spearfl.data.schema import Example
 from spearfl.data.scoring import is_correct, parse_answer
-from spearfl.generation import generate
+from spearfl.generation import generate, with_progress
+from spearfl.prefix_cache import PrefixCache
 from spearfl.prompts import PromptFormat
 from spearfl.scoring_lm import option_logprobs
 
 
-def loglik_predictions(model, prompt_format: PromptFormat, examples: list[Example], prompts: list[list[int]], batch_size: int) -> list[int]:
+def loglik_predictions(
+    model, prompt_format: PromptFormat, examples: list[Example], prompts: list[list[int]], batch_size: int, prefixes=None
+) -> list[int]:
     """Index of the option whose answer line is most likely, for each multiple-choice example."""
     options = [[prompt_format.option_completion(label) for label in example.labels] for example in examples]
-    scores = option_logprobs(model, prompts, options, batch_size=batch_size)
+    scores = option_logprobs(model, prompts, options, batch_size=batch_size, prefixes=prefixes)
     return [max(range(len(row)), key=row.__getitem__) for row in scores]
 
 
@@ -52,29 +55,56 @@ def share_key_function(examples: list[Example]):
     return lambda example, label: label
 
 
+EVALUATION_CHUNK_BATCHES = 4  # batches scored, then generated, at a time: their prompt states are kept in between
+
+
 def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settings, progress=False) -> dict:
     """Held-out metrics for the model's current adapter.  settings: spearfl.config.EvalConfig.
 
-    progress: False, True, or a live rich Progress to show the generation bar on.
+    Examples go in chunks; within one, generation reuses the prompt states of the option scoring, so each
+    prompt runs once. progress: False, True, or a live rich Progress to show a bar over the chunks on.
     """
     model.eval()
-    prompts = [prompt_format.task(example) for example in examples]
-    metrics: dict = {"num_examples": len(examples)}
-    multiple_choice = [index for index, example in enumerate(examples) if example.is_multiple_choice]
-    if "loglik" in settings.methods and multiple_choice:
-        chosen = [examples[index] for index in multiple_choice]
-        predictions = loglik_predictions(model, prompt_format, chosen, [prompts[index] for index in multiple_choice], settings.batch_size)
-        metrics["loglik_accuracy"] = sum(p == e.gold for p, e in zip(predictions, chosen)) / len(chosen)
-        keys = share_key_function(chosen)
-        shares = Counter(keys(chosen[i], chosen[i].labels[p]) for i, p in enumerate(predictions))
-        metrics["loglik_answer_share"] = {label: count / len(chosen) for label, count in sorted(shares.items())}
-    if "generate" in settings.methods:
-        completions = generate(
-            model, prompt_format.tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0,
-            top_p=1.0, seed=0, batch_size=settings.batch_size, text_prefix=prompt_format.prefix,
-            progress=progress, description="held-out generation",
-        )
-        answers = [prompt_format.answer_text(completion.text) for completion in completions]
-        metrics.update(generation_metrics(examples, answers))
-        metrics["mean_completion_tokens"] = sum(len(c.token_ids) for c in completions) / len(completions)
+    chunk = EVALUATION_CHUNK_BATCHES * settings.batch_size
+    starts = list(range(0, len(examples), chunk))
+    predictions: list[int | None] = []
+    completions = []
+    for start in with_progress(starts, progress, "held-out evaluation"):
+        part = examples[start : start + chunk]
+        prompts = [prompt_format.task(example) for example in part]
+        prefixes = PrefixCache()
+        scored = [index for index, example in enumerate(part) if example.is_multiple_choice] if "loglik" in settings.methods else []
+        chosen = loglik_predictions(
+            model, prompt_format, [part[i] for i in scored], [prompts[i] for i in scored], settings.batch_size, prefixes
+        ) if scored else []
+        by_index = dict(zip(scored, chosen))
+        predictions += [by_index.get(index) for index in range(len(part))]
+        if "generate" in settings.methods:
+            completions += generate(
+                model, prompt_format.tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0,
+                top_p=1.0, seed=0, batch_size=settings.batch_size, text_prefix=prompt_format.prefix, prefixes=prefixes,
+            )
+    return {"num_examples": len(examples)} | loglik_metrics(examples, predictions) | completion_metrics(prompt_format, examples, completions)
+
+
+def loglik_metrics(examples: list[Example], predictions: list[int | None]) -> dict:
+    """Option log-likelihood accuracy and the share of each predicted option, over the multiple-choice examples."""
+    chosen = [(example, prediction) for example, prediction in zip(examples, predictions) if prediction is not None]
+    if not chosen:
+        return {}
+    keys = share_key_function([example for example, _ in chosen])
+    shares = Counter(keys(example, example.labels[prediction]) for example, prediction in chosen)
+    return {
+        "loglik_accuracy": sum(prediction == example.gold for example, prediction in chosen) / len(chosen),
+        "loglik_answer_share": {label: count / len(chosen) for label, count in sorted(shares.items())},
+    }
+
+
+def completion_metrics(prompt_format: PromptFormat, examples: list[Example], completions) -> dict:
+    """Metrics of the greedy answers, if any were generated."""
+    if not completions:
+        return {}
+    answers = [prompt_format.answer_text(completion.text) for completion in completions]
+    metrics = generation_metrics(examples, answers)
+    metrics["mean_completion_tokens"] = sum(len(c.token_ids) for c in completions) / len(completions)
     return metrics

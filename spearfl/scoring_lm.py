@@ -9,10 +9,13 @@ ids (what `generate` returned, or an option's encoding), never re-tokenised text
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from spearfl.prefix_cache import PrefixCache
 
 from spearfl.models import evaluation_mode
 
@@ -171,12 +174,13 @@ def sequence_logprob(model, prompts: list[list[int]], completions: list[list[int
 
 @torch.no_grad()
 def option_logprobs(
-    model, prompts: list[list[int]], options: list[list[list[int]]], batch_size: int
+    model, prompts: list[list[int]], options: list[list[list[int]]], batch_size: int, prefixes: PrefixCache | None = None
 ) -> list[list[float]]:
     """Total log-probability of each option's ids after its prompt: options[i][j] scored after prompts[i].
 
     Each prompt runs once; its key/value cache is copied to every option row, so an n-option question
-    costs one prompt plus n short continuations instead of n full sequences.
+    costs one prompt plus n short continuations instead of n full sequences. The prompts' states join
+    `prefixes`, if given, for a later generation from the same prompts.
     """
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
@@ -184,7 +188,7 @@ def option_logprobs(
     with evaluation_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            scores = score_options_batch(model, [prompts[i] for i in rows], [options[i] for i in rows], device)
+            scores = score_options_batch(model, [prompts[i] for i in rows], [options[i] for i in rows], device, prefixes)
             for index, row_scores in zip(rows, scores):
                 totals[index] = row_scores
     return totals
@@ -263,9 +267,11 @@ def prefill_after(
     return attention_mask, logits, cache
 
 
-def score_options_batch(model, prompts, options, device) -> list[list[float]]:
+def score_options_batch(model, prompts, options, device, prefixes=None) -> list[list[float]]:
     """One batch of `option_logprobs`: prompts left-padded, options right-padded after the cached prompts."""
     attention_mask, last_logits, cache = prefill(model, prompts, device)
+    if prefixes is not None:
+        prefixes.store(prompts, attention_mask, cache)
     last_logits = last_logits.float()  # [B, V]
     owners = torch.tensor([i for i, choices in enumerate(options) for _ in choices], device=device)  # [R]
     flat = [choice for choices in options for choice in choices]

@@ -63,7 +63,7 @@ def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
     chosen = {"a": "A", "b": "E", "c": "A"}
     rows = []
 
-    def scripted_option_logprobs(model, row_prompts, row_options, batch_size):
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
         scores = []
         for prompt, options in zip(row_prompts, row_options):
             example = examples[prompts.index(prompt)]
@@ -106,9 +106,9 @@ def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monk
         seen["generate"].append((prompts, settings))
         return generate(model_, tokenizer_, prompts, **settings)
 
-    def spy_option_logprobs(model_, prompts, options, batch_size):
+    def spy_option_logprobs(model_, prompts, options, batch_size, prefixes=None):
         seen["loglik"].append(prompts)
-        return option_logprobs(model_, prompts, options, batch_size)
+        return option_logprobs(model_, prompts, options, batch_size, prefixes)
 
     monkeypatch.setattr(evaluation, "generate", spy_generate)
     monkeypatch.setattr(evaluation, "option_logprobs", spy_option_logprobs)
@@ -140,7 +140,7 @@ def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeyp
         assert settings["text_prefix"] == "Answer:"
         return [completion_from_text(tokenizer, answers[prompts[tuple(prompt)]]) for prompt in prompts_]
 
-    def scripted_option_logprobs(model, row_prompts, row_options, batch_size):
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
         # Every example's first option is the most likely: right for "a" (gold index 0) only.
         return [[0.0 if c == prompt_format.option_completion("A") else -1.0 for c in options] for options in row_options]
 
@@ -164,3 +164,26 @@ def test_answer_shares_group_varied_option_texts_by_position():
     assert metrics["answer_share"] == {"option 1": 1.0}
     yes_no = [Example(uid=f"y/{i}", question="?", options=("Yes", "No"), gold=i % 2, label_style="text") for i in range(2)]
     assert generation_metrics(yes_no, ["Answer: Yes", "Answer: No"])["answer_share"] == {"No": 0.5, "Yes": 0.5}
+
+
+def test_generation_reuses_the_prompts_the_option_scoring_ran(tokenizer, monkeypatch):
+    model = tiny_lora_model(tokenizer, seed=5)
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters(str(index), 3, index % 3) for index in range(6)]
+    settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
+    prefill_widths = []
+
+    def spy_generate(model_, tokenizer_, prompts, **sampling):
+        hook = model_.register_forward_pre_hook(lambda module, args, kwargs: prefill_widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        try:
+            return generate(model_, tokenizer_, prompts, **sampling)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(evaluation, "generate", spy_generate)
+    reused = evaluate(model, prompt_format, examples, settings)
+    assert set(prefill_widths) == {1}  # every prompt was run by the scoring: generation feeds one token at a time
+    prompts = [prompt_format.task(example) for example in examples]
+    generated = generate(model, tokenizer, prompts, max_new_tokens=3, temperature=0.0, top_p=1.0, seed=0, batch_size=4)
+    assert reused["mean_completion_tokens"] == sum(len(c.token_ids) for c in generated) / len(generated)
+    assert reused["accuracy"] == generation_metrics(examples, [c.text for c in generated])["accuracy"]
