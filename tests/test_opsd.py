@@ -95,7 +95,7 @@ def test_no_evaluation_prompt_holds_privileged_material(tokenizer, monkeypatch):
         seen.extend(prompts)
         return [Completion([], "", "eos") for _ in prompts]
 
-    def fake_option_logprobs(model, prompts, options, batch_size):
+    def fake_option_logprobs(model, prompts, options, batch_size, prefixes=None):
         seen.extend(prompts)
         return [[0.0] * len(row) for row in options]
 
