@@ -266,6 +266,35 @@ def summarise_rounds(runs: list[dict]) -> dict:
     return {key: spread([run[key] for run in runs]) for key in keys}
 
 
+def profile_rounds(context: ClientContext, examples, top: int = 20) -> dict:
+    """One SPEAR and one GRPO round (same prompts, same global adapter) under torch.profiler: for each, the
+    operators that took the most time of their own, and the full table as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    global_state = get_adapter_state(context.model)
+    contexts = {"spear": context, "grpo": dataclasses.replace(context, config=grpo_config(context.config))}
+    work = ClientRound(0, 1, examples, global_state, context.config.optimizer.lr, context.config.seed)
+    profiles = {}
+    for algorithm, algorithm_context in contexts.items():
+        set_adapter_state(context.model, global_state)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            started = time.perf_counter()
+            ALGORITHMS[algorithm](algorithm_context, work)
+            seconds = time.perf_counter() - started
+        events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+        profiles[algorithm] = {
+            "seconds": seconds,
+            "top_operators": [
+                {"name": event.key, "calls": event.count, "self_seconds": event.self_cpu_time_total / 1e6,
+                 "self_share": event.self_cpu_time_total / 1e6 / seconds}
+                for event in events[:top]
+            ],
+            "table": profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top),
+        }
+    set_adapter_state(context.model, global_state)
+    return profiles
+
+
 # ------------------------------------------------------------------------------------------- memory
 
 

@@ -223,14 +223,17 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="Repeats of each throughput measurement.")] = 5,
     round_repeats: Annotated[int, typer.Option(min=1, help="SPEAR and GRPO client rounds to measure (each on other prompts).")] = 3,
     output: Annotated[Path, typer.Option(help="Where to write the report as JSON.")] = Path("runs/bench.json"),
+    profile: Annotated[
+        bool, typer.Option("--profile", help="Also profile one SPEAR and one GRPO round with torch.profiler (operators by own time; in the JSON and beside it as .txt).")
+    ] = False,
 ) -> None:
     """Measure this machine's matmul ceiling, the model's prefill, decode and LoRA training speed against it,
     a SPEAR and a GRPO client round on the same prompts, upload sizes and peak memory; print and save them."""
-    from spearfl.bench import BenchSettings, report_tables, resident_mb, run_bench
+    from spearfl.bench import BenchSettings, profile_rounds, report_tables, resident_mb, run_bench
 
     baseline = resident_mb()
     config = load_or_fail(config_path, set_)
-    from spearfl.io import atomic_write_json
+    from spearfl.io import atomic_write_json, atomic_write_text
     from spearfl.runtime.server import build_context, prepare_data
 
     context = build_context(config)
@@ -241,6 +244,13 @@ def bench(
     report["config"] = str(config_path) if config_path else "(defaults)"
     for table in report_tables(report):
         console.print(table)
+    if profile:
+        with console.status("profiling a SPEAR and a GRPO round"):
+            profiles = profile_rounds(context, examples)
+        text = "\n\n".join(f"{algorithm}: one client round, {entry['seconds']:.2f} s\n{entry.pop('table')}" for algorithm, entry in profiles.items())
+        report["profile"] = profiles
+        atomic_write_text(output.with_suffix(".profile.txt"), text)
+        console.print(text)
     atomic_write_json(output, report)
     console.print(f"report: {output}")
 

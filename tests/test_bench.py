@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import end_to_end_assets, run_config_text, single_thread
-from spearfl.bench import BenchSettings, count_model_flops, report_tables, run_bench, targets
+from spearfl.bench import BenchSettings, count_model_flops, profile_rounds, report_tables, run_bench, targets
 from spearfl.config import load_config
 from spearfl.runtime.server import build_context, prepare_data
 
@@ -61,3 +61,15 @@ def test_targets_say_whether_each_holds():
     }
     met = [target["met"] for target in targets(fake)]
     assert met == [True, False, True, True, True, False]
+
+
+def test_the_profile_names_the_operators_of_both_rounds(report):
+    _, context = report
+    with single_thread():
+        profiles = profile_rounds(context, prepare_data(context.config).clients[0], top=5)
+    assert profiles.keys() == {"spear", "grpo"}
+    for entry in profiles.values():
+        operators = entry["top_operators"]
+        assert 0 < len(operators) <= 5 and "Self CPU" in entry["table"]
+        assert all(a["self_seconds"] >= b["self_seconds"] for a, b in zip(operators, operators[1:]))
+        assert 0 < sum(op["self_share"] for op in operators) <= 1.05  # own times of distinct operators within the round
