@@ -122,3 +122,15 @@ def test_eval_scores_a_saved_adapter(cli_run):
     assert "accuracy" in output and f"{after['accuracy']:.4f}" in output
     result, output = invoke("eval", config_path, "--adapter", folder / "no_such_adapter.safetensors")
     assert result.exit_code != 0 and "not found" in output
+
+
+def test_bench_writes_its_report_and_profile(tmp_path):
+    assets = end_to_end_assets()
+    config_path = write_run_config(assets, tmp_path / "bench.yaml", tmp_path / "unused")
+    output = tmp_path / "bench.json"
+    result, text = invoke("bench", config_path, "--repeats", "1", "--round-repeats", "1", "--profile", "--output", output)
+    assert result.exit_code == 0, text
+    report = json.loads(output.read_text())
+    assert {"targets", "rounds", "profile"} <= report.keys() and report["profile"].keys() == {"spear", "grpo"}
+    assert "table" not in report["profile"]["spear"]  # the tables go to the text file
+    assert "Self CPU" in (tmp_path / "bench.profile.txt").read_text() and "SPEAR / GRPO" in text
