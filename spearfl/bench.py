@@ -418,7 +418,7 @@ def _figure(value: dict, scale: float = 1.0, decimals: int = 1) -> str:
 def report_tables(report: dict) -> list[Table]:
     """The report for the terminal: ceiling and model throughput, client rounds, upload and memory, targets."""
     model, rounds = report["model"], report["rounds"]
-    throughput = Table(title="throughput: median [lowest-highest] over repeats; fractions of the float32 matmul ceiling")
+    throughput = Table(title="throughput: median \\[lowest-highest] over repeats; fractions of the float32 matmul ceiling")
     for column in ("measure", "figure", "mfu (2N/6N per token)", "counted FLOPs"):
         throughput.add_column(column, justify="left" if column == "measure" else "right")
     for ceiling in model["ceiling"]:
@@ -428,7 +428,7 @@ def report_tables(report: dict) -> list[Table]:
     rows.append((f"LoRA training, {model['training']['rows']} rows", model["training"]))
     for name, row in rows:
         throughput.add_row(name, _figure(row["tokens_per_s"]) + " tokens/s", f"{row['mfu']:.1%}", f"{row['counted_fraction']:.1%}")
-    client = Table(title=f"one client round, same prompts: median [lowest-highest] of {rounds['spear']['seconds']['repeats']}")
+    client = Table(title=f"one client round, same prompts: median \\[lowest-highest] of {rounds['spear']['seconds']['repeats']}")
     for column in ("", "SPEAR", "GRPO (G = 4)", "SPEAR / GRPO"):
         client.add_column(column, justify="left" if not column else "right")
     ratios = rounds["spear_over_grpo"]
