@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import end_to_end_assets, run_config_text, single_thread
-from spearfl.bench import BenchSettings, count_model_flops, profile_rounds, report_tables, run_bench, targets
+from spearfl.bench import BenchSettings, count_model_flops, measure_rounds, profile_rounds, report_tables, run_bench, targets
 from spearfl.config import load_config
 from spearfl.runtime.server import build_context, prepare_data
 
@@ -73,3 +73,16 @@ def test_the_profile_names_the_operators_of_both_rounds(report):
         assert 0 < len(operators) <= 5 and "Self CPU" in entry["table"]
         assert all(a["self_seconds"] >= b["self_seconds"] for a, b in zip(operators, operators[1:]))
         assert 0 < sum(op["self_share"] for op in operators) <= 1.05  # own times of distinct operators within the round
+
+
+def test_a_ratio_with_nothing_to_divide_by_is_left_out(report, monkeypatch):
+    _, context = report
+
+    def fake_round(algorithm_context, algorithm, work):
+        trained = 0.0 if algorithm == "grpo" else 1.5  # GRPO's groups all scored alike: nothing to train
+        return {"seconds": 2.0 + trained, "generation_seconds": 2.0, "training_seconds": trained, "generated_tokens": 10}
+
+    monkeypatch.setattr("spearfl.bench.measure_round", fake_round)
+    rounds = measure_rounds(context, prepare_data(context.config).clients[0], repeats=2)
+    assert "training_seconds" not in rounds["spear_over_grpo"]
+    assert rounds["spear_over_grpo"]["seconds"]["median"] == 3.5 / 2.0
