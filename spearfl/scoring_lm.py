@@ -71,8 +71,8 @@ def completion_token_logits(model, batch: TokenBatch) -> torch.Tensor:
     length = batch.input_ids.shape[1]
     # Position t predicts token t + 1, so the logits come from the K positions before the last.
     predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
-    shared = shared_prefix_length(batch)
-    if shared >= MIN_SHARED_PREFIX and not stochastic_or_checkpointed(model):
+    shared = training_shared_length(model, batch)
+    if shared:
         return shared_prefix_logits(model, batch, shared, predicting)
     return model(
         input_ids=batch.input_ids,
@@ -86,13 +86,16 @@ def completion_token_logits(model, batch: TokenBatch) -> torch.Tensor:
 def shared_prefix_length(batch: TokenBatch) -> int:
     """Tokens every row begins with, stopping short of each row's last prompt token (it predicts the completion)."""
     lengths = batch.attention_mask.sum(-1)  # [B]
-    limit = int((lengths - batch.completion_mask.sum(-1)).min()) - 1
-    if limit <= 0:
-        return 0
     starts = batch.input_ids.shape[1] - lengths  # [B] first real column of each row
-    aligned = batch.input_ids.gather(1, starts[:, None] + torch.arange(limit, device=starts.device))  # [B, limit]
-    differs = (aligned != aligned[:1]).any(0)  # [limit]
-    return int(differs.nonzero()[0]) if differs.any() else limit
+    prompt_lengths = lengths - batch.completion_mask.sum(-1)  # [B]
+    prompts = [row[start : start + length].tolist() for row, start, length in zip(batch.input_ids, starts, prompt_lengths)]
+    return common_beginning(prompts)
+
+
+def training_shared_length(model, batch: TokenBatch) -> int:
+    """Tokens `completion_token_logits` runs once for all rows (0: none, each row runs whole)."""
+    shared = shared_prefix_length(batch)
+    return shared if shared >= MIN_SHARED_PREFIX and not stochastic_or_checkpointed(model) else 0
 
 
 def stochastic_or_checkpointed(model) -> bool:
@@ -199,8 +202,8 @@ def prefill(model, prompts: list[list[int]], device) -> tuple[torch.Tensor, torc
 
     Returns the attention mask [B, P], the logits at each prompt's last position [B, V], and the cache.
     """
-    shared = common_beginning(prompts)
-    if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX:
+    shared = prefill_shared_length(prompts)
+    if shared:
         cache = DynamicCache()
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
         states = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
@@ -216,6 +219,12 @@ def prefill(model, prompts: list[list[int]], device) -> tuple[torch.Tensor, torc
         logits_to_keep=1,
     ).logits[:, -1]
     return attention_mask, last_logits, cache
+
+
+def prefill_shared_length(prompts: list[list[int]]) -> int:
+    """Tokens `prefill` runs once for all prompts (0: none, each prompt runs whole)."""
+    shared = common_beginning(prompts)
+    return shared if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX else 0
 
 
 def common_beginning(prompts: list[list[int]]) -> int:
