@@ -13,7 +13,8 @@ token for training, N = all parameters. `counted_fraction` counts the matmuls th
 decoder's linear layers, the vocabulary projection only where logits are computed, LoRA's factors, and
 for training a backward pass that computes input gradients only down to the lowest LoRA layer and weight
 gradients only for LoRA (the base model is frozen, so the convention's 6 x N overstates the work).
-Attention's score and value products (a few % at these lengths) are left out of both.
+Both count a beginning every row shares (a chat model's system turn) once, as it runs; tokens/s counts
+every row's tokens. Attention's score and value products (a few % at these lengths) are left out of both.
 Every figure is the median over repeats, with the lowest and highest; ratios pair repeats of one run.
 """
 
@@ -38,7 +39,7 @@ from spearfl.generation import decode_step
 from spearfl.losses import likelihood_loss, token_logprobs
 from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state
 from spearfl.runtime.client import wire_array
-from spearfl.scoring_lm import prefill
+from spearfl.scoring_lm import prefill, prefill_shared_length, training_shared_length
 from spearfl.training import collate, completion_logits
 from spearfl.transport import UPLOAD_DTYPES, encode_upload, payload_bytes
 
@@ -124,8 +125,8 @@ class ModelFlops:
 
 
 def count_model_flops(peft_model) -> ModelFlops:
-    lora_names = set(lora_parameters(peft_model))
-    lora = sum(p.numel() for p in lora_parameters(peft_model).values())
+    adapter = lora_parameters(peft_model)
+    lora_names, lora = set(adapter), sum(p.numel() for p in adapter.values())
     per_layer: dict[int, int] = {}
     projection = 0
     for name, module in peft_model.named_modules():
@@ -160,12 +161,19 @@ def utilisation(tokens_per_s: dict, flops_per_token: float, convention_per_token
 
 
 def measure_prefill(context: ClientContext, prompts: list[list[int]], flops: ModelFlops, ceiling: float, repeats: int) -> dict:
-    """Prompts through the model once, keeping the cache and the last position's logits (as generation does)."""
+    """Prompts through the model once, keeping the cache and the last position's logits (as generation does).
+
+    tokens/s counts prompt tokens; the FLOP fractions count only the tokens that run (a beginning every
+    prompt shares runs once)."""
     model, tokens = context.model, sum(len(p) for p in prompts)
+    tokens_run = tokens - (len(prompts) - 1) * prefill_shared_length(prompts)
     with torch.inference_mode():
         seconds = timed(lambda: prefill(model, prompts, context.device), repeats)
-    result = utilisation(per_second(tokens, seconds), flops.forward(tokens, len(prompts)) / tokens, 2 * flops.all_parameters, ceiling)
-    return result | {"prompts": len(prompts), "tokens": tokens}
+    run_share = tokens_run / tokens
+    result = utilisation(
+        per_second(tokens, seconds), flops.forward(tokens_run, len(prompts)) / tokens, 2 * flops.all_parameters * run_share, ceiling
+    )
+    return result | {"prompts": len(prompts), "tokens": tokens, "tokens_run": tokens_run}
 
 
 def measure_decode(context: ClientContext, prompt: list[int], batch_size: int, steps: int, flops: ModelFlops, ceiling: float, repeats: int) -> dict:
@@ -200,12 +208,16 @@ def measure_training(context: ClientContext, prompts: list[list[int]], completio
 
     model.train()
     try:
+        shared = training_shared_length(model, batch.tokens)
         seconds = timed(forward_backward, repeats)
     finally:
         model.eval()
     tokens = batch.num_tokens
-    result = utilisation(per_second(tokens, seconds), flops.training(tokens, logit_positions) / tokens, 6 * flops.all_parameters, ceiling)
-    return result | {"rows": len(prompts), "tokens": tokens, "padded_tokens": int(batch.tokens.input_ids.numel())}
+    tokens_run = tokens - (len(prompts) - 1) * shared  # tokens/s counts every row's; the FLOP fractions what runs
+    result = utilisation(
+        per_second(tokens, seconds), flops.training(tokens_run, logit_positions) / tokens, 6 * flops.all_parameters * tokens_run / tokens, ceiling
+    )
+    return result | {"rows": len(prompts), "tokens": tokens, "tokens_run": tokens_run, "padded_tokens": int(batch.tokens.input_ids.numel())}
 
 
 # ------------------------------------------------------------------------------------------- client rounds
@@ -241,10 +253,15 @@ def grpo_config(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"grpo": grpo})
 
 
+def compared_contexts(context: ClientContext) -> dict[str, ClientContext]:
+    """The two client updates the bench compares, on one model: SPEAR as configured, GRPO with G = 4."""
+    return {"spear": context, "grpo": dataclasses.replace(context, config=grpo_config(context.config))}
+
+
 def measure_rounds(context: ClientContext, examples, repeats: int) -> dict:
     """SPEAR and GRPO rounds on the same prompts (same round and client seeds), from the same global adapter."""
     global_state = get_adapter_state(context.model)
-    contexts = {"spear": context, "grpo": dataclasses.replace(context, config=grpo_config(context.config))}
+    contexts = compared_contexts(context)
     rounds: dict[str, list[dict]] = {"spear": [], "grpo": []}
     for repeat in range(repeats):
         work = ClientRound(0, repeat + 1, examples, global_state, context.config.optimizer.lr, context.config.seed)
@@ -274,7 +291,7 @@ def profile_rounds(context: ClientContext, examples, top: int = 20) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     global_state = get_adapter_state(context.model)
-    contexts = {"spear": context, "grpo": dataclasses.replace(context, config=grpo_config(context.config))}
+    contexts = compared_contexts(context)
     work = ClientRound(0, 1, examples, global_state, context.config.optimizer.lr, context.config.seed)
     profiles = {}
     for algorithm, algorithm_context in contexts.items():

@@ -86,3 +86,20 @@ def test_a_ratio_with_nothing_to_divide_by_is_left_out(report, monkeypatch):
     rounds = measure_rounds(context, prepare_data(context.config).clients[0], repeats=2)
     assert "training_seconds" not in rounds["spear_over_grpo"]
     assert rounds["spear_over_grpo"]["seconds"]["median"] == 3.5 / 2.0
+
+
+def test_a_shared_beginning_counts_once_in_the_flop_fractions(report):
+    _, context = report
+    from spearfl.bench import measure_prefill
+
+    flops = count_model_flops(context.model)
+    beginning = list(range(5, 15))  # 10 tokens every prompt starts with: prefill runs them once
+    shared = [beginning + [20 + i, 30 + i] for i in range(3)]
+    distinct = [[40 + i] + beginning + [20 + i, 30 + i] for i in range(3)]  # same lengths, nothing shared
+    with single_thread():
+        together, apart = (measure_prefill(context, prompts, flops, ceiling=1e9, repeats=1) for prompts in (shared, distinct))
+    assert together["tokens"] == 36 and together["tokens_run"] == 36 - 2 * 10
+    assert apart["tokens"] == apart["tokens_run"] == 39
+    per_token_counted = together["counted_fraction"] / together["tokens_per_s"]["median"]
+    assert per_token_counted == pytest.approx(flops.forward(16, 3) / 36 / 1e9)
+    assert together["mfu"] / together["tokens_per_s"]["median"] == pytest.approx(2 * flops.all_parameters * 16 / 36 / 1e9)
