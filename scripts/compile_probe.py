@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from spearfl.generation import decode_step
-from spearfl.models import load_base_model
-from spearfl.scoring_lm import prefill
+from spearfl.lm.generation import decode_step
+from spearfl.lm.models import load_base_model
+from spearfl.lm.forward import prefill
 
 STEPS = 12
 

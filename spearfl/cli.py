@@ -33,7 +33,7 @@ SetOption = Annotated[
 @app.callback()
 def main() -> None:
     """Quiet the libraries' own progress bars and deprecation notes; spearfl shows its own progress."""
-    from spearfl.models import quiet_library_output
+    from spearfl.lm.models import quiet_library_output
 
     quiet_library_output()
 
@@ -46,7 +46,7 @@ def fail(message: str) -> None:
 def load_or_fail(config_path: Optional[Path], overrides: Optional[list[str]]):
     try:
         config = load_config(config_path, overrides or [])
-        from spearfl.checks import check_config
+        from spearfl.runtime.setup import check_config
 
         check_config(config)
         return config
@@ -94,9 +94,13 @@ def compare(
 ) -> None:
     """Run every (algorithm, seed) pair on one config, resuming unfinished ones, then tabulate and plot them."""
     config = load_or_fail(config_path, set_)
-    from spearfl.compare import compare as run_comparison
-    from spearfl.compare import comparison_table, default_output_dir, parse_algorithms
     from spearfl.runtime.server import RunConflict
+    from spearfl.tools.compare import compare as run_comparison
+    from spearfl.tools.compare import (
+        comparison_table,
+        default_output_dir,
+        parse_algorithms,
+    )
 
     try:
         names = parse_algorithms(algorithms)
@@ -118,10 +122,10 @@ def evaluate_command(
 ) -> None:
     """Evaluate the base model, or an adapter, on the config's held-out set."""
     config = load_or_fail(config_path, set_)
-    from spearfl.evaluation import evaluate
     from spearfl.io import load_tensors
-    from spearfl.models import set_adapter_state
-    from spearfl.runtime.server import build_context, prepare_data
+    from spearfl.lm.models import set_adapter_state
+    from spearfl.runtime.evaluation import evaluate
+    from spearfl.runtime.setup import build_context, prepare_data
 
     federation = prepare_data(config)
     context = build_context(config)
@@ -149,7 +153,7 @@ def data(
     """List datasets: source, licence, sizes of the client pool and held-out split, hint leak rates."""
     from spearfl.data import DATASETS, load_examples
     from spearfl.data.split import split_pool_heldout
-    from spearfl.feedback import leak_report
+    from spearfl.feedback.leaks import leak_report
 
     table = Table(title="datasets")
     for column in ("name", "kind", "examples", "pool", "held-out", "licence"):
@@ -203,7 +207,7 @@ def summarize(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Finished run folders, e.g. one per seed.")],
 ) -> None:
     """Held-out metrics before and after training over several runs: each run, then mean and spread."""
-    from spearfl.outputs import RunFolder, summarize_runs
+    from spearfl.runtime.run_folder import RunFolder, summarize_runs
 
     summaries = []
     for run_dir in run_dirs:
@@ -229,12 +233,18 @@ def bench(
 ) -> None:
     """Measure this machine's matmul ceiling, the model's prefill, decode and LoRA training speed against it,
     a SPEAR and a GRPO client round on the same prompts, upload sizes and peak memory; print and save them."""
-    from spearfl.bench import BenchSettings, profile_rounds, report_tables, resident_mb, run_bench
+    from spearfl.tools.bench import (
+        BenchSettings,
+        profile_rounds,
+        report_tables,
+        resident_mb,
+        run_bench,
+    )
 
     baseline = resident_mb()
     config = load_or_fail(config_path, set_)
     from spearfl.io import atomic_write_json, atomic_write_text
-    from spearfl.runtime.server import build_context, prepare_data
+    from spearfl.runtime.setup import build_context, prepare_data
 
     context = build_context(config)
     examples = prepare_data(config).clients[0]
@@ -280,7 +290,7 @@ def client_worker(
 def prepare() -> None:
     """Convert the default model and cache the packaged datasets once (later runs start fast)."""
     from spearfl.data import DATASETS, load_examples
-    from spearfl.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
+    from spearfl.lm.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 
     resolve_model_path(DEFAULT_MODEL)
     load_tokenizer(DEFAULT_MODEL)

@@ -133,7 +133,7 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
-    upload_encoding: Literal["float32", "bfloat16"] = "float32"  # spearfl.transport: bfloat16 sends the update in half the bytes
+    upload_encoding: Literal["float32", "bfloat16"] = "float32"  # spearfl.federated.codec: bfloat16 sends the update in half the bytes
 
 
 class EvalConfig(Section):

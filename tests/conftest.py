@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import build_tiny_model
 
-from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_base_model, load_tokenizer
+from spearfl.config import LoraConfig
+from spearfl.lm.models import (
+    DEFAULT_MODEL,
+    attach_lora,
+    load_base_model,
+    load_tokenizer,
+)
 
 MARKERS = {
     "slow": "takes more than a few seconds",
@@ -45,7 +52,7 @@ def tiny_model(tokenizer):
 @pytest.fixture
 def tiny_lora_model(tokenizer):
     """A fresh tiny Llama with a rank-4 LoRA adapter on every projection."""
-    return attach_lora(build_tiny_model(tokenizer, seed=0), LoraSettings(rank=4, alpha=8), seed=0)
+    return attach_lora(build_tiny_model(tokenizer, seed=0), LoraConfig(rank=4, alpha=8), seed=0)
 
 
 @pytest.fixture(scope="session")

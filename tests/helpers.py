@@ -16,18 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import spearfl.algorithms.base
 from spearfl.algorithms.base import ClientContext, ClientRound
-from spearfl.config import RunConfig, load_config
+from spearfl.config import LoraConfig, RunConfig, load_config
+from spearfl.data.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
 from spearfl.data.schema import Example
-from spearfl.feedback import make_oracle
-from spearfl.generation import Completion, generate
-from spearfl.models import DEFAULT_MODEL, LoraSettings, attach_lora, build_tiny_model, load_tokenizer
-from spearfl.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
+from spearfl.feedback.providers import make_oracle
+from spearfl.lm.forward import completion_logprobs
+from spearfl.lm.generation import Completion, generate
+from spearfl.lm.models import DEFAULT_MODEL, attach_lora, freeze, load_tokenizer
 from spearfl.runtime.local import run_local
-from spearfl.scoring_lm import completion_logprobs
-from spearfl.runtime.server import build_context
+from spearfl.runtime.setup import build_context
 
 TIMING_KEYS = {"seconds", "peak_memory_mb", "updated_at"}
 
@@ -49,10 +50,32 @@ def shared_tokenizer():
     return load_tokenizer(DEFAULT_MODEL)
 
 
+def build_tiny_model(tokenizer, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised two-layer Llama over the tokenizer's vocabulary, frozen: for fast tests."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    freeze(model)
+    return model
+
+
 def tiny_lora_model(tokenizer, seed: int = 0, rank: int = 4, dropout: float = 0.0):
     """A fresh two-layer random Llama with a LoRA adapter on every linear projection."""
     model = build_tiny_model(tokenizer, seed=seed)
-    return attach_lora(model, LoraSettings(rank=rank, alpha=2 * rank, dropout=dropout), seed=seed + 1)
+    return attach_lora(model, LoraConfig(rank=rank, alpha=2 * rank, dropout=dropout), seed=seed + 1)
 
 
 def make_config(*overrides: str) -> RunConfig:
@@ -90,7 +113,7 @@ class GenerationCall:
 
 @dataclass
 class ScriptedGeneration:
-    """Stands in for `spearfl.generation.generate`: answers each example from a script, records every call.
+    """Stands in for `spearfl.lm.generation.generate`: answers each example from a script, records every call.
 
     script: question text -> completions for the first attempt, then each revision, in order.
     """

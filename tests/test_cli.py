@@ -4,13 +4,20 @@ import json
 
 import pytest
 import torch
+from helpers import (
+    end_to_end_assets,
+    read_history,
+    reference_run,
+    single_thread,
+    strip_timing,
+    write_run_config,
+)
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import end_to_end_assets, read_history, reference_run, single_thread, strip_timing, write_run_config
 from spearfl.cli import app
 from spearfl.config import config_to_dict, load_config
-from spearfl.outputs import RunFolder
+from spearfl.runtime.run_folder import RunFolder
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

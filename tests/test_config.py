@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from spearfl.checks import check_config
 from spearfl.config import ConfigError, RunConfig, load_config, parse_override
+from spearfl.runtime.setup import check_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPOSITORY / "configs").rglob("*.yaml"))

@@ -3,7 +3,12 @@ import itertools
 import pytest
 import torch
 
-from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator, torch_generator
+from spearfl.seeds import (
+    SERVER_CLIENT_ID,
+    derive_seed,
+    numpy_generator,
+    torch_generator,
+)
 
 
 def test_seed_is_deterministic_non_negative_63_bit():

@@ -1,10 +1,6 @@
 """Client updates by name. Runtimes look an algorithm up here and never branch on its name."""
 
-from spearfl.algorithms import spear
-from spearfl.algorithms import feedback_sft
-from spearfl.algorithms import opsd
-from spearfl.algorithms import grpo
-from spearfl.algorithms import rltf_sd
+from spearfl.algorithms import feedback_sft, grpo, opsd, rltf_sd, spear
 
 ALGORITHMS = {
     "spear": spear.client_update,

@@ -10,14 +10,14 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
-from spearfl.feedback import Feedback, FeedbackProvider
-from spearfl.generation import Completion, generate
-from spearfl.prefix_cache import PrefixCache
-from spearfl.prompts import PromptFormat
-from spearfl.models import trainable_parameters
+from spearfl.feedback.providers import Feedback, FeedbackProvider
+from spearfl.lm.generation import Completion, generate
+from spearfl.lm.models import trainable_parameters
+from spearfl.lm.prefix_cache import PrefixCache
+from spearfl.lm.training import make_optimizer, optimizer_step
 from spearfl.seeds import derive_seed
-from spearfl.training import make_optimizer, optimizer_step
 
 
 @dataclass

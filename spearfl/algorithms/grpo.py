@@ -38,10 +38,15 @@ from spearfl.algorithms.base import (
     sample_examples,
     train_steps,
 )
-from spearfl.losses import token_logprobs
-from spearfl.losses_policy import clipped_fraction, clipped_surrogate_loss, group_advantages, k3_kl
-from spearfl.models import get_adapter_state, set_adapter_state
-from spearfl.training import CompletionBatch, collate, completion_logits, draw
+from spearfl.lm.models import get_adapter_state, set_adapter_state
+from spearfl.lm.training import CompletionBatch, collate, completion_logits, draw
+from spearfl.losses.policy import (
+    clipped_fraction,
+    clipped_surrogate_loss,
+    group_advantages,
+    k3_kl,
+)
+from spearfl.losses.spear import token_logprobs
 
 
 @dataclass

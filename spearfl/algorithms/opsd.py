@@ -39,9 +39,9 @@ from spearfl.algorithms.base import (
     sample_examples,
     train_steps,
 )
-from spearfl.losses_distill import distillation_loss
-from spearfl.models import evaluation_mode, get_adapter_state, set_adapter_state
-from spearfl.training import collate, completion_logits, draw
+from spearfl.lm.models import evaluation_mode, get_adapter_state, set_adapter_state
+from spearfl.lm.training import collate, completion_logits, draw
+from spearfl.losses.distill import distillation_loss
 
 TEACHER_DTYPE = torch.float16  # the module docstring says why half precision suffices
 

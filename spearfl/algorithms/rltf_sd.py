@@ -43,11 +43,11 @@ from spearfl.algorithms.base import (
     sample_examples,
     train_steps,
 )
-from spearfl.losses import likelihood_loss, token_logprobs
-from spearfl.losses_policy import baseline_advantages, reinforce_loss
-from spearfl.models import get_adapter_state, set_adapter_state
-from spearfl.prefix_cache import PrefixCache
-from spearfl.training import collate, completion_logits, draw
+from spearfl.lm.models import get_adapter_state, set_adapter_state
+from spearfl.lm.prefix_cache import PrefixCache
+from spearfl.lm.training import collate, completion_logits, draw
+from spearfl.losses.policy import baseline_advantages, reinforce_loss
+from spearfl.losses.spear import likelihood_loss, token_logprobs
 
 
 @dataclass

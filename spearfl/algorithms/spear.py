@@ -28,11 +28,17 @@ from spearfl.algorithms.base import (
     sample_examples,
     train_steps,
 )
-from spearfl.generation import Completion, eos_token_ids
-from spearfl.losses import anchor_loss, likelihood_loss, token_logprobs, unlikelihood_loss, unlikelihood_mask
-from spearfl.models import get_adapter_state, lora_parameters, set_adapter_state
-from spearfl.prefix_cache import PrefixCache
-from spearfl.training import collate, completion_logits, draw
+from spearfl.lm.generation import Completion, eos_token_ids
+from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
+from spearfl.lm.prefix_cache import PrefixCache
+from spearfl.lm.training import collate, completion_logits, draw
+from spearfl.losses.spear import (
+    anchor_loss,
+    likelihood_loss,
+    token_logprobs,
+    unlikelihood_loss,
+    unlikelihood_mask,
+)
 
 
 @dataclass

@@ -1,8 +1,19 @@
 """Tasks as `Example` records: packaged benchmarks and user JSONL files, splits, answer scoring."""
 
 from spearfl.data.schema import Example
-from spearfl.data.scoring import ANSWER_MARKER, completion_has_answer, is_correct, parse_answer
-from spearfl.data.sources import DATASETS, DatasetFormatError, DatasetSpec, load_examples, load_jsonl
+from spearfl.data.scoring import (
+    ANSWER_MARKER,
+    completion_has_answer,
+    is_correct,
+    parse_answer,
+)
+from spearfl.data.sources import (
+    DATASETS,
+    DatasetFormatError,
+    DatasetSpec,
+    load_examples,
+    load_jsonl,
+)
 from spearfl.data.split import dirichlet_partition, split_pool_heldout
 
 __all__ = [

@@ -1,11 +1,11 @@
 """spearfl's messages as Flower records, and the server's checks on every reply before aggregation.
 
 Out (server -> client, message type "train"):
-    "adapter"  ArrayRecord   the global LoRA state, float32, keys as `spearfl.models.get_adapter_state` names them
+    "adapter"  ArrayRecord   the global LoRA state, float32, keys as `spearfl.lm.models.get_adapter_state` names them
     "work"     ConfigRecord  {"request": JSON of a `spearfl.runtime.client.TrainRequest`}
 Back:
     "metrics"  MetricRecord  the client's round metrics plus "weight" (0 = nothing to aggregate)
-    "adapter"  ArrayRecord   the upload payload (spearfl.transport): the trained LoRA state in float32, or its
+    "adapter"  ArrayRecord   the upload payload (spearfl.federated.codec): the trained LoRA state in float32, or its
                              update in bfloat16 sent as bit patterns (uint16); absent when the weight is 0
 Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
 

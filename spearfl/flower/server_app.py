@@ -23,12 +23,18 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from spearfl.algorithms.base import ClientResult
-from spearfl.checks import check_config
 from spearfl.config import RunConfig, config_to_dict, load_config
-from spearfl.flower.records import InvalidReply, layout_of, read_node, read_reply, work_content
-from spearfl.models import quiet_library_output
+from spearfl.federated.codec import decode_upload
+from spearfl.flower.records import (
+    InvalidReply,
+    layout_of,
+    read_node,
+    read_reply,
+    work_content,
+)
+from spearfl.lm.models import quiet_library_output
 from spearfl.runtime.server import FederatedRun, RoundReplies, console
-from spearfl.transport import decode_upload
+from spearfl.runtime.setup import check_config
 
 APP_FOLDER = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.2  # between pulls for replies; Flower's own send_and_receive waits 3 s between pulls

@@ -18,8 +18,14 @@ from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound
 from spearfl.config import RunConfig, validate
 from spearfl.data import load_jsonl
 from spearfl.data.schema import Example
-from spearfl.models import load_base_model, quiet_library_output
-from spearfl.runtime.server import attach_configured_lora, client_context, prepare_data, upload, with_label_style
+from spearfl.federated.codec import encode_upload
+from spearfl.lm.models import load_base_model, quiet_library_output
+from spearfl.runtime.setup import (
+    attach_configured_lora,
+    client_context,
+    prepare_data,
+    with_label_style,
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class ClientHost:
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
         """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics"}).
 
-        The payload is the configured upload encoding of the trained adapter (spearfl.transport), as numpy
+        The payload is the configured upload encoding of the trained adapter (spearfl.federated.codec), as numpy
         arrays (bfloat16 as its bit patterns, uint16); it is empty when the weight is 0.
         """
         global_state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
@@ -88,6 +94,11 @@ class ClientHost:
             else:
                 self.examples[key] = prepare_data(config).clients[request.client_id]
         return self.examples[key]
+
+
+def upload(result: ClientResult, global_state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
+    """The payload a client sends for its result (spearfl.federated.codec); none when its weight is 0."""
+    return encode_upload(result.state, global_state, encoding) if result.weight > 0 else {}
 
 
 def wire_array(tensor: torch.Tensor) -> np.ndarray:

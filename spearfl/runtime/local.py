@@ -16,7 +16,9 @@ from rich.progress import Progress
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
-from spearfl.runtime.server import Federation, FederatedRun, RoundReplies, as_received, upload
+from spearfl.runtime.client import upload
+from spearfl.runtime.server import FederatedRun, RoundReplies, as_received
+from spearfl.runtime.setup import Federation
 
 
 class InProcessClients:

@@ -9,7 +9,6 @@ uninterrupted one would have written, whichever runtime ran the clients.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,22 +16,24 @@ from typing import Protocol
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from spearfl.aggregation import SERVER_STRATEGIES, ServerOptimizerSettings, initial_server_state
 from spearfl.algorithms.base import ClientContext, ClientResult
 from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
-from spearfl.data import load_examples
-from spearfl.data.schema import Example
-from spearfl.data.split import dirichlet_partition, split_pool_heldout
-from spearfl.evaluation import evaluate
-from spearfl.feedback import make_oracle
-from spearfl.models import LoraSettings, attach_lora, checkpoint_lora_layers, get_adapter_state, load_base_model, set_adapter_state
-from spearfl.outputs import RunFolder, plot_accuracy, summary_table
-from spearfl.prompts import PromptFormat
-from spearfl.schedule import learning_rate
+from spearfl.federated.aggregation import SERVER_STRATEGIES, initial_server_state
+from spearfl.federated.codec import decode_upload, payload_bytes
+from spearfl.federated.schedule import learning_rate
+from spearfl.lm.models import get_adapter_state, set_adapter_state
+from spearfl.runtime.evaluation import evaluate
+from spearfl.runtime.run_folder import RunFolder, plot_accuracy, summary_table
+from spearfl.runtime.setup import Federation, build_context, prepare_data
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
-from spearfl.transport import decode_upload, encode_upload, payload_bytes
 
 console = Console(stderr=True)
 
@@ -73,81 +74,11 @@ def differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
     return fields
 
 
-@dataclass
-class Federation:
-    """The data side of a run: held-out set and each client's pool."""
-
-    heldout: list[Example]
-    clients: list[list[Example]]
-
-
-def with_label_style(examples: list[Example], label_style: str | None) -> list[Example]:
-    """The examples with multiple-choice labels restyled as configured (data.label_style), or as they are."""
-    if not label_style:
-        return examples
-    return [
-        dataclasses.replace(example, label_style=label_style) if example.is_multiple_choice else example
-        for example in examples
-    ]
-
-
-def prepare_data(config: RunConfig) -> Federation:
-    """Load the dataset, split off the held-out set, and partition the pool among clients."""
-    examples = with_label_style(load_examples(config.data.dataset), config.data.label_style)
-    pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
-    clients = dirichlet_partition(
-        pool,
-        num_clients=config.data.num_clients,
-        alpha=config.data.dirichlet_alpha,
-        min_per_client=config.data.min_per_client,
-        max_per_client=config.data.max_per_client,
-        seed=config.seed,
-    )
-    return Federation(heldout=heldout, clients=clients)
-
-
-def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContext:
-    """Load the base model once (unless given), attach LoRA, and build the feedback provider."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if model is None:
-        model, tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
-    return client_context(config, attach_configured_lora(model, config), tokenizer)
-
-
-def attach_configured_lora(model, config: RunConfig):
-    """The base model wrapped with the configured LoRA adapter, initialised from the run seed."""
-    settings = LoraSettings(
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        target_modules=tuple(config.lora.target_modules),
-        layers=config.lora.layers,
-    )
-    peft_model = attach_lora(model, settings, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
-    if config.lora.checkpoint_activations:
-        checkpoint_lora_layers(peft_model)
-    return peft_model
-
-
-def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
-    """What a client update needs around a loaded model: prompt format, feedback provider, config, device."""
-    device = next(peft_model.parameters()).device
-    prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
-    feedback = make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format)
-    return ClientContext(peft_model, prompt_format, feedback, config, device)
-
-
 def choose_clients(config: RunConfig, round_index: int) -> list[int]:
     """The K clients of a round, drawn without replacement from a round-specific seed."""
     rng = numpy_generator(derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "client-selection"))
     chosen = rng.choice(config.data.num_clients, size=config.server.clients_per_round, replace=False)
     return sorted(int(client) for client in chosen)
-
-
-def upload(result: ClientResult, global_state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
-    """The payload a client sends for its result (spearfl.transport); none when its weight is 0."""
-    return encode_upload(result.state, global_state, encoding) if result.weight > 0 else {}
 
 
 def as_received(result: ClientResult, payload: dict[str, torch.Tensor], global_state, encoding: str) -> ClientResult:
@@ -215,9 +146,6 @@ class FederatedRun:
         self.show_progress = show_progress
         self.context = context
         self.strategy = SERVER_STRATEGIES[config.server.strategy]
-        self.server_settings = ServerOptimizerSettings(
-            server_lr=config.server.server_lr, beta1=config.server.beta1, beta2=config.server.beta2, tau=config.server.tau
-        )
 
     def run(self) -> dict:
         """Run (or resume) every round; returns the summary."""
@@ -288,7 +216,7 @@ class FederatedRun:
             console.print(f"[yellow]round {round_index}: dropped the reply of client {rejected['client']}: {rejected['reason']}[/yellow]")
         results = replies.results
         new_global, new_server_state = self.strategy(
-            global_state, [r.state for _, r in results], [r.weight for _, r in results], server_state, self.server_settings
+            global_state, [r.state for _, r in results], [r.weight for _, r in results], server_state, self.config.server
         )
         row = {
             "round": round_index,

@@ -126,7 +126,9 @@ def make_server(host: str, port: int, client_host) -> HTTPServer:
 
 def serve(host: str = "127.0.0.1", port: int = 7301) -> None:
     """Serve client rounds until SIGTERM or Ctrl-C; the model loads with the first round."""
-    from spearfl.runtime.client import ClientHost  # the model code, imported only where it runs
+    from spearfl.runtime.client import (
+        ClientHost,  # the model code, imported only where it runs
+    )
 
     server = make_server(host, port, ClientHost())
     signal.signal(signal.SIGTERM, stop_serving)

@@ -1,0 +1,229 @@
+"""Server aggregation of client adapters: weighted FedAvg, and FedAdam / FedYogi on the pseudo-gradient.
+
+FedAvg: McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", arXiv 1602.05629.
+FedAdam, FedYogi: Reddi et al. 2021, "Adaptive Federated Optimization", arXiv 2003.00295,
+Algorithm 2, applied to the pseudo-gradient delta = weighted average - global.
+
+Every function is pure: adapter states (dict name -> fp32 tensor, any shapes) and the server
+optimizer state go in, new values come out, nothing is changed in place.
+
+Weights: a client that skipped training reports weight 0 and contributes nothing, so a stale
+copy of the global adapter never dilutes the others. When every weight is 0 there is no
+update: `weighted_average` returns None, and every strategy returns the global adapter and
+the server state unchanged (the server optimizer takes no step, as in Flower, whose strategies
+return no parameters when nothing was aggregated).
+
+Conventions of the adaptive strategies, chosen to match Flower's FedAdam / FedYogi
+(flwr.serverapp.strategy, framework/py/flwr/serverapp/strategy/fedadam.py and fedyogi.py):
+- m and v start at zero. (Reddi et al.'s Algorithm 2 starts from v >= tau^2; Flower and we
+  start from zero, which makes the first FedAdam step eta * sign(delta) when tau is small.)
+- tau sits outside the square root: new = global + step_size * m / (sqrt(v) + tau).
+- FedAdam scales eta by Adam's bias correction, step_size = eta * sqrt(1 - beta2^t) / (1 - beta1^t)
+  (Kingma & Ba 2015, alpha_t), as Flower's FedAdam does. t counts the server updates applied,
+  starting at 1. Flower uses t = server_round + 1 with server_round starting at 1, so its
+  first step already uses t = 2; we keep Adam's own count.
+- FedYogi takes no bias correction (neither the paper nor Flower's FedYogi apply one).
+Left out: FedAdagrad and server momentum (FedAvgM); the client learning rate eta_l of the
+paper belongs to the client's own optimizer, not here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from spearfl.config import ServerConfig
+
+AdapterState = dict[str, torch.Tensor]
+
+FIRST_MOMENT_PREFIX = "first_moment/"
+SECOND_MOMENT_PREFIX = "second_moment/"
+
+
+@dataclass(frozen=True)
+class ServerOptimizerState:
+    """Moments of the adaptive server optimizer; empty dicts until the first step."""
+
+    first_moment: AdapterState  # m, same keys and shapes as the adapter
+    second_moment: AdapterState  # v, same keys and shapes as the adapter
+    num_steps: int  # t: server updates applied so far
+
+
+def initial_server_state() -> ServerOptimizerState:
+    """State before any round: no moments yet (they start at zero on the first step)."""
+    return ServerOptimizerState(first_moment={}, second_moment={}, num_steps=0)
+
+
+def check_same_layout(reference: AdapterState, other: AdapterState) -> None:
+    """Raise ValueError unless `other` has exactly the keys and shapes of `reference`."""
+    if other.keys() != reference.keys():
+        missing = sorted(reference.keys() - other.keys())
+        extra = sorted(other.keys() - reference.keys())
+        raise ValueError(f"adapter keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in reference.items():
+        if other[name].shape != tensor.shape:
+            raise ValueError(f"{name}: shape {tuple(other[name].shape)} != {tuple(tensor.shape)}")
+
+
+def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState | None:
+    """Average of the states weighted by `weights`; None when every weight is 0 (no update).
+
+    Clients with weight 0 are left out entirely (their states are not even read).
+    """
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    if any(weight < 0 for weight in weights):
+        raise ValueError(f"weights must be >= 0, got {weights}")
+    contributing = [(state, float(weight)) for state, weight in zip(states, weights) if weight > 0]
+    if not contributing:
+        return None
+    total_weight = sum(weight for _, weight in contributing)
+    reference = contributing[0][0]
+    for state, _ in contributing[1:]:
+        check_same_layout(reference, state)
+    return {
+        name: sum((weight / total_weight) * state[name] for state, weight in contributing)
+        for name in reference
+    }
+
+
+def fedavg(global_state: AdapterState, states: list[AdapterState], weights: list[float]) -> AdapterState:
+    """New global adapter = weighted average of the client states; the old one when all weights are 0."""
+    average = weighted_average(states, weights)
+    if average is None:
+        return global_state
+    check_same_layout(global_state, average)
+    return average
+
+
+def fedavg_strategy(
+    global_state: AdapterState,
+    states: list[AdapterState],
+    weights: list[float],
+    server_state: ServerOptimizerState,
+    settings: ServerConfig,
+) -> tuple[AdapterState, ServerOptimizerState]:
+    """FedAvg in the common strategy signature; it keeps no server state."""
+    return fedavg(global_state, states, weights), server_state
+
+
+def _zeros_like(state: AdapterState) -> AdapterState:
+    return {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+
+
+def _update_first_moment(first_moment: AdapterState, delta: AdapterState, beta1: float) -> AdapterState:
+    """m = beta1 m + (1 - beta1) delta."""
+    return {name: beta1 * first_moment[name] + (1 - beta1) * delta[name] for name in delta}
+
+
+def adam_second_moment(second_moment: AdapterState, delta: AdapterState, beta2: float) -> AdapterState:
+    """Adam: v = beta2 v + (1 - beta2) delta^2."""
+    return {name: beta2 * second_moment[name] + (1 - beta2) * delta[name].square() for name in delta}
+
+
+def yogi_second_moment(second_moment: AdapterState, delta: AdapterState, beta2: float) -> AdapterState:
+    """Yogi: v = v - (1 - beta2) delta^2 sign(v - delta^2); v moves additively, so it never jumps."""
+    updated = {}
+    for name in delta:
+        squared = delta[name].square()
+        updated[name] = second_moment[name] - (1 - beta2) * squared * torch.sign(second_moment[name] - squared)
+    return updated
+
+
+def _adaptive_step(
+    global_state: AdapterState,
+    states: list[AdapterState],
+    weights: list[float],
+    server_state: ServerOptimizerState,
+    settings: ServerConfig,
+    update_second_moment: Callable[[AdapterState, AdapterState, float], AdapterState],
+    step_size: Callable[[ServerConfig, int], float],
+) -> tuple[AdapterState, ServerOptimizerState]:
+    """One FedOpt server step on the pseudo-gradient, with the algorithm's v update and step size."""
+    average = weighted_average(states, weights)
+    if average is None:
+        return global_state, server_state
+    check_same_layout(global_state, average)
+    delta = {name: average[name] - global_state[name] for name in global_state}
+    first_moment = server_state.first_moment or _zeros_like(delta)
+    second_moment = server_state.second_moment or _zeros_like(delta)
+    check_same_layout(global_state, first_moment)
+    check_same_layout(global_state, second_moment)
+
+    first_moment = _update_first_moment(first_moment, delta, settings.beta1)
+    second_moment = update_second_moment(second_moment, delta, settings.beta2)
+    num_steps = server_state.num_steps + 1
+    size = step_size(settings, num_steps)
+    new_global = {
+        name: global_state[name] + size * first_moment[name] / (second_moment[name].sqrt() + settings.tau)
+        for name in global_state
+    }
+    return new_global, ServerOptimizerState(first_moment, second_moment, num_steps)
+
+
+def adam_step_size(settings: ServerConfig, num_steps: int) -> float:
+    """eta * sqrt(1 - beta2^t) / (1 - beta1^t): Adam's bias correction folded into the step size."""
+    return settings.server_lr * math.sqrt(1 - settings.beta2**num_steps) / (1 - settings.beta1**num_steps)
+
+
+def yogi_step_size(settings: ServerConfig, num_steps: int) -> float:
+    """eta, uncorrected (Reddi et al. Algorithm 2; Flower's FedYogi)."""
+    return settings.server_lr
+
+
+def fedadam(
+    global_state: AdapterState,
+    states: list[AdapterState],
+    weights: list[float],
+    server_state: ServerOptimizerState,
+    settings: ServerConfig,
+) -> tuple[AdapterState, ServerOptimizerState]:
+    """FedAdam (Reddi et al. 2021, arXiv 2003.00295) with Flower's bias-corrected step size."""
+    return _adaptive_step(
+        global_state, states, weights, server_state, settings, adam_second_moment, adam_step_size
+    )
+
+
+def fedyogi(
+    global_state: AdapterState,
+    states: list[AdapterState],
+    weights: list[float],
+    server_state: ServerOptimizerState,
+    settings: ServerConfig,
+) -> tuple[AdapterState, ServerOptimizerState]:
+    """FedYogi (Reddi et al. 2021, arXiv 2003.00295)."""
+    return _adaptive_step(
+        global_state, states, weights, server_state, settings, yogi_second_moment, yogi_step_size
+    )
+
+
+# Common signature: (global_state, states, weights, server_state, settings) -> (new_global, new_server_state)
+SERVER_STRATEGIES = {
+    "fedavg": fedavg_strategy,
+    "fedadam": fedadam,
+    "fedyogi": fedyogi,
+}
+
+
+def state_to_tensors(state: ServerOptimizerState) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Flatten the server state into tensors (for safetensors) and JSON metadata (step count)."""
+    tensors = {FIRST_MOMENT_PREFIX + name: tensor for name, tensor in state.first_moment.items()}
+    tensors |= {SECOND_MOMENT_PREFIX + name: tensor for name, tensor in state.second_moment.items()}
+    return tensors, {"num_steps": state.num_steps}
+
+
+def state_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, int]) -> ServerOptimizerState:
+    """Inverse of `state_to_tensors`."""
+    first_moment, second_moment = {}, {}
+    for key, tensor in tensors.items():
+        if key.startswith(FIRST_MOMENT_PREFIX):
+            first_moment[key.removeprefix(FIRST_MOMENT_PREFIX)] = tensor
+        elif key.startswith(SECOND_MOMENT_PREFIX):
+            second_moment[key.removeprefix(SECOND_MOMENT_PREFIX)] = tensor
+        else:
+            raise ValueError(f"not a server optimizer tensor: {key!r}")
+    return ServerOptimizerState(first_moment, second_moment, int(metadata["num_steps"]))

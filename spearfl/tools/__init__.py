@@ -1,0 +1,1 @@
+"""Tools around the core: `spearfl bench` (speed and memory) and `spearfl compare` (algorithms over seeds)."""

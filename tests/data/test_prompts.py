@@ -1,0 +1,126 @@
+import pytest
+
+from spearfl.data.prompts import (
+    FREE_FORM_INSTRUCTION,
+    INSTRUCTIONS,
+    REVISION_INSTRUCTION,
+    PromptFormat,
+    encode_messages,
+    encode_task,
+    plain_transcript,
+    render_task,
+    revision_messages,
+    task_messages,
+)
+from spearfl.data.schema import Example
+from spearfl.feedback.providers import make_oracle
+
+FACTS = "Saturn's rings are made mostly of water ice."
+SOLUTION = "Count the planets with rings: only Saturn is famous for them, so pick it."
+
+
+def planets(num_options: int, label_style: str = "letters", gold: int = 2) -> Example:
+    options = ("Mars", "Venus", "Saturn", "Mercury", "Earth")[:num_options]
+    return Example(
+        "t/planets", "Which planet is best known for its rings?", options, gold, label_style=label_style,
+        facts=FACTS, solution=SOLUTION,
+    )
+
+
+def option_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line[:2] in {f"{c}." for c in "ABCDEFGHIJ123456789"} or line.startswith("- ")]
+
+
+def test_three_options_are_labelled_a_to_c():
+    text = render_task(planets(3))
+    assert option_lines(text) == ["A. Mars", "B. Venus", "C. Saturn"]
+    assert INSTRUCTIONS["letters"] in text
+
+
+def test_five_options_are_labelled_a_to_e():
+    assert option_lines(render_task(planets(5))) == ["A. Mars", "B. Venus", "C. Saturn", "D. Mercury", "E. Earth"]
+
+
+def test_numbered_labels():
+    text = render_task(planets(4, "numbers"))
+    assert option_lines(text) == ["1. Mars", "2. Venus", "3. Saturn", "4. Mercury"]
+    assert INSTRUCTIONS["numbers"] in text and INSTRUCTIONS["letters"] not in text
+
+
+def test_text_labels_list_the_options_without_letters():
+    example = Example("t/yes", "Can penguins fly?", ("Yes", "No"), 1, label_style="text", facts="Penguins are flightless.")
+    text = render_task(example)
+    assert option_lines(text) == ["- Yes", "- No"]
+    assert "A." not in text and INSTRUCTIONS["text"] in text
+
+
+def test_passage_comes_before_the_question_and_free_form_gets_its_instruction():
+    example = Example("t/sum", "How many apples are left?", answer="18", passage="Sam had 20 apples and ate 2.",
+                      solution="20 - 2 = 18.")
+    text = render_task(example)
+    assert text.index("Sam had 20 apples") < text.index("How many apples")
+    assert FREE_FORM_INSTRUCTION in text
+    assert "18" not in text and "20 - 2" not in text
+
+
+@pytest.mark.parametrize("num_options", [3, 5])
+def test_the_task_prompt_never_shows_facts_solution_or_gold(tokenizer, num_options):
+    example = planets(num_options)
+    for text in (render_task(example), tokenizer.decode(encode_task(tokenizer, example))):
+        assert FACTS not in text and "water ice" not in text
+        assert SOLUTION not in text and "Count the planets" not in text
+        assert "Answer: C" not in text and "correct option is" not in text
+
+
+def test_revision_messages_hold_the_task_previous_answer_and_feedback_only():
+    example = planets(5)
+    feedback = make_oracle("none")(example, "Answer: A")
+    messages = revision_messages(example, "  I think Mars.\nAnswer: A\n", feedback.text)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0] == task_messages(example)[0]
+    assert messages[1]["content"] == "I think Mars.\nAnswer: A"
+    assert messages[2]["content"] == f"{feedback.text} {REVISION_INSTRUCTION}"
+    everything = "\n".join(m["content"] for m in messages)
+    assert FACTS not in everything and SOLUTION not in everything
+    assert "Answer: C" not in everything and "Saturn" not in messages[2]["content"]
+
+
+def test_encode_task_uses_the_chat_template_once(tokenizer):
+    example = planets(3)
+    ids = encode_task(tokenizer, example)
+    expected = tokenizer.apply_chat_template(task_messages(example), add_generation_prompt=True, tokenize=True)
+    if hasattr(expected, "keys"):
+        expected = expected["input_ids"]
+    assert ids == list(expected)
+    text = tokenizer.decode(ids)
+    assert render_task(example) in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert ids.count(tokenizer.bos_token_id) == text.count(tokenizer.bos_token)  # no extra BOS in front
+
+
+class TemplatelessTokenizer:
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(character) for character in text]
+
+
+def test_models_without_a_chat_template_get_a_plain_transcript():
+    messages = revision_messages(planets(3), "Answer: A", "Incorrect.")
+    transcript = plain_transcript(messages)
+    assert transcript.startswith("User: ") and transcript.endswith("\n\nAssistant:")
+    assert "Assistant: Answer: A" in transcript
+    assert encode_messages(TemplatelessTokenizer(), messages) == [ord(c) for c in transcript]
+
+
+def test_answer_prefix_puts_the_marker_in_the_prompt(tokenizer):
+    example = planets(3)
+    plain, prefixed = PromptFormat(tokenizer), PromptFormat(tokenizer, answer_prefix=True)
+    marker = tokenizer.encode("Answer:", add_special_tokens=False)
+    assert plain.task(example) == encode_task(tokenizer, example)
+    assert prefixed.task(example) == encode_task(tokenizer, example) + marker
+    assert plain.option_completion("B") == tokenizer.encode("Answer: B", add_special_tokens=False)
+    assert prefixed.option_completion("B") == tokenizer.encode(" B", add_special_tokens=False)
+    assert prefixed.answer_text(" B\n") == "Answer: B\n" and plain.answer_text(" B\n") == " B\n"
+    revision = tokenizer.decode(prefixed.revision(example, " A\n", "Incorrect."))
+    assert "Answer: A" in revision and revision.endswith("<|im_start|>assistant\nAnswer:")

@@ -1,0 +1,152 @@
+"""spearfl on Flower: a deployment (SuperLink, SuperNodes and client workers as real processes on 127.0.0.1) and
+the simulation engine, each run through `flwr run` and compared with the local runtime on the same config."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from flower_processes import (
+    Processes,
+    flwr,
+    free_port,
+    start_superlink,
+    start_supernode,
+    start_worker,
+    write_connection,
+)
+from helpers import (
+    end_to_end_assets,
+    read_history,
+    run_config_text,
+    single_thread,
+    strip_timing,
+)
+
+from spearfl.config import load_config
+from spearfl.runtime.local import run_local
+from spearfl.runtime.run_folder import RunFolder
+
+pytestmark = pytest.mark.flower
+
+APP = Path(__file__).resolve().parents[2]
+NUM_CLIENTS = 2
+TOLERANCE = 1e-6  # float32 adapters; the same arithmetic runs in other processes
+
+
+def write_config(tmp_path: Path, output_dir: Path, upload_encoding: str = "float32") -> Path:
+    """The end-to-end test config (2 rounds, tiny primed model) with two clients, both chosen every round."""
+    text = run_config_text(end_to_end_assets(), output_dir).replace("num_clients: 3", f"num_clients: {NUM_CLIENTS}")
+    text = text.replace("clients_per_round: 2}", f"clients_per_round: 2, upload_encoding: {upload_encoding}}}")
+    path = tmp_path / f"{output_dir.name}.yaml"
+    path.write_text(text + "threads: 1\n")
+    return path
+
+
+def run_locally(root: Path, upload_encoding: str) -> Path:
+    config = load_config(write_config(root, root / f"local-{upload_encoding}", upload_encoding))
+    with single_thread():
+        run_local(config, show_progress=False)
+    return root / f"local-{upload_encoding}"
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory) -> Path:
+    return run_locally(tmp_path_factory.mktemp("local"), "float32")
+
+
+@pytest.fixture(scope="module")
+def local_bfloat16_reference(tmp_path_factory) -> Path:
+    return run_locally(tmp_path_factory.mktemp("local"), "bfloat16")
+
+
+def run_id_of(output: str) -> int:
+    match = re.search(r"run (\d+)", output)
+    assert match, f"no run id in flwr's output:\n{output}"
+    return int(match.group(1))
+
+
+def run_status(home: Path, run_id: int) -> str:
+    listing = flwr(home, "ls", "--run-id", str(run_id), "--format", "json")
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    return json.loads(listing.stdout)["runs"][0]["status"]
+
+
+def assert_same_as_local(folder: Path, reference: Path) -> None:
+    """The same run folder files, the same history but for timings, and the same global adapters."""
+    run = RunFolder(folder)
+    assert run.read_status()["state"] == "complete"
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "history.jsonl", "summary.json", "accuracy.png", "adapters", "checkpoint"}
+    flower_history, local_history = read_history(folder), read_history(reference)
+    assert [row["round"] for row in flower_history] == [0, 1, 2]
+    assert any(client["weight"] > 0 for row in flower_history for client in row["clients"])
+    assert strip_timing(flower_history) == strip_timing(local_history)
+    for round_index in (0, 1, 2):
+        got, expected = run.load_adapter(round_index), RunFolder(reference).load_adapter(round_index)
+        assert got.keys() == expected.keys()
+        assert all(torch.allclose(got[name], expected[name], rtol=0, atol=TOLERANCE) for name in expected), round_index
+    moved = RunFolder(reference).load_adapter(2)
+    assert any(not torch.equal(moved[name], RunFolder(reference).load_adapter(0)[name]) for name in moved)
+
+
+def test_a_deployment_run_matches_the_local_runtime(tmp_path, local_reference):
+    """SuperLink + two SuperNodes, each with its client worker, two rounds through `flwr run`."""
+    config_path = write_config(tmp_path, tmp_path / "flower-run")
+    processes = Processes(tmp_path)
+    try:
+        superlink = free_port()
+        start_superlink(processes, superlink)
+        worker_ports = []
+        for client in range(NUM_CLIENTS):
+            worker = start_worker(processes, client)
+            worker_ports.append(worker)
+            node_config = f"partition-id={client} num-partitions={NUM_CLIENTS} worker='127.0.0.1:{worker}'"
+            start_supernode(processes, superlink, node_config, client)
+        home = tmp_path / "flwr-cli"
+        write_connection(home, "spearfl-test", superlink)
+        started = flwr(home, "run", str(APP), "spearfl-test", "--stream", "--run-config", f"config='{config_path}'")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()
+        for port in worker_ports:  # each device loaded its model once and kept it for both rounds
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as health:
+                assert json.load(health)["models_loaded"] == 1
+        assert_same_as_local(tmp_path / "flower-run", local_reference)
+    finally:
+        leftover = processes.stop()
+    assert leftover == [], f"processes still running: {leftover}"
+    assert all(process.poll() is not None for process in processes.started)
+
+
+def local_superlinks(port: int) -> list[psutil.Process]:
+    """The SuperLink `flwr run` starts for the simulation engine listens on `port` and outlives the run."""
+    owners = {c.pid for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN"}
+    return [psutil.Process(pid) for pid in owners if pid]
+
+
+def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_bfloat16_reference, monkeypatch):
+    """`flwr run` on the local simulation engine, two virtual SuperNodes, two rounds, bfloat16 uploads."""
+    config_path = write_config(tmp_path, tmp_path / "elsewhere", "bfloat16")  # `set` moves the run folder below
+    home, port = tmp_path / "flwr-sim", free_port()
+    monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
+    superlinks: list[psutil.Process] = []
+    try:
+        started = flwr(
+            home, "run", str(APP), "--stream", "--run-config", f"config='{config_path}' set='output_dir={tmp_path / 'simulation-run'}'",
+            "--federation-config", f"num-supernodes={NUM_CLIENTS} client-resources-num-cpus=1",
+        )
+        superlinks = local_superlinks(port)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout
+        assert_same_as_local(tmp_path / "simulation-run", local_bfloat16_reference)
+    finally:
+        family = [p for link in superlinks for p in [link, *link.children(recursive=True)]]
+        for process in family:
+            process.terminate()
+        _, alive = psutil.wait_procs(family, timeout=20)
+        for process in alive:
+            process.kill()

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spearfl.lm.forward import (
+    batch_for_training,
+    completion_logprobs,
+    completion_token_logits,
+    left_pad,
+    sequence_logprob,
+)
+from spearfl.lm.models import trainable_parameters
+
+PROMPTS = [[1, 50, 60, 70], [1, 9], [1, 300, 301, 302, 303, 304, 305], [4, 4]]
+COMPLETIONS = [[80, 2], [10, 11, 12, 13, 14], [306], [5, 6]]
+
+
+def manual_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """One unpadded full forward, log-softmax everywhere: the definition."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]  # [T, V]
+    log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return log_probabilities[positions, torch.tensor(completion)]
+
+
+def test_left_pad_aligns_sequences_on_the_right():
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_training_batch_targets_are_exactly_the_completion_ids():
+    batch = batch_for_training(PROMPTS, COMPLETIONS, pad_id=0)
+    length = max(len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS))
+    assert batch.input_ids.shape == batch.attention_mask.shape == batch.completion_mask.shape == (4, length)
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        assert batch.input_ids[row][batch.completion_mask[row]].tolist() == completion
+        assert batch.input_ids[row][batch.attention_mask[row].bool()].tolist() == prompt + completion
+        real_positions = batch.position_ids[row][batch.attention_mask[row].bool()]
+        assert real_positions.tolist() == list(range(len(prompt) + len(completion)))
+    assert batch.completion_mask[:, -1].all()  # left padding: every completion ends in the last column
+
+
+def test_empty_completion_is_rejected():
+    with pytest.raises(ValueError):
+        batch_for_training([[1, 2]], [[]], pad_id=0)
+
+
+def test_completion_token_logits_line_up_with_targets(tiny_model):
+    batch = batch_for_training(PROMPTS, COMPLETIONS, pad_id=0)
+    with torch.no_grad():
+        logits = completion_token_logits(tiny_model, batch)
+    num_positions = max(len(c) for c in COMPLETIONS)
+    assert logits.shape == (4, num_positions, tiny_model.config.vocab_size)
+    row = 1  # the longest completion fills all K positions
+    expected = manual_logprobs(tiny_model, PROMPTS[row], COMPLETIONS[row])
+    targets = batch.input_ids[row, -num_positions:]
+    observed = torch.log_softmax(logits[row], -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(observed, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_logprobs_match_a_manual_full_forward(tiny_model, batch_size):
+    observed = completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=batch_size)
+    for prompt, completion, row in zip(PROMPTS, COMPLETIONS, observed):
+        assert row.dtype == torch.float32 and row.device.type == "cpu"
+        torch.testing.assert_close(row, manual_logprobs(tiny_model, prompt, completion), rtol=0, atol=1e-5)
+
+
+def test_sequence_logprob_sums_the_token_logprobs(tiny_model):
+    totals = sequence_logprob(tiny_model, PROMPTS, COMPLETIONS, batch_size=2)
+    expected = torch.stack([row.sum() for row in completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=4)])
+    torch.testing.assert_close(totals, expected)
+
+
+def test_logprobs_through_lora_match_the_base_at_initialisation(tiny_model, tiny_lora_model):
+    # LoRA's B starts at zero, so the wrapped model computes the base function.
+    base = completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=4)
+    wrapped = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
+    for expected, observed in zip(base, wrapped):
+        torch.testing.assert_close(observed, expected)
+
+
+def test_bfloat16_model_gives_float32_logprobs(tiny_model):
+    model = tiny_model.to(torch.bfloat16)
+    rows = completion_logprobs(model, PROMPTS, COMPLETIONS, batch_size=4)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(row.dtype == torch.float32 for row in rows)
+
+
+def test_scoring_switches_dropout_off_and_restores_the_mode(tiny_lora_model):
+    generator = torch.Generator().manual_seed(0)
+    for parameter in trainable_parameters(tiny_lora_model):
+        parameter.data = torch.randn(parameter.shape, generator=generator)
+    tiny_lora_model.train()
+    first = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
+    second = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
+    assert tiny_lora_model.training
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokenizer, tiny_model):
+    from spearfl.lm.forward import option_logprobs, sequence_logprob
+
+    prompts = [tokenizer.encode("Which is a fruit?"), tokenizer.encode("Sky colour, in one word, please?")]
+    options = [
+        [tokenizer.encode(" Answer: apple", add_special_tokens=False), tokenizer.encode(" Answer: a big stone", add_special_tokens=False)],
+        [tokenizer.encode(" Answer: blue", add_special_tokens=False), tokenizer.encode(" Answer: red", add_special_tokens=False),
+         tokenizer.encode(" Answer: green grass", add_special_tokens=False)],
+    ]
+    cached = option_logprobs(tiny_model, prompts, options, batch_size=2)
+    for prompt, choices, scores in zip(prompts, options, cached):
+        expected = sequence_logprob(tiny_model, [prompt] * len(choices), choices, batch_size=1)
+        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+SYSTEM = list(range(300, 312))  # 12 tokens every prompt begins with, like a chat model's system turn
+
+
+@pytest.mark.parametrize(
+    "prompts, completions",
+    [
+        ([SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM + [9, 10, 11, 12, 13]], [[20, 21], [22, 23, 24, 25], [26]]),
+        ([SYSTEM + [5], SYSTEM + [5]], [[20, 21, 22], [23]]),  # one prompt twice: the shared part stops before its last token
+    ],
+)
+def test_a_shared_beginning_runs_once_with_the_same_logits_and_gradients(tokenizer, monkeypatch, prompts, completions):
+    from helpers import tiny_lora_model as build
+
+    import spearfl.lm.forward as scoring_lm
+
+    tiny_lora_model = build(tokenizer, dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in tiny_lora_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))  # B = 0 would hide the A gradients
+
+    batch = batch_for_training(prompts, completions, 0)
+    assert scoring_lm.shared_prefix_length(batch) == (12 if prompts[0] != prompts[1] else len(prompts[0]) - 1)
+    tiny_lora_model.train()
+    widths = []
+    hook = tiny_lora_model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+
+    def logits_and_gradients():
+        torch.manual_seed(0)
+        logits = completion_token_logits(tiny_lora_model, batch)
+        (logits.float().logsumexp(-1) * batch.completion_mask[:, -logits.shape[1]:]).sum().backward()
+        gradients = {name: p.grad.clone() for name, p in tiny_lora_model.named_parameters() if p.grad is not None}
+        tiny_lora_model.zero_grad(set_to_none=True)
+        return logits.detach(), gradients
+
+    shared_logits, shared_gradients = logits_and_gradients()
+    hook.remove()
+    assert widths[0][0] == 1  # the shared beginning ran as one row
+    monkeypatch.setattr(scoring_lm, "MIN_SHARED_PREFIX", 10**6)
+    plain_logits, plain_gradients = logits_and_gradients()
+    mask = batch.completion_mask[:, -plain_logits.shape[1]:]
+    assert torch.allclose(shared_logits[mask], plain_logits[mask], atol=1e-5)
+    assert shared_gradients.keys() == plain_gradients.keys()
+    assert all(torch.allclose(shared_gradients[name], plain_gradients[name], atol=1e-5) for name in plain_gradients)
+
+
+def test_a_prefill_runs_a_shared_beginning_once_with_the_same_results(tiny_model, monkeypatch):
+    import spearfl.lm.forward as scoring_lm
+    from spearfl.lm.generation import decode_step
+
+    prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM + [9, 10, 11, 12, 13]]
+    device = torch.device("cpu")
+
+    def prefill_then_step():
+        with torch.no_grad():
+            mask, logits, cache = scoring_lm.prefill(tiny_model, prompts, device)
+            _, next_logits = decode_step(tiny_model, logits.argmax(-1), mask, cache)
+        return logits, next_logits
+
+    shared = prefill_then_step()
+    monkeypatch.setattr(scoring_lm, "MIN_SHARED_PREFIX", 10**6)
+    plain = prefill_then_step()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, plain))

@@ -1,0 +1,189 @@
+import pytest
+import torch
+from helpers import completion_from_text, single_thread, tiny_lora_model
+
+import spearfl.runtime.evaluation as evaluation
+from spearfl.config import EvalConfig
+from spearfl.data.prompts import PromptFormat
+from spearfl.data.schema import Example
+from spearfl.lm.forward import completion_logprobs, option_logprobs
+from spearfl.lm.generation import generate
+from spearfl.runtime.evaluation import evaluate, generation_metrics, loglik_predictions
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def letters(uid: str, num_options: int, gold: int, **fields) -> Example:
+    options = tuple(f"option {uid} {index}" for index in range(num_options))
+    return Example(uid, f"Question {uid}?", options, gold, **fields)
+
+
+def test_generation_metrics_count_accuracy_parse_rate_and_answer_share():
+    examples = [letters("a", 3, 0), letters("b", 3, 1), letters("c", 5, 2), letters("d", 5, 0)]
+    texts = ["Answer: A\n", "Answer: C\n", "I am not sure.", "Answer: a\n"]  # "a" is the article, not A
+    metrics = generation_metrics(examples, texts)
+    assert metrics["accuracy"] == pytest.approx(1 / 4)
+    assert metrics["parse_rate"] == pytest.approx(2 / 4)
+    assert metrics["answer_share"] == {"A": pytest.approx(0.5), "C": pytest.approx(0.5)}
+
+
+def test_generation_metrics_five_options_and_nothing_parsed():
+    examples = [letters("a", 5, 4), letters("b", 5, 4)]
+    assert generation_metrics(examples, ["Answer: E\n", "Answer: E\n"]) == {
+        "accuracy": 1.0, "parse_rate": 1.0, "answer_share": {"E": 1.0}
+    }
+    assert generation_metrics(examples, ["no idea", "Answer:"]) == {"accuracy": 0.0, "parse_rate": 0.0, "answer_share": {}}
+
+
+def test_generation_metrics_free_form_has_no_answer_share():
+    examples = [Example("f/0", "2 + 2?", answer="4"), Example("f/1", "3 + 3?", answer="6")]
+    metrics = generation_metrics(examples, ["Answer: 4\n", "Answer: 7\n"])
+    assert metrics == {"accuracy": 0.5, "parse_rate": 1.0}
+
+
+def test_generation_metrics_of_a_mixed_set_do_not_depend_on_its_order():
+    """A user JSONL may mix multiple choice and free-form items (examples/custom.jsonl does)."""
+    free_form = Example("f/0", "Sam has 12 apples and gives away 5. How many are left?", answer="7")
+    choices = [letters("a", 3, 0), letters("b", 3, 1)]
+    texts = {"f/0": "Answer: 7\n", "a": "Answer: A\n", "b": "Answer: C\n"}
+    first = generation_metrics([free_form, *choices], [texts[e.uid] for e in [free_form, *choices]])
+    last = generation_metrics([*choices, free_form], [texts[e.uid] for e in [*choices, free_form]])
+    assert first == last
+    assert last["answer_share"] == {"A": pytest.approx(0.5), "C": pytest.approx(0.5)}  # labels of options only
+
+
+def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters("a", 3, 0), letters("b", 5, 4), letters("c", 2, 1)]
+    prompts = [prompt_format.task(example) for example in examples]
+    chosen = {"a": "A", "b": "E", "c": "A"}
+    rows = []
+
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
+        scores = []
+        for prompt, options in zip(row_prompts, row_options):
+            example = examples[prompts.index(prompt)]
+            row_scores = []
+            for completion in options:
+                label = tokenizer.decode(completion).removeprefix("Answer: ")
+                rows.append((example.uid, label, completion))
+                row_scores.append(-0.5 if label == chosen[example.uid] else -1.5)
+            scores.append(row_scores)
+        return scores
+
+    monkeypatch.setattr(evaluation, "option_logprobs", scripted_option_logprobs)
+    predictions = loglik_predictions(None, prompt_format, examples, prompts, batch_size=4)
+    assert predictions == [0, 4, 0]
+    assert [(uid, label) for uid, label, _ in rows] == [
+        ("a", "A"), ("a", "B"), ("a", "C"), ("b", "A"), ("b", "B"), ("b", "C"), ("b", "D"), ("b", "E"), ("c", "A"), ("c", "B")
+    ]
+    assert all(completion == prompt_format.option_completion(label) for _, label, completion in rows)
+
+
+def test_loglik_predictions_agree_with_completion_logprobs(tokenizer):
+    model = tiny_lora_model(tokenizer, seed=5)
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters(str(index), 3 + index % 3, 0) for index in range(6)]
+    prompts = [prompt_format.task(example) for example in examples]
+    predictions = loglik_predictions(model, prompt_format, examples, prompts, batch_size=4)
+    for example, prompt, prediction in zip(examples, prompts, predictions):
+        completions = [prompt_format.option_completion(label) for label in example.labels]
+        totals = [float(row.sum()) for row in completion_logprobs(model, [prompt] * len(completions), completions, 8)]
+        assert prediction == max(range(len(totals)), key=totals.__getitem__)
+
+
+def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monkeypatch):
+    model = tiny_lora_model(tokenizer, seed=5)
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters("a", 3, 0, facts="Secret fact."), letters("b", 5, 3, solution="Secret solution.")]
+    seen = {"generate": [], "loglik": []}
+
+    def spy_generate(model_, tokenizer_, prompts, **settings):
+        seen["generate"].append((prompts, settings))
+        return generate(model_, tokenizer_, prompts, **settings)
+
+    def spy_option_logprobs(model_, prompts, options, batch_size, prefixes=None):
+        seen["loglik"].append(prompts)
+        return option_logprobs(model_, prompts, options, batch_size, prefixes)
+
+    monkeypatch.setattr(evaluation, "generate", spy_generate)
+    monkeypatch.setattr(evaluation, "option_logprobs", spy_option_logprobs)
+    settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
+    metrics = evaluate(model, prompt_format, examples, settings)
+    expected = [prompt_format.task(example) for example in examples]
+    (prompts, sampling), = seen["generate"]
+    assert prompts == expected
+    assert sampling["temperature"] == 0 and sampling["max_new_tokens"] == 3
+    assert {tuple(prompt) for prompt in seen["loglik"][0]} == {tuple(prompt) for prompt in expected}
+    for prompt in prompts:
+        assert "Secret" not in tokenizer.decode(prompt)
+    assert set(metrics) == {
+        "num_examples", "loglik_accuracy", "loglik_answer_share", "accuracy", "parse_rate", "answer_share",
+        "mean_completion_tokens",
+    }
+    assert metrics["num_examples"] == 2 and metrics["accuracy"] == 0.0 and metrics["parse_rate"] == 0.0  # a random model
+    assert sum(metrics["loglik_answer_share"].values()) == pytest.approx(1.0)
+    assert 1 <= metrics["mean_completion_tokens"] <= 3
+
+
+def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeypatch):
+    examples = [letters("a", 3, 0), letters("b", 5, 4), letters("c", 4, 1)]
+    answers = {"a": " A\n", "b": " E\n", "c": " D\n"}
+    prompt_format = PromptFormat(tokenizer, answer_prefix=True)
+    prompts = {tuple(prompt_format.task(example)): example.uid for example in examples}
+
+    def scripted_generate(model, tokenizer_, prompts_, **settings):
+        assert settings["text_prefix"] == "Answer:"
+        return [completion_from_text(tokenizer, answers[prompts[tuple(prompt)]]) for prompt in prompts_]
+
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
+        # Every example's first option is the most likely: right for "a" (gold index 0) only.
+        return [[0.0 if c == prompt_format.option_completion("A") else -1.0 for c in options] for options in row_options]
+
+    monkeypatch.setattr(evaluation, "generate", scripted_generate)
+    monkeypatch.setattr(evaluation, "option_logprobs", scripted_option_logprobs)
+    model = torch.nn.Linear(1, 1)
+    metrics = evaluate(model, prompt_format, examples, EvalConfig(methods=["loglik", "generate"], batch_size=4))
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["parse_rate"] == 1.0
+    assert metrics["answer_share"] == {"A": pytest.approx(1 / 3), "D": pytest.approx(1 / 3), "E": pytest.approx(1 / 3)}
+    assert metrics["loglik_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["loglik_answer_share"] == {"A": 1.0}
+
+
+def test_answer_shares_group_varied_option_texts_by_position():
+    examples = [
+        Example(uid="t/1", question="Fruit?", options=("apple", "stone"), gold=0, label_style="text"),
+        Example(uid="t/2", question="Metal?", options=("wood", "iron"), gold=1, label_style="text"),
+        Example(uid="t/3", question="Sky?", options=("blue", "grass"), gold=0, label_style="text"),
+    ]
+    metrics = generation_metrics(examples, ["Answer: apple", "Answer: wood", "Answer: no idea"])
+    assert metrics["answer_share"] == {"option 1": 1.0}
+    yes_no = [Example(uid=f"y/{i}", question="?", options=("Yes", "No"), gold=i % 2, label_style="text") for i in range(2)]
+    assert generation_metrics(yes_no, ["Answer: Yes", "Answer: No"])["answer_share"] == {"No": 0.5, "Yes": 0.5}
+
+
+def test_generation_reuses_the_prompts_the_option_scoring_ran(tokenizer, monkeypatch):
+    model = tiny_lora_model(tokenizer, seed=5)
+    prompt_format = PromptFormat(tokenizer)
+    examples = [letters(str(index), 3, index % 3) for index in range(6)]
+    settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
+    prefill_widths = []
+
+    def spy_generate(model_, tokenizer_, prompts, **sampling):
+        hook = model_.register_forward_pre_hook(lambda module, args, kwargs: prefill_widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        try:
+            return generate(model_, tokenizer_, prompts, **sampling)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(evaluation, "generate", spy_generate)
+    reused = evaluate(model, prompt_format, examples, settings)
+    assert set(prefill_widths) == {1}  # every prompt was run by the scoring: generation feeds one token at a time
+    prompts = [prompt_format.task(example) for example in examples]
+    generated = generate(model, tokenizer, prompts, max_new_tokens=3, temperature=0.0, top_p=1.0, seed=0, batch_size=4)
+    assert reused["mean_completion_tokens"] == sum(len(c.token_ids) for c in generated) / len(generated)
+    assert reused["accuracy"] == generation_metrics(examples, [c.text for c in generated])["accuracy"]

@@ -1,0 +1,220 @@
+"""The local simulation end to end on a primed tiny model: run folder, resume after an interruption, failures."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from helpers import (
+    end_to_end_assets,
+    read_history,
+    reference_run,
+    single_thread,
+    strip_timing,
+    write_run_config,
+)
+from safetensors.torch import load_file
+
+import spearfl.runtime.local as local
+import spearfl.runtime.server as server
+from spearfl.algorithms import ALGORITHMS
+from spearfl.config import config_to_dict, load_config
+from spearfl.runtime.local import run_local
+from spearfl.runtime.run_folder import RunFolder
+from spearfl.runtime.server import RunConflict, choose_clients
+from spearfl.runtime.setup import prepare_data
+
+REAL_UPDATE = ALGORITHMS["spear"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def config_for(name: str, *overrides: str):
+    assets = end_to_end_assets()
+    path = write_run_config(assets, assets.root / f"{name}.yaml", assets.root / name)
+    return load_config(path, list(overrides))
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_reference_run_folder_is_complete_and_trained():
+    folder = reference_run()
+    config = config_for("reference-run")
+    assert RunFolder(folder).read_config() == config_to_dict(config)
+    history = read_history(folder)
+    assert [row["round"] for row in history] == [0, 1, 2]
+    assert all("eval" in row for row in history)
+    assert history[0]["clients"] == [] and "online" not in history[0]
+    for row in history[1:]:
+        assert [client["client"] for client in row["clients"]] == choose_clients(config, row["round"])
+        assert row["lr"] > 0
+        assert row["online"]["wins"] == sum(client["metrics"]["wins"] for client in row["clients"])
+    weights = [client["weight"] for row in history[1:] for client in row["clients"]]
+    assert any(weight > 0 for weight in weights)
+    assert all(client["weight"] == client["metrics"]["wins"] for row in history[1:] for client in row["clients"])
+    assert read_json(folder / "status.json")["state"] == "complete"
+    summary = read_json(folder / "summary.json")
+    assert summary["before"] == history[0]["eval"] and summary["after"] == history[2]["eval"]
+    assert summary["rounds"] == 2 and summary["trained_tokens"] > 0
+    first, last = load_file(folder / "adapters" / "round_0000.safetensors"), load_file(folder / "adapters" / "round_0002.safetensors")
+    assert first.keys() == last.keys()
+    assert all(torch.count_nonzero(value) == 0 for name, value in first.items() if "lora_B" in name)  # peft starts B at 0
+    assert any(not torch.equal(first[name], last[name]) for name in first)
+
+
+def test_data_preparation_and_client_choice_are_deterministic():
+    config = config_for("reference-run")
+    first, second = prepare_data(config), prepare_data(config)
+    assert [e.uid for e in first.heldout] == [e.uid for e in second.heldout]
+    assert [[e.uid for e in pool] for pool in first.clients] == [[e.uid for e in pool] for pool in second.clients]
+    held_out = {e.uid for e in first.heldout}
+    assert len(held_out) == 8 and not held_out & {e.uid for pool in first.clients for e in pool}
+    assert choose_clients(config, 1) == choose_clients(config, 1)
+    assert len(set(choose_clients(config, 1))) == 2
+
+
+def test_a_complete_folder_is_not_run_again(monkeypatch):
+    folder = reference_run()
+    history_before = (folder / "history.jsonl").read_text()
+    monkeypatch.setattr(server, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a finished run"))
+    summary = run_local(config_for("reference-run"), show_progress=False)
+    assert summary == read_json(folder / "summary.json")
+    assert (folder / "history.jsonl").read_text() == history_before
+
+
+def test_a_different_config_in_the_same_folder_is_refused(monkeypatch):
+    folder = reference_run()
+    monkeypatch.setattr(server, "build_context", lambda *args, **kwargs: pytest.fail("loaded a model for a conflicting run"))
+    with pytest.raises(RunConflict) as caught:
+        run_local(config_for("reference-run", "seed=8", "spear.margin=0.5"), show_progress=False)
+    assert "seed" in str(caught.value) and "spear.margin" in str(caught.value)
+    assert RunFolder(folder).read_config()["seed"] == 7
+
+
+def test_fresh_deletes_the_old_folder_first(tmp_path, monkeypatch):
+    config = config_for("unused", f"output_dir={tmp_path / 'old'}")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("seed: 123\n")
+    monkeypatch.setattr(server.FederatedRun, "run", lambda self: {"ran": True})
+    assert run_local(config, fresh=True, show_progress=False) == {"ran": True}
+    assert not (tmp_path / "old").exists()
+
+
+def interrupt_in_round(round_index: int, exception: BaseException):
+    def update(context, work):
+        if work.round_index == round_index:
+            raise exception
+        return REAL_UPDATE(context, work)
+
+    return update
+
+
+@pytest.fixture(scope="module")
+def interrupted_run():
+    """A run stopped by Ctrl-C during round 2; returns (folder, status, summary present, history) at that moment."""
+    config = config_for("interrupted-run")
+    with single_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ALGORITHMS, "spear", interrupt_in_round(2, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run_local(config, show_progress=False)
+    folder = RunFolder(config.output_dir)
+    return folder, folder.read_status(), folder.summary_path.exists(), folder.read_history(), config
+
+
+def test_interruption_leaves_an_incomplete_folder_that_says_so(interrupted_run):
+    folder, status, has_summary, history, _ = interrupted_run
+    assert status["state"] == "interrupted"
+    assert not has_summary
+    assert [row["round"] for row in history] == [0, 1]
+    assert folder.load_checkpoint().round_index == 1
+    assert status["last_round"] == 1  # rounds 0 and 1 finished and are checkpointed
+
+
+def test_resumed_run_repeats_the_uninterrupted_history(interrupted_run):
+    folder, _, _, _, config = interrupted_run
+    summary = run_local(config, show_progress=False)
+    assert folder.read_status()["state"] == "complete"
+    reference = reference_run()
+    assert strip_timing(folder.read_history()) == strip_timing(read_history(reference))
+    assert strip_timing(summary) == strip_timing(read_json(reference / "summary.json"))
+    for round_index in (0, 1, 2):
+        resumed = folder.load_adapter(round_index)
+        uninterrupted = load_file(reference / "adapters" / f"round_{round_index:04d}.safetensors")
+        assert all(torch.equal(resumed[name], uninterrupted[name]) for name in uninterrupted)
+
+
+def test_a_failing_client_marks_the_run_failed_at_its_last_checkpoint(monkeypatch):
+    config = config_for("failed-run")
+    monkeypatch.setitem(ALGORITHMS, "spear", interrupt_in_round(1, RuntimeError("client crashed")))
+    with pytest.raises(RuntimeError, match="client crashed"):
+        run_local(config, show_progress=False)
+    folder = RunFolder(config.output_dir)
+    status = folder.read_status()
+    assert status["state"] == "failed" and status["last_round"] == 0 and "client crashed" in status["message"]
+    assert [row["round"] for row in folder.read_history()] == [0]
+    assert not folder.summary_path.exists()
+
+
+def test_sigterm_marks_the_run_interrupted():
+    config = config_for("terminated-run")
+
+    def terminate_in_round_1(context, work):
+        if signal.getsignal(signal.SIGTERM) is not local.stop_on_terminate:
+            pytest.fail("run_local did not install its SIGTERM handler")  # never send an unhandled SIGTERM to pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+        return REAL_UPDATE(context, work)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(ALGORITHMS, "spear", terminate_in_round_1)
+            with pytest.raises(KeyboardInterrupt):
+                run_local(config, show_progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    status = RunFolder(config.output_dir).read_status()
+    assert status["state"] == "interrupted" and status["last_round"] == 0
+
+
+def test_run_local_restores_the_callers_sigterm_handler():
+    """run_local is also a library call: it must not leave its handler behind in the caller's process."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def callers_handler(signal_number, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        run_local(config_for("reference-run"), show_progress=False)  # a complete folder: returns at once
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_bfloat16_base_model_trains_its_adapter(tmp_path, monkeypatch):
+    from helpers import one_round
+
+    config, _, _, row = one_round(tmp_path, monkeypatch, "spear", "model.dtype=bfloat16")
+    assert config.model.dtype == "bfloat16"
+    assert any(client["weight"] > 0 for client in row["clients"])  # one_round also checks the adapter moved
+
+
+def test_a_folder_written_before_a_config_field_existed_holds_its_default(tmp_path):
+    config = config_for("unused", f"output_dir={tmp_path / 'old'}")
+    saved = config_to_dict(config)
+    del saved["server"]["upload_encoding"]  # a field added later, at its default
+    folder = RunFolder(tmp_path / "old")
+    folder.path.mkdir()
+    folder.write_config(saved)
+    server.check_run_folder(folder, config)
+    saved["server"]["upload_encoding"] = "bfloat16"
+    folder.write_config(saved)
+    with pytest.raises(RunConflict, match="server.upload_encoding"):
+        server.check_run_folder(folder, config)
