@@ -1,7 +1,9 @@
 """Typed run configuration: one YAML file plus `a.b=c` overrides, validated before any work starts.
 
-Defaults come from the SPEAR reference configs (arXiv 2605.07977) unless a comment says otherwise.
-Unknown keys are errors, so a typo never silently falls back to a default.
+Defaults come from the SPEAR reference configs (arXiv 2605.07977) unless a comment says otherwise, and
+live here only: presets (configs/*.yaml) override a few fields of them, and library settings (LoRA, the
+server optimizer) take these sections as they are. Unknown keys are errors, so a typo never silently
+falls back to a default.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ class DataConfig(Section):
 
 
 class FeedbackConfig(Section):
-    provider: Literal["oracle"] = "oracle"
     hint: str = "none"
     max_hint_sentences: int = Field(2, ge=1)
     remind_format: bool = False  # an unparseable answer is told so (names no option)

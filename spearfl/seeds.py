@@ -15,7 +15,6 @@ import hashlib
 import json
 
 import numpy as np
-import torch
 
 SERVER_CLIENT_ID = -1
 _SEED_MASK = (1 << 63) - 1  # 63 bits: non-negative in a signed 64-bit integer, accepted by torch and numpy
@@ -33,13 +32,6 @@ def derive_seed(run_seed: int, round_index: int, client_id: int, purpose: str) -
     encoding = json.dumps(["spearfl-seed-v1", run_seed, round_index, client_id, purpose], separators=(",", ":"))
     digest = hashlib.sha256(encoding.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & _SEED_MASK
-
-
-def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """Torch generator seeded with `seed`, on the device whose tensors it will sample."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
 
 
 def numpy_generator(seed: int) -> np.random.Generator:

@@ -21,12 +21,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import spearfl.algorithms.base
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import LoraConfig, RunConfig, load_config
-from spearfl.data.prompts import REVISION_INSTRUCTION, PromptFormat, encode_task
+from spearfl.data.prompts import REVISION_INSTRUCTION, PromptFormat
 from spearfl.data.schema import Example
 from spearfl.feedback.providers import make_oracle
-from spearfl.lm.forward import completion_logprobs
+from spearfl.lm.forward import PADDING_ID
 from spearfl.lm.generation import Completion, generate
-from spearfl.lm.models import DEFAULT_MODEL, attach_lora, freeze, load_tokenizer
+from spearfl.lm.models import (
+    DEFAULT_MODEL,
+    attach_lora,
+    evaluation_mode,
+    freeze,
+    load_tokenizer,
+)
+from spearfl.lm.training import collate, target_logprobs
 from spearfl.runtime.local import run_local
 from spearfl.runtime.setup import build_context
 
@@ -76,6 +83,25 @@ def tiny_lora_model(tokenizer, seed: int = 0, rank: int = 4, dropout: float = 0.
     """A fresh two-layer random Llama with a LoRA adapter on every linear projection."""
     model = build_tiny_model(tokenizer, seed=seed)
     return attach_lora(model, LoraConfig(rank=rank, alpha=2 * rank, dropout=dropout), seed=seed + 1)
+
+
+def encode_task(tokenizer, example: Example) -> list[int]:
+    """Token ids of an example's first-attempt prompt, without an answer prefix."""
+    return PromptFormat(tokenizer).task(example)
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
+    """Reference scores: each completion token's log-probability after its prompt, dropout off, float32 on the CPU."""
+    device = next(model.parameters()).device
+    rows = []
+    with evaluation_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            chunk = completions[start : start + batch_size]
+            batch = collate(prompts[start : start + batch_size], chunk, PADDING_ID, device)
+            logprobs = target_logprobs(model, batch)  # [B, K]
+            rows += [logprobs[row, -len(ids) :].cpu() for row, ids in enumerate(chunk)]
+    return rows
 
 
 def make_config(*overrides: str) -> RunConfig:

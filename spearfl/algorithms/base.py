@@ -1,11 +1,18 @@
-"""What every client update receives and returns, shared by the local and the Flower runtimes."""
+"""What every client update receives and returns, and the envelope every client round runs in.
+
+`client_round` does what every algorithm's round shares: the timer and peak-memory window, loading the
+global adapter, drawing the round's prompts, sampling and judging through one `Sampler` that counts the
+cost, the skip when there is nothing to learn from (weight 0, the global adapter returned), and the
+metrics every reply carries (`REPORTED_METRICS`). An algorithm supplies only how it collects what to
+learn from (`Collect`) and how it trains on it (`Train`).
+"""
 
 from __future__ import annotations
 
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -13,8 +20,8 @@ import torch
 from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
 from spearfl.feedback.providers import Feedback, FeedbackProvider
-from spearfl.lm.generation import Completion, generate
-from spearfl.lm.models import trainable_parameters
+from spearfl.lm.generation import Completion, SamplingSettings, generate
+from spearfl.lm.models import get_adapter_state, set_adapter_state, trainable_parameters
 from spearfl.lm.prefix_cache import PrefixCache
 from spearfl.lm.training import make_optimizer, optimizer_step
 from spearfl.seeds import derive_seed
@@ -54,6 +61,9 @@ class ClientResult:
     state: dict[str, torch.Tensor]
     weight: float
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+Item = TypeVar("Item")
 
 
 class ClientUpdate(Protocol):
@@ -96,41 +106,102 @@ def sample_examples(examples: list[Example], count: int, seed: int) -> list[Exam
     return [examples[int(index)] for index in indices]
 
 
-def sample_and_judge(
-    context: ClientContext,
-    prompts: list[list[int]],
-    examples: list[Example],
-    seed: int,
-    description: str = "generating",
-    prefixes: PrefixCache | None = None,
-) -> tuple[list[Completion], list[Feedback], float]:
-    """Sample one completion per prompt with the run's sampling settings and judge each.
+class Sampler:
+    """Samples and judges completions for one client round with the run's sampling settings, counting the cost.
 
-    prefixes: states of this round's earlier prompts, for prompts that begin with them (a revision).
-    Returns the completions, their feedback and the seconds spent judging.
+    Every completion a round samples goes through here, so `metrics` covers them all: completions,
+    generated tokens, hints the leak filter held back, and the seconds spent decoding and judging.
     """
-    settings = context.config.generation
-    context.model.eval()
-    completions = generate(
-        context.model,
-        context.prompts.tokenizer,
-        prompts,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        seed=seed,
-        batch_size=settings.batch_size,
-        text_prefix=context.prompts.prefix,
-        progress=context.progress or False,
-        description=description,
-        prefixes=prefixes,
-    )
+
+    def __init__(self, context: ClientContext, work: ClientRound):
+        self.context, self.work = context, work
+        self.counts = {"generations": 0, "generated_tokens": 0, "hints_dropped": 0}
+        self.seconds = {"generation_seconds": 0.0, "feedback_seconds": 0.0}
+
+    def __call__(
+        self, prompts: list[list[int]], examples: list[Example], purpose: str, what: str, prefixes: PrefixCache | None = None
+    ) -> tuple[list[Completion], list[Feedback]]:
+        """One completion per prompt, seeded by (round, client, `purpose`), and its feedback.
+
+        prefixes: states of this round's earlier prompts, for prompts that begin with them (a revision).
+        """
+        context, settings = self.context, self.context.config.generation
+        sampling = SamplingSettings(
+            settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, text_prefix=context.prompts.prefix
+        )
+        started = time.perf_counter()
+        context.model.eval()
+        completions = generate(
+            context.model, context.prompts.tokenizer, prompts, settings=sampling, seed=self.work.seed(purpose),
+            progress=context.progress or False, description=f"client {self.work.client_id} {what}", prefixes=prefixes,
+        )
+        generated = time.perf_counter()
+        feedback = [
+            context.feedback(example, context.prompts.answer_text(completion.text))
+            for example, completion in zip(examples, completions)
+        ]
+        self.seconds["generation_seconds"] += generated - started
+        self.seconds["feedback_seconds"] += time.perf_counter() - generated
+        self.counts["generations"] += len(completions)
+        self.counts["generated_tokens"] += sum(len(completion.token_ids) for completion in completions)
+        self.counts["hints_dropped"] += sum(verdict.hint_dropped for verdict in feedback)
+        return completions, feedback
+
+    def metrics(self) -> dict[str, float]:
+        return self.counts | self.seconds
+
+
+@dataclass
+class Collected:
+    """What a round collected to learn from, its aggregation weight if trained on (0: skip), and its metrics.
+
+    metrics must hold `first_try_correct`: how many first attempts the feedback judged correct.
+    """
+
+    data: Any
+    weight: float
+    metrics: dict[str, float]
+
+
+Collect = Callable[[ClientContext, ClientRound, Sampler, list[Example], list[list[int]]], Collected]
+Train = Callable[[ClientContext, ClientRound, Any], dict[str, float]]
+
+# Metrics every client update reports, whatever its algorithm; the server's history and reply checks read
+# these. Algorithms add their own (wins, losses, revised_correct, ...) beside them.
+REPORTED_METRICS = (
+    "prompts", "first_try_correct", "generations", "generated_tokens", "trained_tokens", "scored_tokens",
+    "seconds", "peak_memory_mb", "skipped",
+)
+
+
+def client_round(context: ClientContext, work: ClientRound, num_prompts: int, collect: Collect, train: Train) -> ClientResult:
+    """One client round of any algorithm: draw `num_prompts` prompts, collect, train unless the weight is 0."""
     started = time.perf_counter()
-    feedback = [
-        context.feedback(example, context.prompts.answer_text(completion.text))
-        for example, completion in zip(examples, completions)
-    ]
-    return completions, feedback, time.perf_counter() - started
+    reset_peak_memory(context.device)
+    set_adapter_state(context.model, work.global_state)
+    examples = sample_examples(work.examples, num_prompts, work.seed("prompts"))
+    prompts = [context.prompts.task(example) for example in examples]
+    sampler = Sampler(context, work)
+    collected = collect(context, work, sampler, examples, prompts)
+    metrics = {"prompts": len(prompts), "trained_tokens": 0, "scored_tokens": 0, "training_seconds": 0.0}
+    metrics |= sampler.metrics() | collected.metrics
+    metrics["first_try_accuracy"] = metrics["first_try_correct"] / len(prompts)
+    state = work.global_state
+    if collected.weight > 0:
+        training_started = time.perf_counter()
+        metrics |= train(context, work, collected.data)
+        metrics["training_seconds"] = time.perf_counter() - training_started
+        state = get_adapter_state(context.model)
+    metrics |= {"skipped": int(collected.weight == 0), "seconds": time.perf_counter() - started}
+    metrics["peak_memory_mb"] = peak_memory_mb(context.device)
+    return ClientResult(state=state, weight=collected.weight, metrics=metrics)
+
+
+def draw(items: list[Item], count: int, rng: np.random.Generator) -> list[Item]:
+    """Up to `count` items without replacement (all of them when there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[int(index)] for index in rng.choice(len(items), size=count, replace=False)]
 
 
 StepLoss = Callable[[np.random.Generator, int], tuple[torch.Tensor, dict[str, float]]]

@@ -23,7 +23,6 @@ of the batch, as SPEAR's likelihood term does), process rewards, and the iterati
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +31,19 @@ from spearfl.algorithms.base import (
     ClientContext,
     ClientResult,
     ClientRound,
-    peak_memory_mb,
-    reset_peak_memory,
-    sample_and_judge,
-    sample_examples,
+    Collected,
+    Sampler,
+    client_round,
+    draw,
     train_steps,
 )
-from spearfl.lm.models import get_adapter_state, set_adapter_state
-from spearfl.lm.training import CompletionBatch, collate, completion_logits, draw
+from spearfl.lm.training import collate, target_logprobs
 from spearfl.losses.policy import (
     clipped_fraction,
     clipped_surrogate_loss,
     group_advantages,
     k3_kl,
 )
-from spearfl.losses.spear import token_logprobs
 
 
 @dataclass
@@ -59,47 +56,28 @@ class Rollout:
     old_logprobs: torch.Tensor  # [len(completion)] float32, CPU: the sampler's, without dropout
 
 
-def sample_groups(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list[Rollout], dict]:
-    """Sample and judge G completions per prompt; keep the rollouts of groups with mixed rewards."""
+def sample_groups(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
+    """Sample and judge G completions per prompt; keep the rollouts of groups with mixed rewards.
+
+    Weight = number of prompts whose group had mixed rewards: when every group agreed with itself, all
+    advantages are 0 and a step would only add noise, so the round is skipped.
+    """
     num_prompts, group_size = len(prompts), context.config.grpo.group_size
-    started = time.perf_counter()
-    completions, feedback, feedback_seconds = sample_and_judge(
-        context, prompts * group_size, examples * group_size, work.seed("first-attempt"),
-        f"client {work.client_id} GRPO samples",
-    )
+    completions, feedback = sample(prompts * group_size, examples * group_size, "first-attempt", "GRPO samples")
     rewards = torch.tensor([float(f.correct) for f in feedback]).view(group_size, num_prompts).T  # [P, G]
     advantages = group_advantages(rewards)  # [P, G]
     informative = (rewards.std(dim=-1) > 0).tolist()  # [P]
     rollouts = [
-        Rollout(prompts[p], sample.token_ids, float(advantages[p, g]), torch.tensor(sample.logprobs))
+        Rollout(prompts[p], completion.token_ids, float(advantages[p, g]), torch.tensor(completion.logprobs))
         for p in range(num_prompts) if informative[p]
-        for g, sample in ((g, completions[g * num_prompts + p]) for g in range(group_size))
+        for g, completion in ((g, completions[g * num_prompts + p]) for g in range(group_size))
     ]
-    first_try_correct = int(rewards[:, 0].sum())
     metrics = {
-        "prompts": num_prompts,
-        "first_try_correct": first_try_correct,
-        "first_try_accuracy": first_try_correct / num_prompts,
-        "revised_correct": 0,
-        "revision_success": float("nan"),
-        "wins": 0,
-        "losses": 0,
+        "first_try_correct": int(rewards[:, 0].sum()),
         "sample_accuracy": sum(f.correct for f in feedback) / len(feedback),
         "informative_groups": sum(informative),
-        "generations": len(completions),
-        "generated_tokens": sum(len(completion.token_ids) for completion in completions),
-        "feedback_seconds": feedback_seconds,
-        "generation_seconds": time.perf_counter() - started - feedback_seconds,
     }
-    return rollouts, metrics
-
-
-def right_aligned_values(batch: CompletionBatch, rows: list[torch.Tensor]) -> torch.Tensor:
-    """Place one value per completion token into a [B, K] tensor aligned with `batch.targets` (0 elsewhere)."""
-    values = torch.zeros(batch.targets.shape, dtype=torch.float32)
-    for row, row_values in enumerate(rows):
-        values[row, -len(row_values):] = row_values
-    return values.to(batch.targets.device)
+    return Collected(rollouts, float(sum(informative)), metrics)
 
 
 def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Tensor, dict]:
@@ -108,8 +86,8 @@ def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Te
     batch = collate(
         [r.prompt for r in rollouts], [r.completion for r in rollouts], context.prompts.tokenizer.pad_token_id, context.device
     )
-    logprobs = token_logprobs(completion_logits(context.model, batch), batch.targets)  # [B, K]
-    old_logprobs = right_aligned_values(batch, [r.old_logprobs for r in rollouts])  # [B, K]
+    logprobs = target_logprobs(context.model, batch)  # [B, K]
+    old_logprobs = batch.right_aligned([r.old_logprobs for r in rollouts], dtype=torch.float32)  # [B, K]
     advantages = torch.tensor([r.advantage for r in rollouts], device=context.device)  # [B]
     mask = batch.completion_mask
     surrogate = clipped_surrogate_loss(logprobs, old_logprobs, advantages, mask, settings.clip_epsilon)
@@ -139,19 +117,4 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) ->
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One GRPO round on one client; weight = number of prompts whose group had mixed rewards, 0 if none."""
-    started = time.perf_counter()
-    reset_peak_memory(context.device)
-    set_adapter_state(context.model, work.global_state)
-    examples = sample_examples(work.examples, context.config.grpo.prompts_per_round, work.seed("prompts"))
-    prompts = [context.prompts.task(example) for example in examples]
-    rollouts, metrics = sample_groups(context, work, examples, prompts)
-    metrics.update(trained_tokens=0, training_seconds=0.0)
-    if not rollouts:
-        # Every group agreed with itself: all advantages are 0, a step would only add noise.
-        metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=1)
-        return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
-    training_started = time.perf_counter()
-    metrics.update(train(context, work, rollouts))
-    metrics["training_seconds"] = time.perf_counter() - training_started
-    metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=0)
-    return ClientResult(state=get_adapter_state(context.model), weight=float(metrics["informative_groups"]), metrics=metrics)
+    return client_round(context, work, context.config.grpo.prompts_per_round, sample_groups, train)

@@ -33,14 +33,14 @@ from spearfl.algorithms.base import (
     ClientContext,
     ClientResult,
     ClientRound,
-    peak_memory_mb,
-    reset_peak_memory,
-    sample_and_judge,
-    sample_examples,
+    Collected,
+    Sampler,
+    client_round,
+    draw,
     train_steps,
 )
-from spearfl.lm.models import evaluation_mode, get_adapter_state, set_adapter_state
-from spearfl.lm.training import collate, completion_logits, draw
+from spearfl.lm.models import evaluation_mode
+from spearfl.lm.training import collate, completion_logits
 from spearfl.losses.distill import distillation_loss
 
 TEACHER_DTYPE = torch.float16  # the module docstring says why half precision suffices
@@ -76,25 +76,14 @@ def teacher_logprobs(
     return rows, num_tokens
 
 
-def right_aligned(rows: list[torch.Tensor], num_positions: int, device) -> torch.Tensor:
-    """Stack per-sample [length, V] log-probs into float32 [B, K, V] on `device`, ending at the last column
-    like `collate`'s targets.
-
-    Positions before a short completion hold a uniform distribution: a valid one, masked out of the loss anyway.
-    """
-    vocabulary = rows[0].shape[-1]
-    stacked = torch.full((len(rows), num_positions, vocabulary), -math.log(vocabulary), device=device)
-    for index, row in enumerate(rows):
-        stacked[index, num_positions - len(row):] = row.to(device)  # moved in float16, half the bytes
-    return stacked
-
-
 def opsd_loss(context: ClientContext, samples: list[Sample]) -> tuple[torch.Tensor, int]:
     """KL(frozen teacher || student) over the completion tokens of a batch, and the tokens the forward processed."""
     pad_id = context.prompts.tokenizer.pad_token_id
     batch = collate([s.prompt for s in samples], [s.completion for s in samples], pad_id, context.device)
     student_logits = completion_logits(context.model, batch)  # [B, K, V]
-    teacher = right_aligned([s.teacher_logprobs for s in samples], student_logits.shape[1], context.device)  # [B, K, V]
+    # Positions before a short completion hold a uniform distribution: a valid one, masked out of the loss anyway.
+    uniform = -math.log(student_logits.shape[-1])
+    teacher = batch.right_aligned([s.teacher_logprobs for s in samples], fill=uniform, dtype=torch.float32)  # [B, K, V]
     return distillation_loss(teacher, student_logits, batch.completion_mask), batch.num_tokens
 
 
@@ -109,53 +98,30 @@ def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> d
     return train_steps(context, work, settings.local_steps, step_loss)
 
 
-def collect_samples(context: ClientContext, work: ClientRound, examples) -> tuple[list[Sample], dict]:
-    """Sample one completion per task prompt, judge it, and score it with the teacher before any update."""
-    started = time.perf_counter()
-    prompts = [context.prompts.task(example) for example in examples]
-    completions, feedback, feedback_seconds = sample_and_judge(
-        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} samples"
-    )
-    generation_seconds = time.perf_counter() - started - feedback_seconds
+def collect_samples(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
+    """Sample one completion per task prompt, judge it, and score it with the teacher before any update.
+
+    Weight = number of prompts trained on: every sampled prompt. Each sample is a learning signal, as each
+    SPEAR win is, whether or not a random batch happens to draw it.
+    """
+    completions, feedback = sample(prompts, examples, "first-attempt", "samples")
     teacher_started = time.perf_counter()
     generated = [completion.token_ids for completion in completions]
     privileged = [context.prompts.privileged(example, context.config.opsd.privileged) for example in examples]
     teacher, teacher_tokens = teacher_logprobs(context, privileged, generated)
     samples = [Sample(prompt, completion, row) for prompt, completion, row in zip(prompts, generated, teacher)]
-    num_correct = sum(f.correct for f in feedback)
     metrics = {
-        "prompts": len(prompts),
-        "first_try_correct": num_correct,
-        "first_try_accuracy": num_correct / len(prompts),
-        "revised_correct": 0,
-        "revision_success": float("nan"),
-        "wins": 0,
-        "losses": 0,
-        "generations": len(generated),
-        "generated_tokens": sum(len(ids) for ids in generated),
-        "teacher_tokens": teacher_tokens,
-        "generation_seconds": generation_seconds,
-        "feedback_seconds": feedback_seconds,
+        "first_try_correct": sum(f.correct for f in feedback),
+        "scored_tokens": teacher_tokens,
         "teacher_seconds": time.perf_counter() - teacher_started,
     }
-    return samples, metrics
+    return Collected(samples, float(len(samples)), metrics)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
-    """One OPSD round on one client; weight = number of prompts trained on: every sampled prompt.
-
-    Each sample is a learning signal, as each SPEAR win is, whether or not a random batch happens to draw it.
+    """One OPSD round on one client; the teacher is scored while collecting, frozen from then on.
 
     Prompts and samples take SPEAR's seed purposes, so both methods draw the same prompts and, from the
     same adapter, the same first attempts.
     """
-    started = time.perf_counter()
-    reset_peak_memory(context.device)
-    set_adapter_state(context.model, work.global_state)
-    examples = sample_examples(work.examples, context.config.opsd.prompts_per_round, work.seed("prompts"))
-    samples, metrics = collect_samples(context, work, examples)  # the teacher is scored here, frozen from now on
-    training_started = time.perf_counter()
-    metrics.update(train(context, work, samples))
-    metrics["training_seconds"] = time.perf_counter() - training_started
-    metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=0)
-    return ClientResult(state=get_adapter_state(context.model), weight=float(len(samples)), metrics=metrics)
+    return client_round(context, work, context.config.opsd.prompts_per_round, collect_samples, train)

@@ -28,7 +28,6 @@ round-start adapter, as in SPEAR), and more than one revision.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -37,17 +36,16 @@ from spearfl.algorithms.base import (
     ClientContext,
     ClientResult,
     ClientRound,
-    peak_memory_mb,
-    reset_peak_memory,
-    sample_and_judge,
-    sample_examples,
+    Collected,
+    Sampler,
+    client_round,
+    draw,
     train_steps,
 )
-from spearfl.lm.models import get_adapter_state, set_adapter_state
 from spearfl.lm.prefix_cache import PrefixCache
-from spearfl.lm.training import collate, completion_logits, draw
+from spearfl.lm.training import collate, target_logprobs
 from spearfl.losses.policy import baseline_advantages, reinforce_loss
-from spearfl.losses.spear import likelihood_loss, token_logprobs
+from spearfl.losses.spear import likelihood_loss
 
 
 @dataclass
@@ -68,22 +66,16 @@ class TwoTurns:
         return self.first_advantage != 0 or self.revision_advantage != 0 or distilled
 
 
-def collect_turns(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list[TwoTurns], dict]:
+def collect_turns(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> tuple[list[TwoTurns], dict]:
     """First attempts, feedback, one revision of every attempt, and both turns' rewards; returns (rollouts, metrics)."""
-    started = time.perf_counter()
     prefixes = PrefixCache()  # each revision prompt begins with its task prompt: its prefill runs only the rest
-    first, feedback, feedback_seconds = sample_and_judge(
-        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts", prefixes
-    )
+    first, feedback = sample(prompts, examples, "first-attempt", "first attempts", prefixes)
     prefixes.retain(prompts)
     revision_prompts = [
         context.prompts.revision(example, completion.text, verdict.text)
         for example, completion, verdict in zip(examples, first, feedback)
     ]
-    revised, revised_feedback, judging = sample_and_judge(
-        context, revision_prompts, examples, work.seed("revision-1"), f"client {work.client_id} revisions", prefixes
-    )
-    feedback_seconds += judging
+    revised, revised_feedback = sample(revision_prompts, examples, "revision-1", "revisions", prefixes)
     first_rewards = torch.tensor([float(f.correct) for f in feedback])  # [n]
     revision_rewards = torch.tensor([float(f.correct) for f in revised_feedback])  # [n]
     first_advantages = baseline_advantages(first_rewards).tolist()
@@ -95,23 +87,28 @@ def collect_turns(context: ClientContext, work: ClientRound, examples, prompts) 
     ]
     num_wrong = sum(not f.correct for f in feedback)
     fixed = sum(not f.correct and r.correct for f, r in zip(feedback, revised_feedback))
-    completions = first + revised
     metrics = {
-        "prompts": len(prompts),
         "first_try_correct": len(prompts) - num_wrong,
-        "first_try_accuracy": (len(prompts) - num_wrong) / len(prompts),
         "revised_correct": fixed,
         "revision_success": fixed / num_wrong if num_wrong else float("nan"),
         "second_turn_accuracy": sum(f.correct for f in revised_feedback) / len(prompts),
-        "wins": 0,
-        "losses": 0,
-        "generations": len(completions),
-        "generated_tokens": sum(len(completion.token_ids) for completion in completions),
-        "hints_dropped": sum(f.hint_dropped for f in feedback),
-        "feedback_seconds": feedback_seconds,
-        "generation_seconds": time.perf_counter() - started - feedback_seconds,
     }
     return rollouts, metrics
+
+
+def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
+    """The two-turn rollouts with a learning signal; weight = their number.
+
+    None has one when every turn's rewards agree and no revision is correct: every term is 0, the round is skipped.
+    """
+    distill_coef = context.config.rltf_sd.distill_coef
+    rollouts, metrics = collect_turns(context, work, sample, examples, prompts)
+    rollouts = [r for r in rollouts if r.has_signal(distill_coef)]
+    metrics |= {
+        "signal_prompts": len(rollouts),
+        "distilled": sum(r.revision_correct for r in rollouts) if distill_coef > 0 else 0,
+    }
+    return Collected(rollouts, float(len(rollouts)), metrics)
 
 
 def rltf_sd_loss(context: ClientContext, rollouts: list[TwoTurns]) -> tuple[torch.Tensor, dict]:
@@ -123,7 +120,7 @@ def rltf_sd_loss(context: ClientContext, rollouts: list[TwoTurns]) -> tuple[torc
     prompts = [r.prompt for r in first] + [r.revision_prompt for r in second] + [r.prompt for r in distilled]
     completions = [r.first for r in first] + [r.revision for r in second] + [r.revision for r in distilled]
     batch = collate(prompts, completions, context.prompts.tokenizer.pad_token_id, context.device)
-    logprobs = token_logprobs(completion_logits(context.model, batch), batch.targets)  # [B, K]
+    logprobs = target_logprobs(context.model, batch)  # [B, K]
     mask = batch.completion_mask
     num_first, num_policy = len(first), len(first) + len(second)
     total = torch.zeros((), device=context.device)
@@ -156,26 +153,4 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One RLTF-SD round on one client; weight = number of prompts with a learning signal, 0 if none."""
-    started = time.perf_counter()
-    reset_peak_memory(context.device)
-    set_adapter_state(context.model, work.global_state)
-    settings = context.config.rltf_sd
-    examples = sample_examples(work.examples, settings.prompts_per_round, work.seed("prompts"))
-    prompts = [context.prompts.task(example) for example in examples]
-    rollouts, metrics = collect_turns(context, work, examples, prompts)
-    rollouts = [r for r in rollouts if r.has_signal(settings.distill_coef)]
-    metrics.update(
-        signal_prompts=len(rollouts),
-        distilled=sum(r.revision_correct for r in rollouts) if settings.distill_coef > 0 else 0,
-        trained_tokens=0,
-        training_seconds=0.0,
-    )
-    if not rollouts:
-        # Every turn's rewards agree and no revision is correct: every term is 0.
-        metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=1)
-        return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
-    training_started = time.perf_counter()
-    metrics.update(train(context, work, rollouts))
-    metrics["training_seconds"] = time.perf_counter() - training_started
-    metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=0)
-    return ClientResult(state=get_adapter_state(context.model), weight=float(len(rollouts)), metrics=metrics)
+    return client_round(context, work, context.config.rltf_sd.prompts_per_round, collect, train)

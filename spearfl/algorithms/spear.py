@@ -12,7 +12,6 @@ round (its state never leaves the client).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,20 +21,19 @@ from spearfl.algorithms.base import (
     ClientContext,
     ClientResult,
     ClientRound,
-    peak_memory_mb,
-    reset_peak_memory,
-    sample_and_judge,
-    sample_examples,
+    Collected,
+    Sampler,
+    client_round,
+    draw,
     train_steps,
 )
 from spearfl.lm.generation import Completion, eos_token_ids
-from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
+from spearfl.lm.models import lora_parameters
 from spearfl.lm.prefix_cache import PrefixCache
-from spearfl.lm.training import collate, completion_logits, draw
+from spearfl.lm.training import collate, target_logprobs
 from spearfl.losses.spear import (
     anchor_loss,
     likelihood_loss,
-    token_logprobs,
     unlikelihood_loss,
     unlikelihood_mask,
 )
@@ -49,6 +47,14 @@ class Trace:
     completion: list[int]
     confidence: float = 1.0
     protected: list[bool] | None = None
+
+
+@dataclass
+class Traces:
+    """A round's wins (trained up) and losses (pushed down), all under their original prompts."""
+
+    wins: list[Trace]
+    losses: list[Trace]
 
 
 def protected_token_flags(tokenizer, token_ids: list[int], strings: list[str]) -> list[bool]:
@@ -84,16 +90,11 @@ def format_token_flags(tokenizer, completion: Completion, strings: list[str]) ->
     return flags
 
 
-def collect_traces(context: ClientContext, work: ClientRound, examples, prompts) -> tuple[list, list, dict]:
+def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> tuple[list, list, dict]:
     """Attempt, judge, revise; return (wins, losses, metrics)."""
     settings = context.config.spear
-    started = time.perf_counter()
     prefixes = PrefixCache()  # a revision prompt begins with its task prompt: its prefill runs only the rest
-    first, feedback, feedback_seconds = sample_and_judge(
-        context, prompts, examples, work.seed("first-attempt"), f"client {work.client_id} first attempts", prefixes
-    )
-    generated = [len(completion.token_ids) for completion in first]
-    hints_dropped = sum(f.hint_dropped for f in feedback)
+    first, feedback = sample(prompts, examples, "first-attempt", "first attempts", prefixes)
     wins = [Trace(prompt, c.token_ids) for prompt, c, f in zip(prompts, first, feedback) if f.correct]
     pending = [index for index, f in enumerate(feedback) if not f.correct]
     prefixes.retain([prompts[index] for index in pending])
@@ -106,13 +107,9 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
         revision_prompts = [
             context.prompts.revision(examples[index], latest[index][0].text, latest[index][1].text) for index in open_items
         ]
-        revised, revised_feedback, judging = sample_and_judge(
-            context, revision_prompts, [examples[index] for index in open_items], work.seed(f"revision-{attempt}"),
-            f"client {work.client_id} revision {attempt}", prefixes,
+        revised, revised_feedback = sample(
+            revision_prompts, [examples[index] for index in open_items], f"revision-{attempt}", f"revision {attempt}", prefixes
         )
-        feedback_seconds += judging
-        hints_dropped += sum(f.hint_dropped for f in revised_feedback)
-        generated += [len(completion.token_ids) for completion in revised]
         for index, completion, verdict in zip(open_items, revised, revised_feedback):
             latest[index] = (completion, verdict)
             if verdict.correct:
@@ -128,18 +125,19 @@ def collect_traces(context: ClientContext, work: ClientRound, examples, prompts)
         for index in pending
     ]
     metrics = {
-        "prompts": len(prompts),
-        "first_try_accuracy": (len(prompts) - len(pending)) / len(prompts),
-        "revision_success": len(fixed) / len(pending) if pending else float("nan"),
         "first_try_correct": len(prompts) - len(pending),
         "revised_correct": len(fixed),
-        "generations": len(generated),
-        "generated_tokens": sum(generated),
-        "hints_dropped": hints_dropped,
-        "feedback_seconds": feedback_seconds,
-        "generation_seconds": time.perf_counter() - started - feedback_seconds,
+        "revision_success": len(fixed) / len(pending) if pending else float("nan"),
     }
     return wins, losses, metrics
+
+
+def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
+    """The round's traces with the losses capped; weight = number of wins (none: nothing to learn from)."""
+    wins, losses, metrics = collect_traces(context, work, sample, examples, prompts)
+    losses = cap_losses(losses, len(wins), context.config.spear.lose_cap_ratio, work.seed("lose-cap"))
+    # Without a win, unlikelihood alone would only push mass away and collapse the model: weight 0 skips training.
+    return Collected(Traces(wins, losses), float(len(wins)), metrics | {"wins": len(wins), "losses": len(losses)})
 
 
 def cap_losses(losses: list[Trace], num_wins: int, ratio: float, seed: int) -> list[Trace]:
@@ -159,13 +157,14 @@ def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], r
     batch = collate(
         [t.prompt for t in traces], [t.completion for t in traces], context.prompts.tokenizer.pad_token_id, context.device
     )
-    logprobs = token_logprobs(completion_logits(context.model, batch), batch.targets)  # [B, K]
+    logprobs = target_logprobs(context.model, batch)  # [B, K]
     num_wins = len(wins)
     win_nll = likelihood_loss(logprobs[:num_wins], batch.completion_mask[:num_wins])
     total = settings.lambda_win * win_nll
     parts = {"win_nll": float(win_nll.detach()), "trained_tokens": batch.num_tokens}
     if losses:
-        protected = batch.right_aligned([[]] * num_wins + [t.protected for t in losses])[num_wins:]
+        flags = [torch.tensor(t.protected, dtype=torch.bool) for t in losses]
+        protected = batch.right_aligned(flags, fill=False)  # [losses, K]
         mask = unlikelihood_mask(
             batch.completion_mask[num_wins:], batch.targets[num_wins:], protected,
             settings.tail_tokens, end_of_turn_ids(context),
@@ -184,36 +183,18 @@ def end_of_turn_ids(context: ClientContext) -> torch.Tensor:
     return torch.tensor(sorted(eos_token_ids(context.model, context.prompts.tokenizer)), device=context.device)
 
 
-def train(context: ClientContext, work: ClientRound, wins: list[Trace], losses: list[Trace]) -> dict:
+def train(context: ClientContext, work: ClientRound, traces: Traces) -> dict:
     """S optimizer steps, each on B wins and B losses drawn at random; returns training metrics."""
     settings = context.config.spear
     reference = {name: p.detach().clone() for name, p in lora_parameters(context.model).items()}  # theta_global
 
     def step_loss(rng, step):
-        return spear_loss(context, draw(wins, settings.batch_size, rng), draw(losses, settings.batch_size, rng), reference)
+        wins, losses = draw(traces.wins, settings.batch_size, rng), draw(traces.losses, settings.batch_size, rng)
+        return spear_loss(context, wins, losses, reference)
 
     return {"lose_unlikelihood": 0.0, **train_steps(context, work, settings.local_steps, step_loss)}
 
 
-NOTHING_TRAINED = {"skipped": 1, "training_seconds": 0.0, "loss": 0.0, "win_nll": 0.0, "lose_unlikelihood": 0.0}
-
-
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
-    started = time.perf_counter()
-    reset_peak_memory(context.device)
-    set_adapter_state(context.model, work.global_state)
-    examples = sample_examples(work.examples, context.config.spear.prompts_per_round, work.seed("prompts"))
-    prompts = [context.prompts.task(example) for example in examples]
-    wins, losses, metrics = collect_traces(context, work, examples, prompts)
-    losses = cap_losses(losses, len(wins), context.config.spear.lose_cap_ratio, work.seed("lose-cap"))
-    metrics.update(wins=len(wins), losses=len(losses), trained_tokens=0)
-    if not wins:
-        # Unlikelihood alone only pushes mass away and collapses the model: skip, and weigh nothing.
-        metrics.update(NOTHING_TRAINED, seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device))
-        return ClientResult(state=work.global_state, weight=0.0, metrics=metrics)
-    training_started = time.perf_counter()
-    metrics.update(train(context, work, wins, losses))
-    metrics["training_seconds"] = time.perf_counter() - training_started
-    metrics.update(seconds=time.perf_counter() - started, peak_memory_mb=peak_memory_mb(context.device), skipped=0)
-    return ClientResult(state=get_adapter_state(context.model), weight=float(len(wins)), metrics=metrics)
+    return client_round(context, work, context.config.spear.prompts_per_round, collect, train)

@@ -114,11 +114,6 @@ class PromptFormat:
         return self.tokenizer.encode(line.removeprefix(self.prefix), add_special_tokens=False)
 
 
-def encode_task(tokenizer, example: Example) -> list[int]:
-    """Token ids of an example's first-attempt prompt, without an answer prefix."""
-    return PromptFormat(tokenizer).task(example)
-
-
 PRIVILEGED_INSTRUCTION = (
     "Use it to reply correctly, in the format asked for above, as if you had worked it out yourself."
 )

@@ -70,7 +70,6 @@ HINT_STYLES: dict[str, HintFunction] = {
     "leaky_option_prefix": leaky_option_prefix_hint,
 }
 LEAKY_HINT_STYLES = frozenset({"leaky_option_prefix"})
-SAFE_HINT_STYLES = tuple(style for style in HINT_STYLES if style not in LEAKY_HINT_STYLES)
 
 
 def split_sentences(text: str) -> list[str]:

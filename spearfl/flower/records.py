@@ -10,8 +10,8 @@ Back:
 Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
 
 A reply is aggregated only if it passes `read_reply`: the expected keys, shapes and dtype, finite values,
-a finite weight between 0 and the number of completions the client sampled, and every counter the run
-history needs. Arrays travel as Flower's numpy arrays (never pickled: numpy loads them with
+a finite weight between 0 and the number of completions the client sampled, and every counter the server
+names as required (`spearfl.algorithms.base.REPORTED_METRICS`). Arrays travel as Flower's numpy arrays (never pickled: numpy loads them with
 allow_pickle=False). Imports no torch, so the per-message ClientApp process starts fast.
 """
 
@@ -24,14 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from spearfl.federated.codec import WIRE_DTYPES, wire_values
+
 ADAPTER, WORK, METRICS, NODE = "adapter", "work", "metrics", "node"
 WEIGHT = "weight"
-# Counters the server's history and summary read from every accepted reply.
-REQUIRED_METRICS = (
-    "prompts", "first_try_correct", "revised_correct", "wins", "losses", "generations",
-    "generated_tokens", "trained_tokens", "seconds", "peak_memory_mb", "skipped",
-)
-WIRE_DTYPES = {"float32": "float32", "bfloat16": "uint16"}  # upload encoding -> numpy dtype on the wire
 
 # (shape, dtype name) of each adapter tensor the server expects back
 Layout = dict[str, tuple[tuple[int, ...], str]]
@@ -92,25 +88,21 @@ def layout_of(arrays: dict[str, np.ndarray], encoding: str = "float32") -> Layou
     return {name: (tuple(array.shape), WIRE_DTYPES[encoding]) for name, array in arrays.items()}
 
 
-def wire_values(array: np.ndarray) -> np.ndarray:
-    """float32 values of a wire array; uint16 arrays are bfloat16 bit patterns (the upper half of a float32)."""
-    if array.dtype == np.uint16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
-    return array
+def read_reply(content: RecordDict, expected: Layout, required_metrics: tuple[str, ...]) -> Reply:
+    """The reply's payload, weight and metrics; InvalidReply names what is wrong with it.
 
-
-def read_reply(content: RecordDict, expected: Layout) -> Reply:
-    """The reply's payload, weight and metrics; InvalidReply names what is wrong with it."""
+    required_metrics: the counters every reply must carry, finite (the server's history reads them).
+    """
     if METRICS not in content.metric_records:
         raise InvalidReply("no metrics record")
     metrics = dict(content.metric_records[METRICS])
     weight = metrics.pop(WEIGHT, None)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise InvalidReply(f"weight must be a finite number >= 0, got {weight!r}")
-    missing = [key for key in REQUIRED_METRICS if key not in metrics]
+    missing = [key for key in required_metrics if key not in metrics]
     if missing:
         raise InvalidReply(f"metrics missing {missing}")
-    bad = [key for key in REQUIRED_METRICS if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key])]
+    bad = [key for key in required_metrics if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key])]
     if bad:
         raise InvalidReply(f"metrics not finite numbers: {bad}")
     if weight > metrics["generations"]:

@@ -22,7 +22,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from spearfl.algorithms.base import ClientResult
+from spearfl.algorithms.base import REPORTED_METRICS, ClientResult
 from spearfl.config import RunConfig, config_to_dict, load_config
 from spearfl.federated.codec import decode_upload
 from spearfl.flower.records import (
@@ -92,7 +92,7 @@ class FlowerClients:
             raise InvalidReply(f"no reply within {self.reply_timeout:g} s")
         if reply.has_error():
             raise InvalidReply(f"the client failed: {reply.error.reason[:500]}")
-        received = read_reply(reply.content, expected)
+        received = read_reply(reply.content, expected, REPORTED_METRICS)
         metrics = received.metrics | {"upload_bytes": received.payload_bytes}
         if received.payload is None:
             return ClientResult(state=global_state, weight=0.0, metrics=metrics)

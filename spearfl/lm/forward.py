@@ -1,4 +1,4 @@
-"""Log-likelihood of given completion token ids after given prompts, in batches.
+"""The forward passes every part of spearfl runs: training and scoring batches, prefill, option scoring.
 
 Rows are prompt + completion, LEFT-padded, so that every completion ends in the last column: the
 model then computes logits only for the last K positions (K = the longest completion in the batch)
@@ -9,18 +9,15 @@ ids (what `generate` returned, or an option's encoding), never re-tokenised text
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 
-if TYPE_CHECKING:
-    from spearfl.lm.prefix_cache import PrefixCache
-
 from spearfl.lm.models import evaluation_mode
+from spearfl.lm.prefix_cache import LayerStates, PrefixCache
 
 PADDING_ID = 0  # any id will do: padding is masked out of attention and never a target
-LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head dim]
 
 
 class TokenBatch(NamedTuple):
@@ -136,43 +133,9 @@ def shared_prefix_logits(model, batch: TokenBatch, shared: int, predicting: torc
     return logits
 
 
-@torch.no_grad()
-def completion_logprobs(
-    model, prompts: list[list[int]], completions: list[list[int]], batch_size: int
-) -> list[torch.Tensor]:
-    """Log-probability of each completion token given the prompt and the tokens before it.
-
-    Returns one float32 CPU tensor [len(completion)] per (prompt, completion) pair, in input order.
-    Dropout is off while scoring, whatever mode the model was in.
-    """
-    with evaluation_mode(model):
-        return score_in_batches(model, prompts, completions, batch_size)
-
-
-def score_in_batches(
-    model, prompts: list[list[int]], completions: list[list[int]], batch_size: int
-) -> list[torch.Tensor]:
-    """`completion_logprobs` in whatever mode the model is in."""
-    device = next(model.parameters()).device
-    # Similar total lengths share a batch, so little compute goes to padding.
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]) + len(completions[index]))
-    results: list[torch.Tensor | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = batch_for_training([prompts[i] for i in rows], [completions[i] for i in rows], PADDING_ID)
-        batch = TokenBatch(*(tensor.to(device) for tensor in batch))
-        logits = completion_token_logits(model, batch).float()  # [B, K, V]
-        targets = batch.input_ids[:, -logits.shape[1] :]  # [B, K]
-        token_logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, K]
-        for position, index in enumerate(rows):
-            results[index] = token_logprobs[position, -len(completions[index]) :].cpu()
-    return results
-
-
-def sequence_logprob(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int) -> torch.Tensor:
-    """Total log-probability of each completion given its prompt.  -> [N] float32, CPU"""
-    return torch.stack([row.sum() for row in completion_logprobs(model, prompts, completions, batch_size)])
-
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token, in float32.  logits [B, T, V], targets [B, T] -> [B, T]"""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -301,8 +264,7 @@ def score_options_batch(model, prompts, options, device, prefixes=None) -> list[
     ).logits.float()  # [R, L, V]
     # Token 0 of an option is predicted by the prompt's last position, token t by option position t - 1.
     predicting = torch.cat([last_logits[owners][:, None], logits[:, :-1]], dim=1)  # [R, L, V]
-    token_logprobs = predicting.gather(-1, option_ids[..., None]).squeeze(-1) - predicting.logsumexp(-1)  # [R, L]
-    sums = (token_logprobs * option_mask).sum(-1).tolist()  # [R]
+    sums = (token_logprobs(predicting, option_ids) * option_mask).sum(-1).tolist()  # [R]
     scores, row = [], 0
     for choices in options:
         scores.append(sums[row : row + len(choices)])

@@ -27,11 +27,10 @@ import torch
 from rich.progress import Progress, track
 
 from spearfl.data.scoring import completion_has_answer
-from spearfl.lm.forward import prefill, prefill_after
+from spearfl.lm.forward import prefill, prefill_after, token_logprobs
 from spearfl.lm.models import evaluation_mode
 from spearfl.lm.prefix_cache import PrefixCache
 
-FINISH_REASONS = ("eos", "stop", "length")
 NUCLEUS_CANDIDATES = 1024  # tokens searched for the top-p nucleus before falling back to a full sort
 
 
@@ -49,44 +48,41 @@ class Completion:
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """How to decode: token limit, temperature (0 = greedy), nucleus mass, prompts per batch, where to stop."""
+
     max_new_tokens: int
-    temperature: float  # 0 = greedy
+    temperature: float
     top_p: float
-    stop_after_answer: bool
-    text_prefix: str = ""  # text the prompt already wrote into the reply (e.g. "Answer:")
+    batch_size: int
+    stop_after_answer: bool = True  # stop a row once its answer line is complete
+    text_prefix: str = ""  # text the prompt already wrote into the reply (e.g. "Answer:"); the stop reads it first
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling settings: {self}")
 
 
 def generate(
     model,
     tokenizer,
     prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+    settings: SamplingSettings,
     seed: int,
-    batch_size: int,
-    stop_after_answer: bool = True,
-    text_prefix: str = "",
     progress: bool | str | Progress = False,
     description: str = "generating",
     prefixes: PrefixCache | None = None,
 ) -> list[Completion]:
     """Complete each prompt (token ids) once; results in the order of `prompts`.
 
-    text_prefix: what the prompt already wrote of the reply (e.g. "Answer:"); the answer-line stop reads it first.
     progress: False, True, a description, or a live rich Progress to add the bar over batches to.
     prefixes: the states of prompts run earlier under the same adapter, reused and added to (spearfl.lm.prefix_cache).
     """
-    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"bad sampling settings: {max_new_tokens=} {batch_size=} {temperature=} {top_p=}")
     if any(not prompt for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
-    settings = SamplingSettings(max_new_tokens, temperature, top_p, stop_after_answer, text_prefix)
     # Longest first: similar lengths share a batch (little padding) and memory peaks at the start;
     # copies of one prompt (a group of samples) sit together, so a batch runs each of them once.
     order = sorted(range(len(prompts)), key=lambda index: (-len(prompts[index]), prompts[index]))
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     batches = with_progress(batches, progress, description)
     results: list[Completion | None] = [None] * len(prompts)
     with evaluation_mode(model):
@@ -130,7 +126,7 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
     active = list(range(len(prompts)))  # batch rows still decoding, in cache order
     for step in range(settings.max_new_tokens):
         tokens = choose_tokens(logits, [generators[row] for row in active], settings)  # [A]
-        chosen = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # [A]
+        chosen = token_logprobs(logits[:, None], tokens[:, None])[:, 0]  # [A]
         is_eos = torch.isin(tokens, eos_ids).tolist()
         for row, token, logprob, emitted_eos in zip(active, tokens.tolist(), chosen.tolist(), is_eos):
             generated[row].append(token)

@@ -2,7 +2,7 @@
 
 A revision prompt begins with the tokens of its task prompt (the chat only grows: task, answer, feedback),
 and every prompt of a chat model begins with the same system turn. `PrefixCache` keeps, for each prompt a
-client round has prefilled, the keys and values of each layer; `scoring_lm.prefill_after` then runs only
+client round has prefilled, the keys and values of each layer; `spearfl.lm.forward.prefill_after` then runs only
 the tokens after the longest stored common prefix. Keys and values of a token depend on the tokens before it alone,
 so the result equals a full prefill (up to float rounding, as batching already allows).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from spearfl.lm.forward import LayerStates
+LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head dim]
 
 
 class PrefixCache:

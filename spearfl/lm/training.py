@@ -1,6 +1,6 @@
 """The batch and forward pass every client update trains through.
 
-Rows are prompt + completion ids, left-padded by `scoring_lm.batch_for_training`, so completions end in
+Rows are prompt + completion ids, left-padded by `spearfl.lm.forward.batch_for_training`, so completions end in
 the last column and logits are computed only for the last K positions. Completions are the token ids
 that were generated, never re-tokenised text; the same code scores held-out options, so a token is
 trained at the position and under the prompt it was sampled with.
@@ -9,12 +9,15 @@ trained at the position and under the prompt it was sampled with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
 
-import numpy as np
 import torch
 
-from spearfl.lm.forward import TokenBatch, batch_for_training, completion_token_logits
+from spearfl.lm.forward import (
+    TokenBatch,
+    batch_for_training,
+    completion_token_logits,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -30,13 +33,24 @@ class CompletionBatch:
         """Tokens the forward pass processes, padding excluded."""
         return int(self.tokens.attention_mask.sum())
 
-    def right_aligned(self, rows: list[list[bool]]) -> torch.Tensor:
-        """Place one flag per completion token into a [B, K] tensor aligned with `targets`."""
-        values = torch.zeros(self.targets.shape, dtype=torch.bool)
-        for row, row_values in enumerate(rows):
-            if row_values:
-                values[row, -len(row_values):] = torch.tensor(row_values, dtype=torch.bool)
-        return values.to(self.targets.device)
+    def right_aligned(self, rows: list[torch.Tensor], fill: float | bool = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Per-token values of each row (one per completion token, or none) as a [B, K, ...] tensor aligned with `targets`."""
+        return right_align(rows, self.targets.shape[1], fill, dtype, self.targets.device)
+
+
+def right_align(
+    rows: list[torch.Tensor], width: int, fill: float | bool, dtype: torch.dtype | None = None, device=None
+) -> torch.Tensor:
+    """Stack rows [n_i, ...] into [B, width, ...], each row ending in the last column, `fill` before it.
+
+    A row's values go to the columns of its last n_i completion tokens, as `collate` lays out the targets.
+    """
+    dtype = dtype or rows[0].dtype
+    stacked = torch.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=dtype, device=device)
+    for index, row in enumerate(rows):
+        if len(row):
+            stacked[index, width - len(row) :] = row.to(stacked.device)
+    return stacked
 
 
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> CompletionBatch:
@@ -55,19 +69,14 @@ def completion_logits(model, batch: CompletionBatch) -> torch.Tensor:
     return completion_token_logits(model, batch.tokens)
 
 
+def target_logprobs(model, batch: CompletionBatch) -> torch.Tensor:
+    """Log-probability the model gives each target, float32.  -> [B, K]"""
+    return token_logprobs(completion_logits(model, batch), batch.targets)
+
+
 def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable (LoRA) parameters, fresh each client round: its state never leaves the client."""
     return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr, weight_decay=weight_decay)
-
-
-Item = TypeVar("Item")
-
-
-def draw(items: list[Item], count: int, rng: np.random.Generator) -> list[Item]:
-    """Up to `count` items without replacement (all of them when there are fewer)."""
-    if len(items) <= count:
-        return list(items)
-    return [items[int(index)] for index in rng.choice(len(items), size=count, replace=False)]
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, max_grad_norm: float | None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from spearfl.losses.common import masked_mean
+
 
 def token_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) at each position, summed over the vocabulary.  [B, T, V] twice -> [B, T]
@@ -19,14 +21,6 @@ def token_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> 
     teacher_probs = teacher_logprobs.exp()  # [B, T, V]
     per_token = teacher_probs * (teacher_logprobs - student_logprobs.float())  # [B, T, V]
     return torch.where(teacher_probs > 0, per_token, 0.0).sum(dim=-1)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the masked entries, 0 when none is masked.  values [B, T], mask [B, T] bool -> []
-
-    Unmasked entries are dropped, not multiplied by 0, so an infinite value at a padded position never leaks in.
-    """
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1).to(values.dtype)
 
 
 def distillation_loss(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,15 @@
 Used by the GRPO and RLTF-SD baselines. Per-token tensors are aligned to *targets*, as in
 `spearfl.losses.spear`: position t holds the log-probability of completion token t, and `mask` says which
 positions are completion tokens. B = sequences, T = token positions, P = prompts, G = samples per prompt.
-Every loss averages over all masked tokens of the batch, as `losses.likelihood_loss` does, so each
+Every loss averages over all masked tokens of the batch, as `spearfl.losses.common.masked_mean` does, so each
 trained token counts the same whichever sequence it belongs to.
 """
 
 from __future__ import annotations
 
 import torch
+
+from spearfl.losses.common import masked_mean
 
 ADVANTAGE_EPSILON = 1e-4  # as TRL's GRPO; it bounds the advantages of a group with a tiny but non-zero spread
 
@@ -31,12 +33,6 @@ def group_advantages(rewards: torch.Tensor, epsilon: float = ADVANTAGE_EPSILON) 
 def baseline_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """REINFORCE with a mean baseline: each reward minus the batch's mean reward.  rewards [B] -> [B]"""
     return rewards - rewards.mean()
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the masked positions of the whole batch; 0 when none.  [B, T], [B, T] -> []"""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def clipped_surrogate_loss(

@@ -10,16 +10,12 @@ import math
 
 import torch
 
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token.  logits [B, T, V], targets [B, T] -> [B, T]."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+from spearfl.losses.common import masked_mean
 
 
 def likelihood_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over the masked tokens.  logprobs [B, T], mask [B, T] -> []."""
-    mask = mask.to(logprobs.dtype)
-    return -(logprobs * mask).sum() / mask.sum().clamp(min=1.0)
+    """Mean negative log-likelihood over the masked tokens.  logprobs [B, T], mask [B, T] bool -> []."""
+    return -masked_mean(logprobs, mask)
 
 
 def unlikelihood_loss(

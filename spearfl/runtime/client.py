@@ -18,7 +18,7 @@ from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound
 from spearfl.config import RunConfig, validate
 from spearfl.data import load_jsonl
 from spearfl.data.schema import Example
-from spearfl.federated.codec import encode_upload
+from spearfl.federated.codec import encode_upload, wire_array
 from spearfl.lm.models import load_base_model, quiet_library_output
 from spearfl.runtime.setup import (
     attach_configured_lora,
@@ -99,10 +99,3 @@ class ClientHost:
 def upload(result: ClientResult, global_state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
     """The payload a client sends for its result (spearfl.federated.codec); none when its weight is 0."""
     return encode_upload(result.state, global_state, encoding) if result.weight > 0 else {}
-
-
-def wire_array(tensor: torch.Tensor) -> np.ndarray:
-    """A payload tensor as numpy; numpy has no bfloat16, so those travel as their bit patterns (uint16)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()

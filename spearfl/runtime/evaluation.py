@@ -15,7 +15,7 @@ from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
 from spearfl.data.scoring import is_correct, parse_answer
 from spearfl.lm.forward import option_logprobs
-from spearfl.lm.generation import generate, with_progress
+from spearfl.lm.generation import SamplingSettings, generate, with_progress
 from spearfl.lm.prefix_cache import PrefixCache
 
 
@@ -64,6 +64,7 @@ def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settin
     prompt runs once. progress: False, True, or a live rich Progress to show a bar over the chunks on.
     """
     model.eval()
+    greedy = SamplingSettings(settings.max_new_tokens, 0.0, 1.0, settings.batch_size, text_prefix=prompt_format.prefix)
     chunk = EVALUATION_CHUNK_BATCHES * settings.batch_size
     starts = list(range(0, len(examples), chunk))
     predictions: list[int | None] = []
@@ -79,10 +80,7 @@ def evaluate(model, prompt_format: PromptFormat, examples: list[Example], settin
         by_index = dict(zip(scored, chosen))
         predictions += [by_index.get(index) for index in range(len(part))]
         if "generate" in settings.methods:
-            completions += generate(
-                model, prompt_format.tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0,
-                top_p=1.0, seed=0, batch_size=settings.batch_size, text_prefix=prompt_format.prefix, prefixes=prefixes,
-            )
+            completions += generate(model, prompt_format.tokenizer, prompts, settings=greedy, seed=0, prefixes=prefixes)
     return {"num_examples": len(examples)} | loglik_metrics(examples, predictions) | completion_metrics(prompt_format, examples, completions)
 
 

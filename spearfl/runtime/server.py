@@ -36,6 +36,9 @@ from spearfl.runtime.setup import Federation, build_context, prepare_data
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
 
 console = Console(stderr=True)
+# Summed over a round's clients: the costs every client reports, and the bytes the server received.
+SUMMED_METRICS = ("generations", "generated_tokens", "trained_tokens", "scored_tokens", "upload_bytes")
+OPTIONAL_COUNTERS = ("wins", "losses", "revised_correct")
 
 
 class RunConflict(RuntimeError):
@@ -106,21 +109,26 @@ RunnerFactory = Callable[[ClientContext, Federation, Progress | None], ClientRun
 
 
 def online_summary(results: list[tuple[int, ClientResult]]) -> dict:
-    """Round-level online metrics: rates pooled over prompts, counts summed, time and memory at their max."""
+    """Round-level online metrics: rates pooled over prompts, counts summed, time and memory at their max.
+
+    Every client reports `REPORTED_METRICS`; counters only some algorithms keep (wins, losses, revisions)
+    are summed over the clients that report them, and left out when none does.
+    """
     metrics = [result.metrics for _, result in results]
     prompts = sum(m["prompts"] for m in metrics)
-    wrong = sum(m["prompts"] - m["first_try_correct"] for m in metrics)
-    summed = ("wins", "losses", "generations", "generated_tokens", "trained_tokens", "upload_bytes")
-    return {
+    summary = {
         "first_try_accuracy": sum(m["first_try_correct"] for m in metrics) / prompts if prompts else None,
-        "revision_success": sum(m["revised_correct"] for m in metrics) / wrong if wrong else None,
-        **{key: sum(m[key] for m in metrics) for key in summed},
-        # forward-only tokens some methods spend besides sampling (a teacher, old log-probs); 0 for others
-        "scored_tokens": sum(m.get("teacher_tokens", 0) + m.get("scored_tokens", 0) for m in metrics),
+        **{key: sum(m[key] for m in metrics) for key in SUMMED_METRICS},
         "client_seconds": sum(m["seconds"] for m in metrics),
         "peak_memory_mb": max((m["peak_memory_mb"] for m in metrics), default=None),
         "skipped_clients": sum(m["skipped"] for m in metrics),
     }
+    summary |= {key: sum(m[key] for m in metrics if key in m) for key in OPTIONAL_COUNTERS if any(key in m for m in metrics)}
+    revising = [m for m in metrics if "revised_correct" in m]
+    if revising:
+        wrong = sum(m["prompts"] - m["first_try_correct"] for m in revising)
+        summary["revision_success"] = summary["revised_correct"] / wrong if wrong else None
+    return summary
 
 
 def clean(value):

@@ -40,13 +40,17 @@ from spearfl.algorithms.base import (
     reset_peak_memory,
 )
 from spearfl.config import RunConfig
-from spearfl.federated.codec import UPLOAD_DTYPES, encode_upload, payload_bytes
+from spearfl.federated.codec import (
+    UPLOAD_ENCODINGS,
+    encode_upload,
+    payload_bytes,
+    wire_array,
+)
 from spearfl.lm.forward import prefill, prefill_shared_length, training_shared_length
 from spearfl.lm.generation import decode_step
 from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
-from spearfl.lm.training import collate, completion_logits
-from spearfl.losses.spear import likelihood_loss, token_logprobs
-from spearfl.runtime.client import wire_array
+from spearfl.lm.training import collate, target_logprobs
+from spearfl.losses.spear import likelihood_loss
 
 
 def spread(values: list[float]) -> dict:
@@ -207,7 +211,7 @@ def measure_training(context: ClientContext, prompts: list[list[int]], completio
     logit_positions = sum(len(c) for c in completions)
 
     def forward_backward():
-        logprobs = token_logprobs(completion_logits(model, batch), batch.targets)
+        logprobs = target_logprobs(model, batch)
         likelihood_loss(logprobs, batch.completion_mask).backward()
         model.zero_grad(set_to_none=True)
 
@@ -406,7 +410,7 @@ def run_bench(context: ClientContext, examples, settings: BenchSettings, baselin
     rounds = measure_rounds(context, examples, settings.round_repeats)
     memory = memory_reference(context)
     adapter = get_adapter_state(context.model)
-    upload = {encoding: payload_bytes(encode_upload(adapter, adapter, encoding)) for encoding in UPLOAD_DTYPES}
+    upload = {encoding: payload_bytes(encode_upload(adapter, adapter, encoding)) for encoding in UPLOAD_ENCODINGS}
     report = {
         "machine": machine(),
         "model": {

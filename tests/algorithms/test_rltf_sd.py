@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import (
     answers,
+    completion_logprobs,
     make_config,
     make_context,
     multiple_choice,
@@ -21,7 +22,6 @@ from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientRound, sample_examples
 from spearfl.algorithms.rltf_sd import TwoTurns, rltf_sd_loss
 from spearfl.feedback.providers import VERDICT_CORRECT, VERDICT_WRONG
-from spearfl.lm.forward import completion_logprobs
 from spearfl.lm.models import get_adapter_state
 from spearfl.runtime.setup import prepare_data
 

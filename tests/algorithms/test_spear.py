@@ -9,6 +9,8 @@ from helpers import (
     StubModel,
     completion_from_ids,
     completion_from_text,
+    completion_logprobs,
+    encode_task,
     end_to_end_assets,
     make_config,
     make_context,
@@ -20,25 +22,30 @@ from transformers import AutoModelForCausalLM
 
 import spearfl.algorithms.base
 import spearfl.algorithms.spear as spear
-from spearfl.algorithms.base import ClientRound
+from spearfl.algorithms.base import ClientRound, Sampler
 from spearfl.algorithms.spear import (
     Trace,
+    Traces,
     cap_losses,
     collect_traces,
     protected_token_flags,
     spear_loss,
 )
 from spearfl.config import LoraConfig
-from spearfl.data.prompts import REVISION_INSTRUCTION, encode_task
+from spearfl.data.prompts import REVISION_INSTRUCTION
 from spearfl.data.sources import load_jsonl
 from spearfl.feedback.providers import VERDICT_WRONG
-from spearfl.lm.forward import completion_logprobs
 from spearfl.lm.generation import eos_token_ids, generate
 from spearfl.lm.models import attach_lora, freeze, get_adapter_state, lora_parameters
 
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)
 ANIMAL = multiple_choice("t/animal", "Which of these is an animal?", ("tree", "cat", "cup"), gold=1)
 COLOUR = multiple_choice("t/colour", "Which of these is a colour?", ("dog", "pen", "red"), gold=2)
+
+
+def collect(context, work, examples, prompts):
+    """SPEAR's trace collection with a fresh sampler, as a client round runs it."""
+    return collect_traces(context, work, Sampler(context, work), examples, prompts)
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +109,9 @@ def test_win_and_lose_traces_under_the_original_prompt(tokenizer, monkeypatch):
     context = make_context(StubModel(), tokenizer, config)
     examples = [FRUIT, ANIMAL, COLOUR]
     prompts = [encode_task(tokenizer, example) for example in examples]
-    wins, losses, metrics = collect_traces(context, work_order(examples), examples, prompts)
+    work = work_order(examples)
+    sampler = Sampler(context, work)
+    wins, losses, metrics = collect_traces(context, work, sampler, examples, prompts)
 
     assert [(w.prompt, w.completion) for w in wins] == [
         (prompts[0], answers[FRUIT][0].token_ids),
@@ -119,7 +128,7 @@ def test_win_and_lose_traces_under_the_original_prompt(tokenizer, monkeypatch):
         assert loss.protected == expected
     assert metrics["first_try_correct"] == 1 and metrics["revised_correct"] == 1
     assert metrics["revision_success"] == pytest.approx(0.5)
-    assert metrics["generations"] == 6
+    assert sampler.metrics()["generations"] == 6
 
     # Generation calls: 3 first attempts, then revisions of the two wrong ones, then only the unfixed one.
     assert [len(call.prompts) for call in generation.calls] == [3, 2, 1]
@@ -137,7 +146,7 @@ def test_win_and_lose_traces_under_the_original_prompt(tokenizer, monkeypatch):
 def test_gold_index_zero_answered_A_is_a_win(tokenizer, monkeypatch):
     scripted(monkeypatch, tokenizer, {FRUIT: [completion_from_text(tokenizer, "Answer: A\n")]})
     context = make_context(StubModel(), tokenizer, make_config())
-    wins, losses, metrics = collect_traces(context, work_order([FRUIT]), [FRUIT], [encode_task(tokenizer, FRUIT)])
+    wins, losses, metrics = collect(context, work_order([FRUIT]), [FRUIT], [encode_task(tokenizer, FRUIT)])
     assert FRUIT.gold == 0
     assert len(wins) == 1 and losses == [] and metrics["first_try_correct"] == 1
 
@@ -155,7 +164,7 @@ def test_traces_keep_the_generated_token_ids(tokenizer, monkeypatch):
     scripted(monkeypatch, tokenizer, {ANIMAL: [win], COLOUR: [lose]})
     context = make_context(StubModel(), tokenizer, make_config("spear.num_revisions=0"))
     examples = [ANIMAL, COLOUR]
-    wins, losses, _ = collect_traces(context, work_order(examples), examples, [encode_task(tokenizer, e) for e in examples])
+    wins, losses, _ = collect(context, work_order(examples), examples, [encode_task(tokenizer, e) for e in examples])
     assert wins[0].completion == win_ids
     assert losses[0].completion == lose_ids
 
@@ -167,7 +176,7 @@ def test_eos_only_where_the_model_emitted_it(tokenizer, monkeypatch):
     scripted(monkeypatch, tokenizer, {FRUIT: [ended], COLOUR: [truncated]})
     context = make_context(StubModel(), tokenizer, make_config("spear.num_revisions=0"))
     examples = [FRUIT, COLOUR]
-    wins, losses, _ = collect_traces(context, work_order(examples), examples, [encode_task(tokenizer, e) for e in examples])
+    wins, losses, _ = collect(context, work_order(examples), examples, [encode_task(tokenizer, e) for e in examples])
     assert wins[0].completion == ended.token_ids  # emitted EOS is kept and trained
     assert losses[0].completion == truncated.token_ids
     assert tokenizer.eos_token_id not in losses[0].completion
@@ -187,7 +196,7 @@ def test_traces_from_real_generation_are_the_generated_ids(tokenizer, monkeypatc
     config = make_config("spear.num_revisions=0", "generation.max_new_tokens=3")
     context = make_context(model, tokenizer, config)
     examples = [FRUIT, ANIMAL]
-    wins, losses, _ = collect_traces(context, work_order(examples), examples, [encode_task(tokenizer, e) for e in examples])
+    wins, losses, _ = collect(context, work_order(examples), examples, [encode_task(tokenizer, e) for e in examples])
     assert wins == []  # a random model never answers in the format
     assert [loss.completion for loss in losses] == [completion.token_ids for completion in produced]
     for completion in produced:
@@ -248,8 +257,8 @@ def test_client_update_caps_losses_from_the_round_seed(tokenizer, monkeypatch):
     examples, script = seven_losses_two_wins(tokenizer)
     chosen = []
 
-    def fake_train(context, work, wins, losses):
-        chosen.append([tokenizer.decode(loss.completion) for loss in losses])
+    def fake_train(context, work, traces):
+        chosen.append([tokenizer.decode(loss.completion) for loss in traces.losses])
         return {}
 
     monkeypatch.setattr(spear, "train", fake_train)
@@ -276,7 +285,7 @@ def test_seeds_of_round_1_client_2_and_round_2_client_1_differ(tokenizer, monkey
     for work in (first, second, first):
         generation = scripted(monkeypatch, tokenizer, {FRUIT: [completion_from_text(tokenizer, "Answer: A\n")]})
         context = make_context(StubModel(), tokenizer, make_config())
-        collect_traces(context, work, [FRUIT], [encode_task(tokenizer, FRUIT)])
+        collect(context, work, [FRUIT], [encode_task(tokenizer, FRUIT)])
         seeds.append(generation.calls[0].seed)
     assert seeds[0] != seeds[1] and seeds[0] == seeds[2]
 
@@ -320,7 +329,7 @@ def test_answer_prefix_is_one_prompt_for_generation_judging_and_training(tokeniz
     }
     generation = scripted(monkeypatch, tokenizer, answers)
     trained = []
-    monkeypatch.setattr(spear, "train", lambda context, work, wins, losses: trained.append((wins, losses)) or {})
+    monkeypatch.setattr(spear, "train", lambda context, work, traces: trained.append((traces.wins, traces.losses)) or {})
     config = make_config("prompt.answer_prefix=true", "spear.prompts_per_round=2", "spear.num_revisions=1")
     context = make_context(model, tokenizer, config)
     prefixed = {example: context.prompts.task(example) for example in (FRUIT, ANIMAL)}
@@ -446,7 +455,7 @@ def test_spear_training_raises_wins_lowers_losses_and_moves_only_lora(tokenizer)
     right_before, wrong_before = answer_probability(model, wins), answer_probability(model, losses)
     assert wrong_before > right_before  # the model prefers its wrong answer before training
 
-    metrics = spear.train(context, work_order(examples, lr=1e-2), wins, losses)
+    metrics = spear.train(context, work_order(examples, lr=1e-2), Traces(wins, losses))
 
     win_after, lose_after = mean_logprob(model, wins), mean_logprob(model, losses)
     right_after, wrong_after = answer_probability(model, wins), answer_probability(model, losses)
@@ -469,7 +478,7 @@ def test_unlikelihood_alone_pushes_the_losses_down(tokenizer):
     """With lambda_win = 0, only the unlikelihood term acts: it must lower the lose completions."""
     model, context, examples, wins, losses = learning_setup(tokenizer, "spear.lambda_win=0.0", "spear.lambda_lose=1.0")
     lose_before = mean_logprob(model, losses)
-    spear.train(context, work_order(examples, lr=1e-2), wins, losses)
+    spear.train(context, work_order(examples, lr=1e-2), Traces(wins, losses))
     assert mean_logprob(model, losses) < lose_before - 1.0
 
 
@@ -477,6 +486,6 @@ def test_training_is_reproducible_from_the_round_seed(tokenizer):
     states = []
     for _ in range(2):
         model, context, examples, wins, losses = learning_setup(tokenizer, "spear.batch_size=2", dropout=0.1)
-        spear.train(context, work_order(examples, lr=1e-2), wins, losses)
+        spear.train(context, work_order(examples, lr=1e-2), Traces(wins, losses))
         states.append(get_adapter_state(model))
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])

@@ -1,4 +1,5 @@
 import pytest
+from helpers import encode_task
 
 from spearfl.data.prompts import (
     FREE_FORM_INSTRUCTION,
@@ -6,7 +7,6 @@ from spearfl.data.prompts import (
     REVISION_INSTRUCTION,
     PromptFormat,
     encode_messages,
-    encode_task,
     plain_transcript,
     render_task,
     revision_messages,

@@ -1,9 +1,19 @@
 import pytest
 
+from spearfl.config import FeedbackConfig
 from spearfl.data.schema import Example
-from spearfl.feedback.hints import HINT_STYLES, LEAKY_HINT_STYLES, SAFE_HINT_STYLES, solution_steps_hint
+from spearfl.feedback.hints import (
+    HINT_STYLES,
+    LEAKY_HINT_STYLES,
+    solution_steps_hint,
+)
 from spearfl.feedback.leaks import leak_rate, leak_report, leaks_answer, match_credit
-from spearfl.feedback.providers import VERDICT_WRONG, Feedback, format_reminder, make_oracle
+from spearfl.feedback.providers import (
+    VERDICT_WRONG,
+    Feedback,
+    format_reminder,
+    make_oracle,
+)
 
 GSM_SOLUTION = (
     "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
@@ -144,7 +154,7 @@ def test_leak_report_covers_every_style_and_dataset():
 
 def test_leaky_style_is_opt_in_only():
     assert LEAKY_HINT_STYLES == {"leaky_option_prefix"}
-    assert "leaky_option_prefix" not in SAFE_HINT_STYLES
+    assert FeedbackConfig().hint not in LEAKY_HINT_STYLES
 
 
 def test_unknown_style_names_the_style_and_the_choices():

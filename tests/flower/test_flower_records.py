@@ -13,9 +13,9 @@ from flwr.app import RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import end_to_end_assets, read_history, single_thread, write_run_config
 
+from spearfl.algorithms.base import REPORTED_METRICS
 from spearfl.config import ConfigError, load_config
 from spearfl.flower.records import (
-    REQUIRED_METRICS,
     InvalidReply,
     adapter_record,
     layout_of,
@@ -43,21 +43,21 @@ def adapter(scale: float = 1.0) -> dict[str, np.ndarray]:
 
 
 def good_result(weight: float = 2.0) -> dict:
-    return {"weight": weight, "metrics": {key: 4 for key in REQUIRED_METRICS} | {"revision_success": float("nan")}}
+    return {"weight": weight, "metrics": {key: 4 for key in REPORTED_METRICS} | {"revision_success": float("nan")}}
 
 
 def test_work_and_reply_round_trip_keep_arrays_and_metrics():
     arrays, request = read_work(work_content(adapter(), {"client_id": 3, "lr": 0.01}))
     assert request == {"client_id": 3, "lr": 0.01}
     assert all(np.array_equal(arrays[name], adapter()[name]) and arrays[name].dtype == np.float32 for name in arrays)
-    reply = read_reply(reply_content(adapter(2.0), good_result()), layout_of(adapter()))
-    assert reply.weight == 2.0 and reply.metrics["wins"] == 4 and np.isnan(reply.metrics["revision_success"])
+    reply = read_reply(reply_content(adapter(2.0), good_result()), layout_of(adapter()), REPORTED_METRICS)
+    assert reply.weight == 2.0 and reply.metrics["scored_tokens"] == 4 and np.isnan(reply.metrics["revision_success"])
     assert np.array_equal(reply.payload["a.lora_A.weight"], adapter(2.0)["a.lora_A.weight"])
     assert reply.payload_bytes == 4 * 12
 
 
 def test_a_weight_zero_reply_needs_no_adapter():
-    reply = read_reply(reply_content({}, good_result(weight=0.0)), layout_of(adapter()))
+    reply = read_reply(reply_content({}, good_result(weight=0.0)), layout_of(adapter()), REPORTED_METRICS)
     assert reply.payload is None and reply.weight == 0.0 and reply.metrics["prompts"] == 4 and reply.payload_bytes == 0
 
 
@@ -65,15 +65,15 @@ def test_a_bfloat16_payload_travels_as_bit_patterns_and_is_checked_as_numbers():
     update = {name: torch.from_numpy(array) / 1000 for name, array in adapter(1.5).items()}
     wire = {name: wire_array(tensor.to(torch.bfloat16)) for name, tensor in update.items()}
     assert {array.dtype for array in wire.values()} == {np.dtype(np.uint16)}
-    reply = read_reply(reply_content(wire, good_result()), layout_of(adapter(), "bfloat16"))
+    reply = read_reply(reply_content(wire, good_result()), layout_of(adapter(), "bfloat16"), REPORTED_METRICS)
     assert reply.payload_bytes == 2 * 12
     for name, values in reply.payload.items():
         assert torch.equal(torch.from_numpy(values), update[name].to(torch.bfloat16).float())
     wire["a.lora_A.weight"][0, 0] = 0x7FC0  # a bfloat16 NaN
     with pytest.raises(InvalidReply, match="1 values are not finite"):
-        read_reply(reply_content(wire, good_result()), layout_of(adapter(), "bfloat16"))
+        read_reply(reply_content(wire, good_result()), layout_of(adapter(), "bfloat16"), REPORTED_METRICS)
     with pytest.raises(InvalidReply, match="expected uint16"):  # float32 sent where bfloat16 was configured
-        read_reply(reply_content(adapter(), good_result()), layout_of(adapter(), "bfloat16"))
+        read_reply(reply_content(adapter(), good_result()), layout_of(adapter(), "bfloat16"), REPORTED_METRICS)
 
 
 def spoiled(change) -> RecordDict:
@@ -91,7 +91,7 @@ def spoiled(change) -> RecordDict:
         (lambda arrays, result: arrays.pop("a.lora_B.weight"), "1 missing ['a.lora_B.weight']"),
         (lambda arrays, result: arrays.update({"b.lora_A.weight": np.zeros((1,), np.float32)}), "1 unexpected"),
         (lambda arrays, result: arrays.update({"a.lora_A.weight": np.zeros((2, 3), np.float64)}), "float64 (2, 3), expected float32"),
-        (lambda arrays, result: result["metrics"].pop("wins"), "metrics missing ['wins']"),
+        (lambda arrays, result: result["metrics"].pop("scored_tokens"), "metrics missing ['scored_tokens']"),
         (lambda arrays, result: result["metrics"].update(seconds=float("inf")), "not finite numbers: ['seconds']"),
         (lambda arrays, result: result.update(weight=-1.0), "weight must be a finite number >= 0"),
         (lambda arrays, result: result.update(weight=float("nan")), "weight must be a finite number >= 0"),
@@ -101,13 +101,13 @@ def spoiled(change) -> RecordDict:
 )
 def test_a_bad_reply_is_rejected_with_its_reason(change, reason):
     with pytest.raises(InvalidReply) as caught:
-        read_reply(spoiled(change), layout_of(adapter()))
+        read_reply(spoiled(change), layout_of(adapter()), REPORTED_METRICS)
     assert reason in str(caught.value)
 
 
 def test_a_reply_without_metrics_is_rejected():
     with pytest.raises(InvalidReply, match="no metrics record"):
-        read_reply(RecordDict({"adapter": adapter_record(adapter())}), layout_of(adapter()))
+        read_reply(RecordDict({"adapter": adapter_record(adapter())}), layout_of(adapter()), REPORTED_METRICS)
 
 
 def test_metrics_must_be_numbers():

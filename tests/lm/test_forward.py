@@ -1,16 +1,17 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from helpers import completion_logprobs
 
 from spearfl.lm.forward import (
     batch_for_training,
-    completion_logprobs,
     completion_token_logits,
     left_pad,
-    sequence_logprob,
+    token_logprobs,
 )
-from spearfl.lm.models import trainable_parameters
 
 PROMPTS = [[1, 50, 60, 70], [1, 9], [1, 300, 301, 302, 303, 304, 305], [4, 4]]
 COMPLETIONS = [[80, 2], [10, 11, 12, 13, 14], [306], [5, 6]]
@@ -23,6 +24,15 @@ def manual_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Te
     log_probabilities = torch.log_softmax(logits.float(), dim=-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
     return log_probabilities[positions, torch.tensor(completion)]
+
+
+def test_token_logprobs_picks_the_target_log_softmax():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # [1, 2, 2]
+    targets = torch.tensor([[1, 1]])
+    # softmax([0, ln 3]) = [1/4, 3/4]; softmax([ln 4, 0]) = [4/5, 1/5]
+    expected = torch.tensor([[math.log(3 / 4), math.log(1 / 5)]])
+    assert torch.allclose(token_logprobs(logits, targets), expected)
+    assert token_logprobs(logits.to(torch.bfloat16), targets).dtype == torch.float32
 
 
 def test_left_pad_aligns_sequences_on_the_right():
@@ -69,12 +79,6 @@ def test_logprobs_match_a_manual_full_forward(tiny_model, batch_size):
         torch.testing.assert_close(row, manual_logprobs(tiny_model, prompt, completion), rtol=0, atol=1e-5)
 
 
-def test_sequence_logprob_sums_the_token_logprobs(tiny_model):
-    totals = sequence_logprob(tiny_model, PROMPTS, COMPLETIONS, batch_size=2)
-    expected = torch.stack([row.sum() for row in completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=4)])
-    torch.testing.assert_close(totals, expected)
-
-
 def test_logprobs_through_lora_match_the_base_at_initialisation(tiny_model, tiny_lora_model):
     # LoRA's B starts at zero, so the wrapped model computes the base function.
     base = completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=4)
@@ -90,19 +94,8 @@ def test_bfloat16_model_gives_float32_logprobs(tiny_model):
     assert all(row.dtype == torch.float32 for row in rows)
 
 
-def test_scoring_switches_dropout_off_and_restores_the_mode(tiny_lora_model):
-    generator = torch.Generator().manual_seed(0)
-    for parameter in trainable_parameters(tiny_lora_model):
-        parameter.data = torch.randn(parameter.shape, generator=generator)
-    tiny_lora_model.train()
-    first = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
-    second = completion_logprobs(tiny_lora_model, PROMPTS, COMPLETIONS, batch_size=4)
-    assert tiny_lora_model.training
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-
-
 def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokenizer, tiny_model):
-    from spearfl.lm.forward import option_logprobs, sequence_logprob
+    from spearfl.lm.forward import option_logprobs
 
     prompts = [tokenizer.encode("Which is a fruit?"), tokenizer.encode("Sky colour, in one word, please?")]
     options = [
@@ -112,8 +105,8 @@ def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokeniz
     ]
     cached = option_logprobs(tiny_model, prompts, options, batch_size=2)
     for prompt, choices, scores in zip(prompts, options, cached):
-        expected = sequence_logprob(tiny_model, [prompt] * len(choices), choices, batch_size=1)
-        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+        expected = [float(row.sum()) for row in completion_logprobs(tiny_model, [prompt] * len(choices), choices, batch_size=1)]
+        assert scores == pytest.approx(expected, abs=1e-4)
 
 
 SYSTEM = list(range(300, 312))  # 12 tokens every prompt begins with, like a chat model's system turn

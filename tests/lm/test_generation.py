@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import completion_logprobs
 from transformers import GenerationConfig
 
-from spearfl.lm.forward import completion_logprobs
 from spearfl.lm.generation import (
     SamplingSettings,
     choose_tokens,
@@ -66,9 +67,16 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+SAMPLING_FIELDS = {field.name for field in dataclasses.fields(SamplingSettings)}
+
+
 def run(model, tokenizer, prompts, **overrides):
-    settings = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, seed=0, batch_size=4)
-    return generate(model, tokenizer, prompts, **{**settings, **overrides})
+    """`generate` with greedy defaults; `overrides` name sampling settings or generate's own arguments."""
+    settings = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, batch_size=4) | {
+        key: value for key, value in overrides.items() if key in SAMPLING_FIELDS
+    }
+    arguments = {"seed": 0} | {key: value for key, value in overrides.items() if key not in SAMPLING_FIELDS}
+    return generate(model, tokenizer, prompts, settings=SamplingSettings(**settings), **arguments)
 
 
 def test_stops_at_the_end_of_the_answer_line(tokenizer):
@@ -172,9 +180,9 @@ def test_generation_leaves_training_mode_as_it_was(tiny_lora_model, tokenizer):
 def test_top_p_keeps_the_smallest_likely_set():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(200, 1)
     generators = [torch.Generator().manual_seed(index) for index in range(200)]
-    settings = SamplingSettings(1, temperature=1.0, top_p=0.7, stop_after_answer=True)
+    settings = SamplingSettings(1, temperature=1.0, top_p=0.7, batch_size=1)
     assert set(choose_tokens(logits, generators, settings).tolist()) == {0, 1}
-    settings = SamplingSettings(1, temperature=1.0, top_p=0.1, stop_after_answer=True)
+    settings = SamplingSettings(1, temperature=1.0, top_p=0.1, batch_size=1)
     only_best = choose_tokens(logits, generators, settings)
     assert set(only_best.tolist()) == {0}
 

@@ -7,8 +7,8 @@ import torch
 from helpers import build_tiny_model
 from peft import get_peft_model_state_dict
 
-from spearfl.lm import models
 from spearfl.config import LoraConfig
+from spearfl.lm import models
 from spearfl.lm.models import (
     attach_lora,
     get_adapter_state,
@@ -179,8 +179,8 @@ def test_conversion_into_an_empty_cache_gives_the_same_model(default_model, monk
 
 def test_checkpointed_lora_layers_give_the_same_gradients(tokenizer):
     from spearfl.lm.models import checkpoint_lora_layers
-    from spearfl.lm.training import collate, completion_logits
-    from spearfl.losses.spear import likelihood_loss, token_logprobs
+    from spearfl.lm.training import collate, target_logprobs
+    from spearfl.losses.spear import likelihood_loss
 
     prompts, completions = [[1, 100, 200, 300], [1, 5, 6]], [[7, 8, 9], [10, 11]]
 
@@ -193,7 +193,7 @@ def test_checkpointed_lora_layers_give_the_same_gradients(tokenizer):
         model.base_model.model.model.layers[1].self_attn.register_forward_hook(lambda *args: calls.append(1))
         torch.manual_seed(0)  # the same dropout masks in both runs
         batch = collate(prompts, completions, 0, torch.device("cpu"))
-        likelihood_loss(token_logprobs(completion_logits(model, batch), batch.targets), batch.completion_mask).backward()
+        likelihood_loss(target_logprobs(model, batch), batch.completion_mask).backward()
         assert len(calls) == (2 if checkpointed else 1)  # the backward pass ran the layer again
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 

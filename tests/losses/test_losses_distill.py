@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from spearfl.losses.distill import distillation_loss, masked_mean, token_kl
+from spearfl.losses.common import masked_mean
+from spearfl.losses.distill import distillation_loss, token_kl
 
 
 def log(values):

@@ -7,7 +7,6 @@ from spearfl.losses.spear import (
     anchor_loss,
     likelihood_loss,
     tail_mask,
-    token_logprobs,
     unlikelihood_loss,
     unlikelihood_mask,
 )
@@ -15,14 +14,6 @@ from spearfl.losses.spear import (
 
 def log(values):
     return torch.log(torch.tensor(values, dtype=torch.float64))
-
-
-def test_token_logprobs_picks_the_target_log_softmax():
-    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0]]])  # [1, 2, 2]
-    targets = torch.tensor([[1, 1]])
-    # softmax([0, ln 3]) = [1/4, 3/4]; softmax([ln 4, 0]) = [4/5, 1/5]
-    expected = torch.tensor([[math.log(3 / 4), math.log(1 / 5)]])
-    assert torch.allclose(token_logprobs(logits, targets), expected)
 
 
 def test_likelihood_loss_is_the_mean_over_masked_tokens_of_the_whole_batch():

@@ -1,13 +1,18 @@
 import pytest
 import torch
-from helpers import completion_from_text, single_thread, tiny_lora_model
+from helpers import (
+    completion_from_text,
+    completion_logprobs,
+    single_thread,
+    tiny_lora_model,
+)
 
 import spearfl.runtime.evaluation as evaluation
 from spearfl.config import EvalConfig
 from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
-from spearfl.lm.forward import completion_logprobs, option_logprobs
-from spearfl.lm.generation import generate
+from spearfl.lm.forward import option_logprobs
+from spearfl.lm.generation import SamplingSettings, generate
 from spearfl.runtime.evaluation import evaluate, generation_metrics, loglik_predictions
 
 
@@ -117,7 +122,7 @@ def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monk
     expected = [prompt_format.task(example) for example in examples]
     (prompts, sampling), = seen["generate"]
     assert prompts == expected
-    assert sampling["temperature"] == 0 and sampling["max_new_tokens"] == 3
+    assert sampling["settings"].temperature == 0 and sampling["settings"].max_new_tokens == 3
     assert {tuple(prompt) for prompt in seen["loglik"][0]} == {tuple(prompt) for prompt in expected}
     for prompt in prompts:
         assert "Secret" not in tokenizer.decode(prompt)
@@ -137,7 +142,7 @@ def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeyp
     prompts = {tuple(prompt_format.task(example)): example.uid for example in examples}
 
     def scripted_generate(model, tokenizer_, prompts_, **settings):
-        assert settings["text_prefix"] == "Answer:"
+        assert settings["settings"].text_prefix == "Answer:"
         return [completion_from_text(tokenizer, answers[prompts[tuple(prompt)]]) for prompt in prompts_]
 
     def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
@@ -184,6 +189,6 @@ def test_generation_reuses_the_prompts_the_option_scoring_ran(tokenizer, monkeyp
     reused = evaluate(model, prompt_format, examples, settings)
     assert set(prefill_widths) == {1}  # every prompt was run by the scoring: generation feeds one token at a time
     prompts = [prompt_format.task(example) for example in examples]
-    generated = generate(model, tokenizer, prompts, max_new_tokens=3, temperature=0.0, top_p=1.0, seed=0, batch_size=4)
+    generated = generate(model, tokenizer, prompts, settings=SamplingSettings(3, 0.0, 1.0, 4), seed=0)
     assert reused["mean_completion_tokens"] == sum(len(c.token_ids) for c in generated) / len(generated)
     assert reused["accuracy"] == generation_metrics(examples, [c.text for c in generated])["accuracy"]
