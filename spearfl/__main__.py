@@ -1,5 +1,5 @@
 """`python -m spearfl` is the `spearfl` command."""
 
-from spearfl.cli import main
+from spearfl.cli import app
 
-main()
+app(prog_name="spearfl")

@@ -8,10 +8,24 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from spearfl.config import ConfigError, load_config
+from spearfl.errors import UserError
+
+
+class ReportUserErrors(TyperGroup):
+    """Every command: a mistake in the user's input (spearfl.errors.UserError) prints one message, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            fail(str(error))
+
 
 app = typer.Typer(
+    cls=ReportUserErrors,
     help=(
         "spearfl: online federated fine-tuning of language models from user feedback (SPEAR).\n\n"
         "Clients answer prompts with a shared base model plus a LoRA adapter, get a verdict and a hint that "
@@ -31,7 +45,7 @@ SetOption = Annotated[
 
 
 @app.callback()
-def main() -> None:
+def quiet_libraries() -> None:
     """Quiet the libraries' own progress bars and deprecation notes; spearfl shows its own progress."""
     from spearfl.lm.models import quiet_library_output
 
@@ -39,7 +53,7 @@ def main() -> None:
 
 
 def fail(message: str) -> None:
-    errors.print(f"[red]error:[/red] {message}")
+    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -64,12 +78,8 @@ def run(
     """Run a federated experiment (or resume an unfinished one in the same output folder)."""
     config = load_or_fail(config_path, set_)
     from spearfl.runtime.local import run_local
-    from spearfl.runtime.server import RunConflict
 
-    try:
-        summary = run_local(config, fresh=fresh, show_progress=not quiet)
-    except RunConflict as error:
-        fail(str(error))
+    summary = run_local(config, fresh=fresh, show_progress=not quiet)
     before, after = summary["before"], summary["after"]
     console.print(
         f"held-out accuracy: before {before.get('accuracy', float('nan')):.3f} -> after {after.get('accuracy', float('nan')):.3f}"

@@ -1,6 +1,8 @@
 """The `spearfl` command through typer's CliRunner: a whole run on a primed tiny model, refusals, help."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,12 +14,13 @@ from helpers import (
     strip_timing,
     write_run_config,
 )
+from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from spearfl.cli import app
 from spearfl.config import config_to_dict, load_config
-from spearfl.runtime.run_folder import RunFolder
+from spearfl.runtime.run_folder import RunFolder, summary_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -141,3 +144,32 @@ def test_bench_writes_its_report_and_profile(tmp_path):
     assert {"targets", "rounds", "profile"} <= report.keys() and report["profile"].keys() == {"spear", "grpo"}
     assert "table" not in report["profile"]["spear"]  # the tables go to the text file
     assert "Self CPU" in (tmp_path / "bench.profile.txt").read_text() and "SPEAR / GRPO" in text
+
+
+def test_a_bad_dataset_line_prints_one_message_and_leaves_the_folder_incomplete(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"question": "2 + 2?", "answer": "4"}\n{"question": "Pick", "options": ["a"], "answer": "a"}\n')
+    config_path = write_run_config(end_to_end_assets(), tmp_path / "run.yaml", tmp_path / "run")
+    result, output = invoke("run", config_path, "--set", f"data.dataset=jsonl:{data}")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert f"error: {data}, line 2, field 'options'" in output and "Traceback" not in output
+    assert not RunFolder(tmp_path / "run").is_complete()
+
+
+def test_python_dash_m_spearfl_is_the_command():
+    completed = subprocess.run(
+        [sys.executable, "-m", "spearfl", "run", "/no/such/config.yaml"], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == "error: config file not found: /no/such/config.yaml"
+
+
+def test_the_summary_table_reads_in_80_columns():
+    shares = {f"option {index}": 0.2 for index in range(1, 6)}
+    metrics = {"accuracy": 0.39, "answer_share": shares, "loglik_accuracy": 0.41, "loglik_answer_share": shares,
+               "mean_completion_tokens": 2.18, "num_examples": 100, "parse_rate": 0.96}
+    console = Console(width=80, record=True)
+    console.print(summary_table({"before": metrics, "after": metrics}))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in "".join(lines)
+    assert any(line.split("│")[1].strip() == "loglik_answer_share option 5" for line in lines if "│" in line)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from spearfl.data.schema import LABEL_STYLES, Example
 from spearfl.data.scoring import format_number, parse_number
+from spearfl.errors import UserError
 from spearfl.io import atomic_write_bytes, atomic_write_text
 
 # Bump when a builder changes what it produces, so stale caches are rebuilt.
@@ -261,7 +262,7 @@ def build_math_mc(cache_root: Path) -> list[Example]:
 _JSONL_FIELDS = ("id", "question", "options", "answer", "passage", "facts", "solution", "label_style")
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A user dataset line that cannot become an Example; the message names file, line and field."""
 
 

@@ -272,14 +272,15 @@ def _format_metric(value: Any, signed: bool = False) -> str:
         return str(value)
     if _is_number(value):
         return f"{value:+.4f}" if signed else f"{value:.4f}"
-    if isinstance(value, dict):  # shares of each predicted label
-        return " ".join(f"{key} {item:.2f}" for key, item in value.items()) or "-"
     return str(value)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    """Rich table of held-out metrics: before, after and delta per metric."""
-    before, after = summary.get("before") or {}, summary.get("after") or {}
+    """Rich table of held-out metrics: before, after and delta per metric; a share per label gets a row each.
+
+    Four short columns, so the table reads in an 80-column terminal.
+    """
+    before, after = flat_metrics(summary.get("before") or {}), flat_metrics(summary.get("after") or {})
     deltas = metric_deltas(before, after)
     table = Table(title="Held-out metrics")
     table.add_column("metric")
@@ -293,6 +294,17 @@ def summary_table(summary: dict[str, Any]) -> Table:
             _format_metric(deltas.get(name), signed=True),
         )
     return table
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics with each nested share (answer_share: {label: share}) as its own "answer_share label" entry."""
+    flat: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            flat |= {f"{name} {label}": share for label, share in value.items()}
+        else:
+            flat[name] = value
+    return flat
 
 
 SUMMARY_METRICS = ("accuracy", "loglik_accuracy", "parse_rate")

@@ -26,6 +26,7 @@ from rich.progress import (
 
 from spearfl.algorithms.base import ClientContext, ClientResult
 from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
+from spearfl.errors import UserError
 from spearfl.federated.aggregation import SERVER_STRATEGIES, initial_server_state
 from spearfl.federated.codec import decode_upload, payload_bytes
 from spearfl.federated.schedule import learning_rate
@@ -41,7 +42,7 @@ SUMMED_METRICS = ("generations", "generated_tokens", "trained_tokens", "scored_t
 OPTIONAL_COUNTERS = ("wins", "losses", "revised_correct")
 
 
-class RunConflict(RuntimeError):
+class RunConflict(UserError, RuntimeError):
     """The output folder holds a different run."""
 
 
