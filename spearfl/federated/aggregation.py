@@ -175,30 +175,22 @@ def yogi_step_size(settings: ServerConfig, num_steps: int) -> float:
     return settings.server_lr
 
 
-def fedadam(
-    global_state: AdapterState,
-    states: list[AdapterState],
-    weights: list[float],
-    server_state: ServerOptimizerState,
-    settings: ServerConfig,
-) -> tuple[AdapterState, ServerOptimizerState]:
-    """FedAdam (Reddi et al. 2021, arXiv 2003.00295) with Flower's bias-corrected step size."""
-    return _adaptive_step(
-        global_state, states, weights, server_state, settings, adam_second_moment, adam_step_size
-    )
+def adaptive_strategy(
+    update_second_moment: Callable[[AdapterState, AdapterState, float], AdapterState],
+    step_size: Callable[[ServerConfig, int], float],
+) -> Callable[..., tuple[AdapterState, ServerOptimizerState]]:
+    """A FedOpt strategy in the common signature, from its second-moment update and step size."""
+
+    def strategy(global_state, states, weights, server_state, settings):
+        return _adaptive_step(global_state, states, weights, server_state, settings, update_second_moment, step_size)
+
+    return strategy
 
 
-def fedyogi(
-    global_state: AdapterState,
-    states: list[AdapterState],
-    weights: list[float],
-    server_state: ServerOptimizerState,
-    settings: ServerConfig,
-) -> tuple[AdapterState, ServerOptimizerState]:
-    """FedYogi (Reddi et al. 2021, arXiv 2003.00295)."""
-    return _adaptive_step(
-        global_state, states, weights, server_state, settings, yogi_second_moment, yogi_step_size
-    )
+# FedAdam (Reddi et al. 2021, arXiv 2003.00295) with Flower's bias-corrected step size.
+fedadam = adaptive_strategy(adam_second_moment, adam_step_size)
+# FedYogi (Reddi et al. 2021, arXiv 2003.00295).
+fedyogi = adaptive_strategy(yogi_second_moment, yogi_step_size)
 
 
 # Common signature: (global_state, states, weights, server_state, settings) -> (new_global, new_server_state)
