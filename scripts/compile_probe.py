@@ -11,9 +11,10 @@ import time
 
 import torch
 
+from spearfl.config import ModelConfig
+from spearfl.lm.forward import prefill
 from spearfl.lm.generation import decode_step
 from spearfl.lm.models import load_base_model
-from spearfl.lm.forward import prefill
 
 STEPS = 12
 
@@ -33,7 +34,7 @@ def timed_call(model, prompts, device):
 def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
     device = torch.device("cpu")
-    model, _ = load_base_model("smollm2-135m-instruct", device="cpu")
+    model, _ = load_base_model(ModelConfig(device="cpu"))
     prompts = [list(range(1000, 1000 + 70 + 3 * i)) for i in range(8)]
     for name, candidate in [("eager", model), ("compiled", torch.compile(model, dynamic=True))]:
         started = time.perf_counter()

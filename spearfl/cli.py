@@ -161,6 +161,7 @@ def data(
     heldout_size: Annotated[int, typer.Option(help="Held-out size used to show the split.")] = 300,
 ) -> None:
     """List datasets: source, licence, sizes of the client pool and held-out split, hint leak rates."""
+    from spearfl.config import FeedbackConfig
     from spearfl.data import DATASETS, load_examples
     from spearfl.data.split import split_pool_heldout
     from spearfl.feedback.leaks import leak_report
@@ -179,7 +180,7 @@ def data(
     for name, spec in DATASETS.items():
         console.print(f"  {name}: {spec.source}")
     if leaks:
-        console.print(leak_table(leak_report(loaded)))
+        console.print(leak_table(leak_report(loaded, FeedbackConfig().max_hint_sentences)))
 
 
 LEAK_COLUMNS = {

@@ -59,7 +59,7 @@ class DataConfig(Section):
 
 class FeedbackConfig(Section):
     hint: str = "none"
-    max_hint_sentences: int = Field(2, ge=1)
+    max_hint_sentences: int = Field(2, ge=1)  # our choice: short enough that a solution's last step stays hidden
     remind_format: bool = False  # an unparseable answer is told so (names no option)
 
 

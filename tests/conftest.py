@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import build_tiny_model
 
-from spearfl.config import LoraConfig
+from spearfl.config import LoraConfig, ModelConfig
 from spearfl.lm.models import (
     DEFAULT_MODEL,
     attach_lora,
@@ -58,4 +58,4 @@ def tiny_lora_model(tokenizer):
 @pytest.fixture(scope="session")
 def default_model():
     """(model, tokenizer) of the real default model in float32 on the CPU; for tests marked `model`."""
-    return load_base_model(DEFAULT_MODEL, dtype="float32", device="cpu")
+    return load_base_model(ModelConfig(device="cpu"))

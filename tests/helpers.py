@@ -111,7 +111,7 @@ def make_config(*overrides: str) -> RunConfig:
 
 def make_context(model, tokenizer, config: RunConfig, feedback=None) -> ClientContext:
     prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
-    return ClientContext(model, prompt_format, feedback or make_oracle(config.feedback.hint), config, torch.device("cpu"))
+    return ClientContext(model, prompt_format, feedback or make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format), config, torch.device("cpu"))
 
 
 def multiple_choice(uid: str, question: str, options: tuple[str, ...], gold: int, **fields) -> Example:

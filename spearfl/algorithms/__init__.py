@@ -1,8 +1,9 @@
 """Client updates by name. Runtimes look an algorithm up here and never branch on its name."""
 
 from spearfl.algorithms import feedback_sft, grpo, opsd, rltf_sd, spear
+from spearfl.algorithms.base import ClientUpdate
 
-ALGORITHMS = {
+ALGORITHMS: dict[str, ClientUpdate] = {
     "spear": spear.client_update,
     "feedback_sft": feedback_sft.client_update,
     "opsd": opsd.client_update,

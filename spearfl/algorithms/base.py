@@ -63,10 +63,9 @@ class ClientResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-Item = TypeVar("Item")
-
-
 class ClientUpdate(Protocol):
+    """An algorithm's client round: the work order in, the trained adapter, its weight and its metrics out."""
+
     def __call__(self, context: ClientContext, work: ClientRound) -> ClientResult: ...
 
 
@@ -195,6 +194,9 @@ def client_round(context: ClientContext, work: ClientRound, num_prompts: int, co
     metrics |= {"skipped": int(collected.weight == 0), "seconds": time.perf_counter() - started}
     metrics["peak_memory_mb"] = peak_memory_mb(context.device)
     return ClientResult(state=state, weight=collected.weight, metrics=metrics)
+
+
+Item = TypeVar("Item")
 
 
 def draw(items: list[Item], count: int, rng: np.random.Generator) -> list[Item]:

@@ -16,8 +16,6 @@ from collections.abc import Callable
 
 from spearfl.data.schema import Example
 
-# Sentences of hint material per hint: our choice, short enough that a solution's last step stays hidden.
-DEFAULT_HINT_SENTENCES = 2
 # Opening words of the correct option the leaky hint quotes (the reference quoted "the first words";
 # the count is ours).
 LEAKY_PREFIX_WORDS = 3
@@ -28,12 +26,12 @@ _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 _FINAL_ANSWER_LINE = re.compile(r"^\s*####|\\boxed|answer is", re.IGNORECASE)
 
 
-def no_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+def no_hint(example: Example, max_sentences: int) -> str | None:
     """Verdict only."""
     return None
 
 
-def facts_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+def facts_hint(example: Example, max_sentences: int) -> str | None:
     """The first sentences of the example's supporting facts (StrategyQA); None without facts."""
     if not example.facts:
         return None
@@ -41,7 +39,7 @@ def facts_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) ->
     return " ".join(sentences[:max_sentences]) or None
 
 
-def solution_steps_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+def solution_steps_hint(example: Example, max_sentences: int) -> str | None:
     """The first steps of a worked solution, never its last step or a line that states the answer."""
     if not example.solution:
         return None
@@ -50,7 +48,7 @@ def solution_steps_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENT
     return " ".join(steps[: min(max_sentences, len(steps) - 1)]) or None
 
 
-def leaky_option_prefix_hint(example: Example, max_sentences: int = DEFAULT_HINT_SENTENCES) -> str | None:
+def leaky_option_prefix_hint(example: Example, max_sentences: int) -> str | None:
     """LEAKY, opt-in only: the opening words of the correct option, as the reference's hint gave them.
 
     It leaks because a model (or a string matcher) can pick the option that starts with those words

@@ -12,7 +12,6 @@ import re
 from spearfl.data.schema import Example
 from spearfl.data.scoring import format_number, normalise_text
 from spearfl.feedback.hints import (
-    DEFAULT_HINT_SENTENCES,
     HINT_STYLES,
     LEAKY_HINT_STYLES,
     hint_function_for,
@@ -153,7 +152,7 @@ def _tied_credit(scores: list[int], gold: int, chosen_score: int) -> float:
     return 1.0 / len(tied) if gold in tied else 0.0
 
 
-def leak_rate(examples: list[Example], hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCES) -> dict:
+def leak_rate(examples: list[Example], hint_style: str, max_hint_sentences: int) -> dict:
     """How much one hint style reveals on a dataset, as the oracle would show it to a wrong answer.
 
     Keys: num_examples, num_hints (produced), num_flagged and flagged_fraction (what the filter flags),
@@ -184,7 +183,7 @@ def leak_rate(examples: list[Example], hint_style: str, max_hint_sentences: int 
 
 
 def leak_report(
-    datasets: dict[str, list[Example]], max_hint_sentences: int = DEFAULT_HINT_SENTENCES
+    datasets: dict[str, list[Example]], max_hint_sentences: int
 ) -> list[dict]:
     """`leak_rate` rows for every hint style on every dataset; a style without hint material reports 0 hints."""
     rows = []

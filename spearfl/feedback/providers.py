@@ -15,7 +15,6 @@ from typing import Protocol
 from spearfl.data.schema import Example
 from spearfl.data.scoring import is_correct, parse_answer
 from spearfl.feedback.hints import (
-    DEFAULT_HINT_SENTENCES,
     LEAKY_HINT_STYLES,
     hint_function_for,
 )
@@ -55,7 +54,7 @@ def format_reminder(example: Example) -> str:
 
 
 def make_oracle(
-    hint_style: str, max_hint_sentences: int = DEFAULT_HINT_SENTENCES, remind_format: bool = False
+    hint_style: str, max_hint_sentences: int, remind_format: bool
 ) -> FeedbackProvider:
     """A simulated user who knows the gold answer, judges with the dataset's scoring and never states it.
 

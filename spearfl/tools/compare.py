@@ -94,7 +94,7 @@ class SharedBaseModel:
 
     def context_for(self, config: RunConfig) -> ClientContext:
         if self.peft_model is None:
-            model, self.tokenizer = load_base_model(config.model.name, dtype=config.model.dtype, device=config.model.device)
+            model, self.tokenizer = load_base_model(config.model)
         else:
             # attach_lora edits the model in place; removing the LoRA layers gives back the untouched base model
             model = self.peft_model.unload()

@@ -20,6 +20,7 @@ import spearfl.algorithms.feedback_sft as feedback_sft
 import spearfl.algorithms.spear as spear
 from spearfl.algorithms.base import ClientRound
 from spearfl.config import load_config
+from spearfl.io import load_tensors
 from spearfl.lm.models import get_adapter_state, load_base_model
 from spearfl.lm.training import collate
 from spearfl.runtime.local import run_local
@@ -107,14 +108,14 @@ def test_one_round_through_the_local_runtime_trains_only_lora_and_counts_costs(t
     config = load_config(
         write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run"), ["algorithm=feedback_sft", "server.rounds=1"]
     )
-    model, tokenizer = load_base_model(config.model.name, device="cpu")
+    model, tokenizer = load_base_model(config.model.model_copy(update={"device": "cpu"}))
     context = build_context(config, model, tokenizer)
     base_before = {name: p.detach().clone() for name, p in context.model.named_parameters() if "lora_" not in name}
     run_local(config, show_progress=False, context=context)
 
     assert all(torch.equal(p, base_before[name]) for name, p in context.model.named_parameters() if "lora_" not in name)
     folder = RunFolder(config.output_dir)
-    start, end = folder.load_adapter(0), folder.load_adapter(1)
+    start, end = load_tensors(folder.adapter_path(0)), load_tensors(folder.adapter_path(1))
     assert any(not torch.equal(start[name], end[name]) for name in start)
     clients = read_history(tmp_path / "run")[1]["clients"]
     assert len(clients) == 2 and any(client["weight"] > 0 for client in clients)

@@ -26,6 +26,7 @@ from spearfl.algorithms.base import ClientRound
 from spearfl.config import EvalConfig, load_config
 from spearfl.data.prompts import render_task
 from spearfl.data.schema import Example
+from spearfl.io import load_tensors
 from spearfl.lm.generation import Completion
 from spearfl.lm.models import (
     get_adapter_state,
@@ -252,14 +253,14 @@ def test_one_round_through_the_local_runtime_trains_only_lora_and_counts_costs(t
     assets = end_to_end_assets()
     overrides = ["algorithm=opsd", "server.rounds=1", "opsd.prompts_per_round=4", "opsd.local_steps=2"]
     config = load_config(write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run"), overrides)
-    model, tokenizer = load_base_model(config.model.name, device="cpu")
+    model, tokenizer = load_base_model(config.model.model_copy(update={"device": "cpu"}))
     context = build_context(config, model, tokenizer)
     base_before = {name: p.detach().clone() for name, p in context.model.named_parameters() if "lora_" not in name}
     run_local(config, show_progress=False, context=context)
 
     assert all(torch.equal(p, base_before[name]) for name, p in context.model.named_parameters() if "lora_" not in name)
     folder = RunFolder(config.output_dir)
-    start, end = folder.load_adapter(0), folder.load_adapter(1)
+    start, end = load_tensors(folder.adapter_path(0)), load_tensors(folder.adapter_path(1))
     assert any(not torch.equal(start[name], end[name]) for name in start)
     assert set(start) == set(lora_parameters(context.model))
     clients = read_history(tmp_path / "run")[1]["clients"]

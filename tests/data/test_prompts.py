@@ -74,7 +74,7 @@ def test_the_task_prompt_never_shows_facts_solution_or_gold(tokenizer, num_optio
 
 def test_revision_messages_hold_the_task_previous_answer_and_feedback_only():
     example = planets(5)
-    feedback = make_oracle("none")(example, "Answer: A")
+    feedback = make_oracle("none", 2, False)(example, "Answer: A")
     messages = revision_messages(example, "  I think Mars.\nAnswer: A\n", feedback.text)
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0] == task_messages(example)[0]

@@ -43,14 +43,14 @@ def free_form(solution: str = GSM_SOLUTION, answer: str = "18") -> Example:
 
 def test_oracle_judges_gold_index_zero_with_dataset_scoring():
     example = multiple_choice(gold=0)
-    oracle = make_oracle("none")
+    oracle = make_oracle("none", 2, False)
     assert oracle(example, "Reasoning.\nAnswer: A\n") == Feedback(correct=True, hint=None, style="none")
     assert oracle(example, "Answer: B\n").correct is False
     assert oracle(example, "Answer: a\n").correct is False  # the article, not option A
 
 
 def test_verdict_only_feedback_never_contains_the_answer():
-    oracle = make_oracle("none")
+    oracle = make_oracle("none", 2, False)
     for gold in range(4):
         example = multiple_choice(gold=gold, facts="Plants take in carbon dioxide.")
         feedback = oracle(example, "Answer: D\n" if gold != 3 else "Answer: A\n")
@@ -61,20 +61,20 @@ def test_verdict_only_feedback_never_contains_the_answer():
 
 def test_correct_answers_get_no_hint():
     example = free_form()
-    assert make_oracle("solution_steps")(example, "Answer: 18\n") == Feedback(True, None, "solution_steps")
+    assert make_oracle("solution_steps", 2, False)(example, "Answer: 18\n") == Feedback(True, None, "solution_steps")
 
 
 def test_solution_steps_hint_shows_early_steps_only():
     example = free_form()
-    feedback = make_oracle("solution_steps")(example, "Answer: 20\n")
+    feedback = make_oracle("solution_steps", 2, False)(example, "Answer: 20\n")
     assert feedback.hint == "Janet sells 16 - 3 - 4 = 9 duck eggs a day."
     assert feedback.text == f"{VERDICT_WRONG} Hint: {feedback.hint}"
-    assert solution_steps_hint(free_form(solution="It is 18.\n#### 18")) is None
+    assert solution_steps_hint(free_form(solution="It is 18.\n#### 18"), 2) is None
 
 
 def test_filter_drops_hint_containing_gold_number():
     example = free_form(solution="She earns 9 * 2 = 18 dollars.\nShe keeps them.\n#### 18")
-    feedback = make_oracle("solution_steps")(example, "Answer: 20\n")
+    feedback = make_oracle("solution_steps", 2, False)(example, "Answer: 20\n")
     assert feedback == Feedback(correct=False, hint=None, style="solution_steps", hint_dropped=True)
     assert leaks_answer(free_form(answer="1800"), "That makes 1,800 in all.")
     assert not leaks_answer(free_form(answer="18"), "That makes 18.5 in all.")
@@ -82,9 +82,9 @@ def test_filter_drops_hint_containing_gold_number():
 
 def test_filter_drops_hint_quoting_gold_option_text():
     example = multiple_choice(gold=1, facts="Leaves absorb Carbon-Dioxide from the air. They release oxygen.")
-    feedback = make_oracle("facts")(example, "Answer: A\n")
+    feedback = make_oracle("facts", 2, False)(example, "Answer: A\n")
     assert feedback.hint is None and feedback.hint_dropped
-    kept = make_oracle("facts")(multiple_choice(gold=1, facts="Leaves breathe in a gas."), "Answer: A\n")
+    kept = make_oracle("facts", 2, False)(multiple_choice(gold=1, facts="Leaves breathe in a gas."), "Answer: A\n")
     assert kept.hint == "Leaves breathe in a gas." and not kept.hint_dropped
 
 
@@ -121,11 +121,11 @@ def test_leaky_prefix_is_flagged_by_leak_rate_and_filtered_styles_are_near_chanc
     ]
     examples = [multiple_choice(gold=1, facts=fact) for fact in facts]
 
-    leaky = leak_rate(examples, "leaky_option_prefix")
+    leaky = leak_rate(examples, "leaky_option_prefix", 2)
     assert leaky["leaky"] and leaky["num_hints"] == 4 and leaky["num_dropped"] == 0
     assert leaky["matcher_rate"] == 1.0 and leaky["chance_rate"] == 0.25
 
-    filtered = leak_rate(examples, "facts")
+    filtered = leak_rate(examples, "facts", 2)
     assert filtered["num_hints"] == 4 and filtered["num_dropped"] == 1 and filtered["dropped_fraction"] == 0.25
     assert filtered["num_shown"] == 3
     # Two hints name no option (credit 1/4 each by the tie rule), one names a distractor (credit 0).
@@ -142,7 +142,7 @@ def test_match_credit_shares_ties():
 
 def test_leak_report_covers_every_style_and_dataset():
     datasets = {"mc": [multiple_choice(facts="Leaves use sunlight.")], "gsm": [free_form()]}
-    rows = leak_report(datasets)
+    rows = leak_report(datasets, 2)
     assert [(row["dataset"], row["hint_style"]) for row in rows] == [
         (name, style) for name in datasets for style in HINT_STYLES
     ]
@@ -159,7 +159,7 @@ def test_leaky_style_is_opt_in_only():
 
 def test_unknown_style_names_the_style_and_the_choices():
     with pytest.raises(ValueError) as error:
-        make_oracle("elimination")
+        make_oracle("elimination", 2, False)
     message = str(error.value)
     assert "'elimination'" in message
     for style in HINT_STYLES:
@@ -168,21 +168,21 @@ def test_unknown_style_names_the_style_and_the_choices():
 
 def test_yes_no_leaky_prefix_is_caught_by_filter_and_matcher():
     examples = [yes_no(gold, "Pears float.") for gold in (0, 1)]
-    leaky = leak_rate(examples, "leaky_option_prefix")
+    leaky = leak_rate(examples, "leaky_option_prefix", 2)
     assert leaky["flagged_fraction"] == 1.0 and leaky["matcher_rate"] == 1.0 and leaky["chance_rate"] == 0.5
-    assert leak_rate(examples, "facts")["matcher_rate"] == 0.5
+    assert leak_rate(examples, "facts", 2)["matcher_rate"] == 0.5
 
 
 def test_solution_steps_keep_unpunctuated_lines_apart():
     example = free_form(solution="First add 2 and 3 to get 5\nThen double it to get 10\nFinally add 8,\n#### 18")
-    assert solution_steps_hint(example) == "First add 2 and 3 to get 5. Then double it to get 10."
+    assert solution_steps_hint(example, 2) == "First add 2 and 3 to get 5. Then double it to get 10."
 
 
 def test_format_reminder_only_for_unparseable_answers_and_names_no_option():
     example = Example(uid="t/1", question="Which is a fruit?", options=("apple", "stone", "chair"), gold=0, label_style="text")
-    oracle = make_oracle("none", remind_format=True)
+    oracle = make_oracle("none", 2, remind_format=True)
     unparseable = oracle(example, "Answer: I am not sure")
     assert not unparseable.correct and unparseable.hint == format_reminder(example)
     assert not any(option in unparseable.hint for option in example.options)
     assert oracle(example, "Answer: stone").hint is None  # parseable but wrong: verdict only
-    assert make_oracle("none")(example, "Answer: I am not sure").hint is None  # off by default
+    assert make_oracle("none", 2, False)(example, "Answer: I am not sure").hint is None  # off by default

@@ -29,6 +29,7 @@ from helpers import (
 )
 
 from spearfl.config import load_config
+from spearfl.io import load_tensors
 from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
 
@@ -87,11 +88,11 @@ def assert_same_as_local(folder: Path, reference: Path) -> None:
     assert any(client["weight"] > 0 for row in flower_history for client in row["clients"])
     assert strip_timing(flower_history) == strip_timing(local_history)
     for round_index in (0, 1, 2):
-        got, expected = run.load_adapter(round_index), RunFolder(reference).load_adapter(round_index)
+        got, expected = load_tensors(run.adapter_path(round_index)), load_tensors(RunFolder(reference).adapter_path(round_index))
         assert got.keys() == expected.keys()
         assert all(torch.allclose(got[name], expected[name], rtol=0, atol=TOLERANCE) for name in expected), round_index
-    moved = RunFolder(reference).load_adapter(2)
-    assert any(not torch.equal(moved[name], RunFolder(reference).load_adapter(0)[name]) for name in moved)
+    moved = load_tensors(RunFolder(reference).adapter_path(2))
+    assert any(not torch.equal(moved[name], load_tensors(RunFolder(reference).adapter_path(0))[name]) for name in moved)
 
 
 def test_a_deployment_run_matches_the_local_runtime(tmp_path, local_reference):

@@ -27,6 +27,7 @@ from spearfl.flower.records import (
     work_content,
 )
 from spearfl.flower.server_app import APP_FOLDER, FlowerClients, config_from_run_config
+from spearfl.io import load_tensors
 from spearfl.runtime.client import wire_array
 from spearfl.runtime.server import FederatedRun
 from spearfl.runtime.worker import (
@@ -194,7 +195,7 @@ def test_a_round_drops_bad_replies_and_aggregates_the_rest(tmp_path, task_identi
 def load_adapter(folder, round_index):
     from spearfl.runtime.run_folder import RunFolder
 
-    return RunFolder(folder).load_adapter(round_index)
+    return load_tensors(RunFolder(folder).adapter_path(round_index))
 
 
 # ------------------------------------------------------------------------- run config

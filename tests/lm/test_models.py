@@ -7,7 +7,7 @@ import torch
 from helpers import build_tiny_model
 from peft import get_peft_model_state_dict
 
-from spearfl.config import LoraConfig
+from spearfl.config import LoraConfig, ModelConfig
 from spearfl.lm import models
 from spearfl.lm.models import (
     attach_lora,
@@ -158,7 +158,7 @@ def test_default_model_loads_frozen_in_eval_mode(default_model):
 
 @pytest.mark.model
 def test_default_model_in_bfloat16_is_not_upcast():
-    model, _ = models.load_base_model(models.DEFAULT_MODEL, dtype="bfloat16", device="cpu")
+    model, _ = models.load_base_model(ModelConfig(dtype="bfloat16", device="cpu"))
     peft_model = attach_lora(model, LoraConfig(rank=4, layers=[0]), seed=0)
     assert peft_model.base_model.model.model.layers[5].mlp.up_proj.weight.dtype == torch.bfloat16
     assert peft_model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
@@ -168,7 +168,7 @@ def test_default_model_in_bfloat16_is_not_upcast():
 @pytest.mark.slow
 def test_conversion_into_an_empty_cache_gives_the_same_model(default_model, monkeypatch, tmp_path):
     monkeypatch.setenv("SPEARFL_CACHE", str(tmp_path))
-    model, tokenizer = models.load_base_model(models.DEFAULT_MODEL, device="cpu")
+    model, tokenizer = models.load_base_model(ModelConfig(device="cpu"))
     folder = tmp_path / "models" / models.DEFAULT_MODEL
     assert sorted(path.name for path in tmp_path.joinpath("models").iterdir()) == [models.DEFAULT_MODEL]
     assert "quantization_config" not in (folder / "config.json").read_text()
