@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from spearfl.config import ConfigError, load_config
+from spearfl.config import load_config
 from spearfl.errors import UserError
 
 
@@ -57,15 +57,13 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def load_or_fail(config_path: Optional[Path], overrides: Optional[list[str]]):
-    try:
-        config = load_config(config_path, overrides or [])
-        from spearfl.runtime.setup import check_config
+def load_checked(config_path: Optional[Path], overrides: Optional[list[str]]):
+    """The config with its overrides, validated and checked against the registries (ConfigError otherwise)."""
+    from spearfl.runtime.setup import check_config
 
-        check_config(config)
-        return config
-    except ConfigError as error:
-        fail(str(error))
+    config = load_config(config_path, overrides or [])
+    check_config(config)
+    return config
 
 
 @app.command()
@@ -76,7 +74,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
 ) -> None:
     """Run a federated experiment (or resume an unfinished one in the same output folder)."""
-    config = load_or_fail(config_path, set_)
+    config = load_checked(config_path, set_)
     from spearfl.runtime.local import run_local
 
     summary = run_local(config, fresh=fresh, show_progress=not quiet)
@@ -103,8 +101,7 @@ def compare(
     ] = None,
 ) -> None:
     """Run every (algorithm, seed) pair on one config, resuming unfinished ones, then tabulate and plot them."""
-    config = load_or_fail(config_path, set_)
-    from spearfl.runtime.server import RunConflict
+    config = load_checked(config_path, set_)
     from spearfl.tools.compare import compare as run_comparison
     from spearfl.tools.compare import (
         comparison_table,
@@ -112,12 +109,9 @@ def compare(
         parse_algorithms,
     )
 
-    try:
-        names = parse_algorithms(algorithms)
-        output = output or default_output_dir(config)
-        rows, metrics = run_comparison(config, names, seeds, output)
-    except (ConfigError, RunConflict) as error:
-        fail(str(error))
+    names = parse_algorithms(algorithms)
+    output = output or default_output_dir(config)
+    rows, metrics = run_comparison(config, names, seeds, output)
     console.print(comparison_table(rows, metrics))
     console.print(f"comparison: {output / 'comparison.md'}, {output / 'comparison.csv'}")
 
@@ -131,7 +125,7 @@ def evaluate_command(
     set_: SetOption = None,
 ) -> None:
     """Evaluate the base model, or an adapter, on the config's held-out set."""
-    config = load_or_fail(config_path, set_)
+    config = load_checked(config_path, set_)
     from spearfl.io import load_tensors
     from spearfl.lm.models import set_adapter_state
     from spearfl.runtime.evaluation import evaluate
@@ -253,7 +247,7 @@ def bench(
     )
 
     baseline = resident_mb()
-    config = load_or_fail(config_path, set_)
+    config = load_checked(config_path, set_)
     from spearfl.io import atomic_write_json, atomic_write_text
     from spearfl.runtime.setup import build_context, prepare_data
 

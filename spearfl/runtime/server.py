@@ -58,10 +58,19 @@ def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
         )
 
 
+# Fields a later version removed; no run ever read them, so a folder that holds one resumes without it.
+RETIRED_FIELDS = (("feedback", "provider"),)
+
+
 def with_defaults(saved: dict) -> dict:
-    """A saved config with the defaults of fields added since it was written (it ran with those defaults)."""
+    """A saved config with the defaults of fields added since it was written (it ran with those defaults),
+    and without the fields retired since."""
+    current = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
+    for section, name in RETIRED_FIELDS:
+        if isinstance(current.get(section), dict):
+            current[section].pop(name, None)
     try:
-        return config_to_dict(validate(saved))
+        return config_to_dict(validate(current))
     except ConfigError:
         return saved  # not a config of this version: every difference shows
 

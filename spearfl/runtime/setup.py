@@ -19,6 +19,7 @@ from spearfl.config import ConfigError, RunConfig
 from spearfl.data import DATASETS, load_examples
 from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
+from spearfl.data.sources import JSONL_PREFIX
 from spearfl.data.split import dirichlet_partition, split_pool_heldout
 from spearfl.feedback.hints import HINT_STYLES
 from spearfl.feedback.providers import make_oracle
@@ -31,9 +32,9 @@ def check_config(config: RunConfig) -> None:
     if config.algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm: unknown {config.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
     dataset = config.data.dataset
-    if dataset.startswith("jsonl:"):
-        if not Path(dataset.removeprefix("jsonl:")).is_file():
-            raise ConfigError(f"data.dataset: file not found: {dataset.removeprefix('jsonl:')}")
+    if dataset.startswith(JSONL_PREFIX):
+        if not Path(dataset.removeprefix(JSONL_PREFIX)).is_file():
+            raise ConfigError(f"data.dataset: file not found: {dataset.removeprefix(JSONL_PREFIX)}")
     elif dataset not in DATASETS:
         raise ConfigError(f"data.dataset: unknown {dataset!r}; choose one of {sorted(DATASETS)} or jsonl:<path>")
     if config.feedback.hint not in HINT_STYLES:

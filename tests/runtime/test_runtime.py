@@ -219,3 +219,17 @@ def test_a_folder_written_before_a_config_field_existed_holds_its_default(tmp_pa
     folder.write_config(saved)
     with pytest.raises(RunConflict, match="server.upload_encoding"):
         server.check_run_folder(folder, config)
+
+
+def test_a_folder_written_with_a_retired_config_field_resumes(tmp_path):
+    config = config_for("unused", f"output_dir={tmp_path / 'old'}")
+    saved = config_to_dict(config)
+    saved["feedback"]["provider"] = "oracle"  # written by a version that had the (unread) field
+    folder = RunFolder(tmp_path / "old")
+    folder.path.mkdir()
+    folder.write_config(saved)
+    server.check_run_folder(folder, config)
+    saved["feedback"]["hint"] = "facts"
+    folder.write_config(saved)
+    with pytest.raises(RunConflict, match="feedback.hint"):
+        server.check_run_folder(folder, config)
