@@ -207,29 +207,29 @@ def test_a_bfloat16_base_model_trains_its_adapter(tmp_path, monkeypatch):
     assert any(client["weight"] > 0 for client in row["clients"])  # one_round also checks the adapter moved
 
 
+def folder_holding(path, saved: dict) -> RunFolder:
+    """A run folder whose config.yaml holds `saved`, as an older version would have written it."""
+    folder = RunFolder(path)
+    folder.path.mkdir(exist_ok=True)
+    folder.write_config(saved)
+    return folder
+
+
 def test_a_folder_written_before_a_config_field_existed_holds_its_default(tmp_path):
     config = config_for("unused", f"output_dir={tmp_path / 'old'}")
     saved = config_to_dict(config)
     del saved["server"]["upload_encoding"]  # a field added later, at its default
-    folder = RunFolder(tmp_path / "old")
-    folder.path.mkdir()
-    folder.write_config(saved)
-    server.check_run_folder(folder, config)
+    server.check_run_folder(folder_holding(tmp_path / "old", saved), config)
     saved["server"]["upload_encoding"] = "bfloat16"
-    folder.write_config(saved)
     with pytest.raises(RunConflict, match="server.upload_encoding"):
-        server.check_run_folder(folder, config)
+        server.check_run_folder(folder_holding(tmp_path / "old", saved), config)
 
 
 def test_a_folder_written_with_a_retired_config_field_resumes(tmp_path):
     config = config_for("unused", f"output_dir={tmp_path / 'old'}")
     saved = config_to_dict(config)
     saved["feedback"]["provider"] = "oracle"  # written by a version that had the (unread) field
-    folder = RunFolder(tmp_path / "old")
-    folder.path.mkdir()
-    folder.write_config(saved)
-    server.check_run_folder(folder, config)
+    server.check_run_folder(folder_holding(tmp_path / "old", saved), config)
     saved["feedback"]["hint"] = "facts"
-    folder.write_config(saved)
     with pytest.raises(RunConflict, match="feedback.hint"):
-        server.check_run_folder(folder, config)
+        server.check_run_folder(folder_holding(tmp_path / "old", saved), config)
