@@ -87,7 +87,7 @@ def tiny_lora_model(tokenizer, seed: int = 0, rank: int = 4, dropout: float = 0.
 
 def encode_task(tokenizer, example: Example) -> list[int]:
     """Token ids of an example's first-attempt prompt, without an answer prefix."""
-    return PromptFormat(tokenizer).task(example)
+    return PromptFormat(tokenizer, answer_prefix=False).task(example)
 
 
 @torch.no_grad()

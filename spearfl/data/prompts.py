@@ -82,7 +82,7 @@ class PromptFormat:
     """
 
     tokenizer: Any
-    answer_prefix: bool = False
+    answer_prefix: bool
 
     @property
     def prefix(self) -> str:

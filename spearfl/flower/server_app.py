@@ -159,8 +159,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or resume) the configured experiment with its clients on Flower SuperNodes."""
     quiet_library_output()
     config = config_from_run_config(context.run_config)
-    reply_timeout = float(context.run_config.get("reply-timeout", 3600))
-    connect_timeout = float(context.run_config.get("connect-timeout", 300))
+    # Flower fills the run config from pyproject.toml's [tool.flwr.app.config], where the defaults live.
+    reply_timeout = float(context.run_config["reply-timeout"])
+    connect_timeout = float(context.run_config["connect-timeout"])
     console.print(f"spearfl run folder: {Path(config.output_dir).resolve()}")
 
     def runner(server_context, federation, progress) -> FlowerClients:

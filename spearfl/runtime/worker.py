@@ -124,7 +124,7 @@ def make_server(host: str, port: int, client_host) -> HTTPServer:
     return server
 
 
-def serve(host: str = "127.0.0.1", port: int = 7301) -> None:
+def serve(host: str, port: int) -> None:
     """Serve client rounds until SIGTERM or Ctrl-C; the model loads with the first round."""
     from spearfl.runtime.client import (
         ClientHost,  # the model code, imported only where it runs

@@ -369,8 +369,8 @@ def targets(report: dict) -> list[dict]:
 
 @dataclass(frozen=True)
 class BenchSettings:
-    repeats: int = 5
-    round_repeats: int = 3
+    repeats: int  # of each throughput measurement (`spearfl bench --repeats`)
+    round_repeats: int  # client rounds of each algorithm (`spearfl bench --round-repeats`)
     decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
     decode_steps: int = 16
     prefill_prompts: int = 16

@@ -115,7 +115,7 @@ def test_models_without_a_chat_template_get_a_plain_transcript():
 
 def test_answer_prefix_puts_the_marker_in_the_prompt(tokenizer):
     example = planets(3)
-    plain, prefixed = PromptFormat(tokenizer), PromptFormat(tokenizer, answer_prefix=True)
+    plain, prefixed = PromptFormat(tokenizer, answer_prefix=False), PromptFormat(tokenizer, answer_prefix=True)
     marker = tokenizer.encode("Answer:", add_special_tokens=False)
     assert plain.task(example) == encode_task(tokenizer, example)
     assert prefixed.task(example) == encode_task(tokenizer, example) + marker

@@ -62,7 +62,7 @@ def test_generation_metrics_of_a_mixed_set_do_not_depend_on_its_order():
 
 
 def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
-    prompt_format = PromptFormat(tokenizer)
+    prompt_format = PromptFormat(tokenizer, answer_prefix=False)
     examples = [letters("a", 3, 0), letters("b", 5, 4), letters("c", 2, 1)]
     prompts = [prompt_format.task(example) for example in examples]
     chosen = {"a": "A", "b": "E", "c": "A"}
@@ -91,7 +91,7 @@ def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
 
 def test_loglik_predictions_agree_with_completion_logprobs(tokenizer):
     model = tiny_lora_model(tokenizer, seed=5)
-    prompt_format = PromptFormat(tokenizer)
+    prompt_format = PromptFormat(tokenizer, answer_prefix=False)
     examples = [letters(str(index), 3 + index % 3, 0) for index in range(6)]
     prompts = [prompt_format.task(example) for example in examples]
     predictions = loglik_predictions(model, prompt_format, examples, prompts, batch_size=4)
@@ -103,7 +103,7 @@ def test_loglik_predictions_agree_with_completion_logprobs(tokenizer):
 
 def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monkeypatch):
     model = tiny_lora_model(tokenizer, seed=5)
-    prompt_format = PromptFormat(tokenizer)
+    prompt_format = PromptFormat(tokenizer, answer_prefix=False)
     examples = [letters("a", 3, 0, facts="Secret fact."), letters("b", 5, 3, solution="Secret solution.")]
     seen = {"generate": [], "loglik": []}
 
@@ -173,7 +173,7 @@ def test_answer_shares_group_varied_option_texts_by_position():
 
 def test_generation_reuses_the_prompts_the_option_scoring_ran(tokenizer, monkeypatch):
     model = tiny_lora_model(tokenizer, seed=5)
-    prompt_format = PromptFormat(tokenizer)
+    prompt_format = PromptFormat(tokenizer, answer_prefix=False)
     examples = [letters(str(index), 3, index % 3) for index in range(6)]
     settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
     prefill_widths = []
