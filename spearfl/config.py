@@ -82,10 +82,26 @@ class OptimizerConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
 
 
+class ClientConfig(Section):
+    """The budget of every client round, whatever the method: prompts answered and optimizer steps taken.
+
+    One place for all methods, so a comparison gives each the same budget (learning rate, schedule and tokens
+    per completion are one field each for every method too: `optimizer`, `generation.max_new_tokens`).
+    """
+
+    prompts_per_round: int = Field(16, ge=1)  # our choice for a CPU; the reference configs use 80-160
+    local_steps: int = Field(5, ge=1)  # optimizer steps a client round (the reference's 5)
+
+
+# A method's own prompts_per_round / local_steps (None: the client section's), for single-method ablations;
+# `spearfl compare` refuses methods whose budgets differ.
+MethodBudget = Field(None, ge=1)
+
+
 class SpearConfig(Section):
-    prompts_per_round: int = Field(16, ge=1)
+    prompts_per_round: int | None = MethodBudget
+    local_steps: int | None = MethodBudget
     num_revisions: int = Field(2, ge=0)
-    local_steps: int = Field(5, ge=1)
     batch_size: int = Field(8, ge=1)
     lambda_win: float = Field(1.0, ge=0)
     lambda_lose: float = Field(0.1, ge=0)
@@ -101,11 +117,13 @@ class SpearConfig(Section):
 class GrpoConfig(Section):
     """GRPO (Shao et al. 2024, arXiv 2402.03300) as a client update; defaults are common GRPO settings."""
 
-    prompts_per_round: int = Field(16, ge=1)
+    prompts_per_round: int | None = MethodBudget
+    local_steps: int | None = MethodBudget
     group_size: int = Field(4, ge=2)
-    updates_per_batch: int = Field(2, ge=1)  # more than one, or the ratio is always 1 and clipping never acts
-    local_steps: int = Field(4, ge=1)
-    batch_size: int = Field(8, ge=1)  # completions per optimizer step
+    # Passes over all of a round's rollouts (PPO epochs), the local steps shared among them as evenly as they
+    # go: each step takes the next minibatch of its pass. From the second step on the policy has moved, so the
+    # ratio departs from 1 and the clip acts.
+    passes: int = Field(2, ge=1)
     clip_epsilon: float = Field(0.2, gt=0)
     kl_coef: float = Field(0.04, ge=0)  # KL to the round-start (global) adapter
 
@@ -113,8 +131,8 @@ class GrpoConfig(Section):
 class OpsdConfig(Section):
     """On-policy self-distillation: a frozen round-start teacher that sees privileged context."""
 
-    prompts_per_round: int = Field(16, ge=1)
-    local_steps: int = Field(4, ge=1)
+    prompts_per_round: int | None = MethodBudget
+    local_steps: int | None = MethodBudget
     batch_size: int = Field(8, ge=1)
     privileged: list[Literal["answer", "solution", "facts"]] = Field(["answer", "solution", "facts"], min_length=1)
 
@@ -122,8 +140,8 @@ class OpsdConfig(Section):
 class RltfSdConfig(Section):
     """RL from text feedback with self-distillation of the revised answer under the original prompt."""
 
-    prompts_per_round: int = Field(16, ge=1)
-    local_steps: int = Field(4, ge=1)
+    prompts_per_round: int | None = MethodBudget
+    local_steps: int | None = MethodBudget
     batch_size: int = Field(8, ge=1)
     distill_coef: float = Field(1.0, ge=0)
 
@@ -158,6 +176,7 @@ class RunConfig(Section):
     prompt: PromptConfig = PromptConfig()
     generation: GenerationConfig = GenerationConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    client: ClientConfig = ClientConfig()
     spear: SpearConfig = SpearConfig()
     grpo: GrpoConfig = GrpoConfig()
     opsd: OpsdConfig = OpsdConfig()
@@ -171,7 +190,18 @@ class RunConfig(Section):
             raise ValueError(
                 f"server.clients_per_round ({self.server.clients_per_round}) exceeds data.num_clients ({self.data.num_clients})"
             )
+        steps = self.budget("grpo").local_steps
+        if self.grpo.passes > steps:
+            raise ValueError(f"grpo.passes ({self.grpo.passes}) exceeds the local steps ({steps}): a pass takes at least one step")
         return self
+
+    def budget(self, section: str) -> ClientConfig:
+        """The client budget a method's config section gets: its own values where it sets them, else `client`'s."""
+        own = getattr(self, section)
+        return self.client.model_copy(update={name: getattr(own, name) for name in BUDGET_FIELDS if getattr(own, name) is not None})
+
+
+BUDGET_FIELDS = tuple(ClientConfig.model_fields)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -91,15 +91,18 @@ def encode_task(tokenizer, example: Example) -> list[int]:
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
-    """Reference scores: each completion token's log-probability after its prompt, dropout off, float32 on the CPU."""
+def completion_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 8, temperature: float = 1.0
+) -> list[torch.Tensor]:
+    """Reference scores: each completion token's log-probability after its prompt under softmax(logits / temperature),
+    dropout off, float32 on the CPU."""
     device = next(model.parameters()).device
     rows = []
     with evaluation_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = completions[start : start + batch_size]
             batch = collate(prompts[start : start + batch_size], chunk, PADDING_ID, device)
-            logprobs = target_logprobs(model, batch)  # [B, K]
+            logprobs = target_logprobs(model, batch, temperature)  # [B, K]
             rows += [logprobs[row, -len(ids) :].cpu() for row, ids in enumerate(chunk)]
     return rows
 
@@ -158,7 +161,7 @@ class ScriptedGeneration:
             attempt = self.served.get(question, 0)
             self.served[question] = attempt + 1
             results.append(self.script[question][attempt])
-        return with_sampler_logprobs(model, prompts, results)
+        return with_sampler_logprobs(model, prompts, results, settings["settings"].temperature)
 
     def question_in(self, prompt_text: str) -> str:
         matches = [question for question in self.script if question in prompt_text]
@@ -166,11 +169,12 @@ class ScriptedGeneration:
         return matches[0]
 
 
-def with_sampler_logprobs(model, prompts, completions: list[Completion]) -> list[Completion]:
+def with_sampler_logprobs(model, prompts, completions: list[Completion], temperature: float) -> list[Completion]:
     """The completions with the log-probs `generate` would have recorded for them (none on a StubModel)."""
     if isinstance(model, StubModel):
         return completions
-    rows = completion_logprobs(model, [list(p) for p in prompts], [c.token_ids for c in completions], batch_size=8)
+    token_ids = [c.token_ids for c in completions]
+    rows = completion_logprobs(model, [list(p) for p in prompts], token_ids, batch_size=8, temperature=temperature or 1.0)
     return [dataclasses.replace(c, logprobs=row.tolist()) for c, row in zip(completions, rows)]
 
 
@@ -302,7 +306,8 @@ data: {{dataset: "jsonl:{assets.dataset}", heldout_size: 8, num_clients: 3, min_
 feedback: {{hint: none}}
 generation: {{temperature: 1.0, max_new_tokens: 8, batch_size: 8}}
 optimizer: {{lr: 0.01, max_grad_norm: 1.0}}
-spear: {{prompts_per_round: 6, num_revisions: 1, local_steps: 2, batch_size: 4, margin: 0.0}}
+client: {{prompts_per_round: 6, local_steps: 2}}
+spear: {{num_revisions: 1, batch_size: 4, margin: 0.0}}
 server: {{rounds: 2, clients_per_round: 2}}
 eval: {{every: 1, batch_size: 8, max_new_tokens: 8}}
 """

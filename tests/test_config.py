@@ -144,3 +144,23 @@ def test_every_shipped_config_loads_and_validates(path, monkeypatch):
     monkeypatch.chdir(REPOSITORY)  # jsonl: datasets in configs are relative to the repository
     config = load_config(path)
     check_config(config)
+
+
+def test_every_method_gets_the_client_budget_unless_it_sets_its_own():
+    config = load_config(None, ["client.prompts_per_round=12", "client.local_steps=3", "grpo.prompts_per_round=20"])
+    assert (config.budget("spear").prompts_per_round, config.budget("spear").local_steps) == (12, 3)
+    assert (config.budget("opsd").prompts_per_round, config.budget("rltf_sd").local_steps) == (12, 3)
+    assert (config.budget("grpo").prompts_per_round, config.budget("grpo").local_steps) == (20, 3)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: str(path.relative_to(REPOSITORY)))
+def test_every_preset_gives_every_method_the_same_budget(path, monkeypatch):
+    monkeypatch.chdir(REPOSITORY)
+    config = load_config(path)
+    budgets = {section: config.budget(section) for section in ("spear", "grpo", "opsd", "rltf_sd")}
+    assert len({(budget.prompts_per_round, budget.local_steps) for budget in budgets.values()}) == 1, budgets
+
+
+def test_grpo_passes_need_a_step_each():
+    with pytest.raises(ConfigError, match="grpo.passes"):
+        load_config(None, ["client.local_steps=2", "grpo.passes=3"])

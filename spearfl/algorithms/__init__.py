@@ -10,3 +10,6 @@ ALGORITHMS: dict[str, ClientUpdate] = {
     "grpo": grpo.client_update,
     "rltf_sd": rltf_sd.client_update,
 }
+
+# The config section each algorithm reads its settings, and any budget of its own, from.
+CONFIG_SECTIONS = {"spear": "spear", "feedback_sft": "spear", "opsd": "opsd", "grpo": "grpo", "rltf_sd": "rltf_sd"}

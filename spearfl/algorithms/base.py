@@ -214,7 +214,7 @@ def train_steps(context: ClientContext, work: ClientRound, num_steps: int, step_
 
     step_loss(rng, step) returns a step's loss and its parts; batches are drawn from `rng` and dropout
     from a torch seed, both derived from (round, client). Returns the parts ending in "_tokens" summed
-    and every other part, and `loss`, averaged over the steps.
+    and every other part, and `loss`, averaged over the steps, and `optimizer_steps`.
     """
     model = context.model
     optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
@@ -231,4 +231,5 @@ def train_steps(context: ClientContext, work: ClientRound, num_steps: int, step_
                 totals[key] = totals.get(key, 0) + value
     finally:
         model.eval()
-    return {key: value if key.endswith("_tokens") else value / num_steps for key, value in totals.items()}
+    averaged = {key: value if key.endswith("_tokens") else value / num_steps for key, value in totals.items()}
+    return averaged | {"optimizer_steps": num_steps}

@@ -3,13 +3,18 @@
 One round on one client: sample G completions for each of n prompts from the round-start (global)
 adapter, reward each 1 if the feedback provider's verdict is "correct" and 0 otherwise, normalise the
 rewards within each prompt's group into advantages, then take `local_steps` optimizer steps on the
-PPO clipped surrogate plus kl_coef x KL (k3 estimator) to the round-start adapter. Each batch of
-completions is used for `updates_per_batch` consecutive steps, so from its second step on the ratio
-new / old policy departs from 1 and the clip acts. Groups whose samples all got the same reward carry
-no signal and are not trained on. Completions are trained on the exact token ids that were sampled.
+PPO clipped surrogate plus kl_coef x KL (k3 estimator) to the round-start adapter. The steps make
+`grpo.passes` passes over all of the round's rollouts, each pass in shuffled minibatches, as GRPO and
+PPO do: every sampled completion, whose generation is counted in full, is trained on in every pass. From
+the second step on the policy has moved, so the ratio new / old policy departs from 1 and the clip acts.
+Groups whose samples all got the same reward carry no signal and are not trained on. Completions are
+trained on the exact token ids that were sampled.
 Needs no ground truth in the training context: only the verdicts (as rewards), never a hint.
-The old-policy log-probs of the ratio are the sampler's own (`Completion.logprobs`, temperature 1, no
-dropout), recorded while decoding, so no forward pass is spent on recomputing them.
+
+The old policy of the ratio is the one that sampled, at the temperature it sampled with: its log-probs
+are the sampler's own (`Completion.logprobs`, softmax(logits / T), no dropout), recorded while decoding,
+and the new policy's are computed on the logits divided by the same T. The nucleus (top-p) cut is not
+part of either, as in TRL's GRPO.
 
 Seeds: prompts come from work.seed("prompts") as in SPEAR, and the G copies of the prompts go to the
 sampler sample-major ([all prompts] x G) with SPEAR's first-attempt seed, so sample 0 of every group
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spearfl.algorithms.base import (
@@ -34,7 +40,6 @@ from spearfl.algorithms.base import (
     Collected,
     Sampler,
     client_round,
-    draw,
     train_steps,
 )
 from spearfl.lm.training import collate, target_logprobs
@@ -86,7 +91,7 @@ def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Te
     batch = collate(
         [r.prompt for r in rollouts], [r.completion for r in rollouts], context.prompts.tokenizer.pad_token_id, context.device
     )
-    logprobs = target_logprobs(context.model, batch)  # [B, K]
+    logprobs = target_logprobs(context.model, batch, sampling_temperature(context))  # [B, K]
     old_logprobs = batch.right_aligned([r.old_logprobs for r in rollouts], dtype=torch.float32)  # [B, K]
     advantages = torch.tensor([r.advantage for r in rollouts], device=context.device)  # [B]
     mask = batch.completion_mask
@@ -101,20 +106,40 @@ def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Te
     return surrogate + settings.kl_coef * kl, parts
 
 
+def sampling_temperature(context: ClientContext) -> float:
+    """The temperature the rollouts were sampled at (greedy decoding samples from the untempered policy)."""
+    return context.config.generation.temperature or 1.0
+
+
+def pass_minibatches(num_rollouts: int, num_steps: int, num_passes: int, rng: np.random.Generator) -> list[list[int]]:
+    """Rollout indices of each optimizer step: `num_passes` shuffled passes over all rollouts, the steps shared
+    among the passes as evenly as they go, a pass's rollouts split evenly among its steps.
+
+    >>> [len(batch) for batch in pass_minibatches(10, 5, 2, np.random.default_rng(0))]
+    [4, 3, 3, 5, 5]
+    """
+    batches = []
+    for steps_in_pass in np.array_split(np.arange(num_steps), num_passes):
+        order = rng.permutation(num_rollouts)
+        batches += [part.tolist() for part in np.array_split(order, min(len(steps_in_pass), num_rollouts))]
+    return batches
+
+
 def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) -> dict:
-    """local_steps optimizer steps; each batch of B rollouts serves updates_per_batch consecutive steps."""
-    settings = context.config.grpo
-    batch: list[Rollout] = []
+    """The local steps as passes over every rollout in minibatches; returns training metrics.
+
+    A pass with more steps than rollouts takes one step per rollout, so a round with very few rollouts
+    takes fewer steps (`optimizer_steps` says how many).
+    """
+    steps, passes = context.config.budget("grpo").local_steps, context.config.grpo.passes
+    batches = pass_minibatches(len(rollouts), steps, passes, np.random.default_rng(work.seed("minibatches")))
 
     def step_loss(rng, step):
-        nonlocal batch
-        if step % settings.updates_per_batch == 0:
-            batch = draw(rollouts, settings.batch_size, rng)
-        return grpo_loss(context, batch)
+        return grpo_loss(context, [rollouts[index] for index in batches[step]])
 
-    return train_steps(context, work, settings.local_steps, step_loss)
+    return train_steps(context, work, len(batches), step_loss)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One GRPO round on one client; weight = number of prompts whose group had mixed rewards, 0 if none."""
-    return client_round(context, work, context.config.grpo.prompts_per_round, sample_groups, train)
+    return client_round(context, work, context.config.budget("grpo").prompts_per_round, sample_groups, train)

@@ -95,7 +95,7 @@ def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> d
         loss, num_tokens = opsd_loss(context, draw(samples, settings.batch_size, rng))
         return loss, {"trained_tokens": num_tokens}
 
-    return train_steps(context, work, settings.local_steps, step_loss)
+    return train_steps(context, work, context.config.budget("opsd").local_steps, step_loss)
 
 
 def collect_samples(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
@@ -124,4 +124,4 @@ def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     Prompts and samples take SPEAR's seed purposes, so both methods draw the same prompts and, from the
     same adapter, the same first attempts.
     """
-    return client_round(context, work, context.config.opsd.prompts_per_round, collect_samples, train)
+    return client_round(context, work, context.config.budget("opsd").prompts_per_round, collect_samples, train)

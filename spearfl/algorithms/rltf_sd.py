@@ -148,9 +148,9 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -
     def step_loss(rng, step):
         return rltf_sd_loss(context, draw(rollouts, settings.batch_size, rng))
 
-    return train_steps(context, work, settings.local_steps, step_loss)
+    return train_steps(context, work, context.config.budget("rltf_sd").local_steps, step_loss)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One RLTF-SD round on one client; weight = number of prompts with a learning signal, 0 if none."""
-    return client_round(context, work, context.config.rltf_sd.prompts_per_round, collect, train)
+    return client_round(context, work, context.config.budget("rltf_sd").prompts_per_round, collect, train)

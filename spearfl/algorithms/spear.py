@@ -192,9 +192,9 @@ def train(context: ClientContext, work: ClientRound, traces: Traces) -> dict:
         wins, losses = draw(traces.wins, settings.batch_size, rng), draw(traces.losses, settings.batch_size, rng)
         return spear_loss(context, wins, losses, reference)
 
-    return {"lose_unlikelihood": 0.0, **train_steps(context, work, settings.local_steps, step_loss)}
+    return {"lose_unlikelihood": 0.0, **train_steps(context, work, context.config.budget("spear").local_steps, step_loss)}
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
     """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
-    return client_round(context, work, context.config.spear.prompts_per_round, collect, train)
+    return client_round(context, work, context.config.budget("spear").prompts_per_round, collect, train)

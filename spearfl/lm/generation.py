@@ -41,8 +41,9 @@ class Completion:
     token_ids: list[int]  # exactly the generated ids; ends with EOS only if the model emitted it
     text: str  # token_ids decoded, special tokens skipped
     finished_by: str  # "eos", "stop" (answer line complete) or "length" (token limit)
-    # log-probability of each generated id under the sampling model at temperature 1 (no dropout): the
-    # "old policy" of a policy-gradient ratio, so no second forward pass has to compute it
+    # log-probability of each generated id under the distribution it was drawn from: softmax(logits / T), before
+    # the nucleus cut (greedy: T = 1), without dropout. The "old policy" of a policy-gradient ratio, so no
+    # second forward pass has to compute it.
     logprobs: list[float] | None = None
 
 
@@ -126,7 +127,7 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
     active = list(range(len(prompts)))  # batch rows still decoding, in cache order
     for step in range(settings.max_new_tokens):
         tokens = choose_tokens(logits, [generators[row] for row in active], settings)  # [A]
-        chosen = token_logprobs(logits[:, None], tokens[:, None])[:, 0]  # [A]
+        chosen = token_logprobs(logits[:, None] / (settings.temperature or 1.0), tokens[:, None])[:, 0]  # [A]
         is_eos = torch.isin(tokens, eos_ids).tolist()
         for row, token, logprob, emitted_eos in zip(active, tokens.tolist(), chosen.tolist(), is_eos):
             generated[row].append(token)

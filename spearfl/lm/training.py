@@ -69,9 +69,10 @@ def completion_logits(model, batch: CompletionBatch) -> torch.Tensor:
     return completion_token_logits(model, batch.tokens)
 
 
-def target_logprobs(model, batch: CompletionBatch) -> torch.Tensor:
-    """Log-probability the model gives each target, float32.  -> [B, K]"""
-    return token_logprobs(completion_logits(model, batch), batch.targets)
+def target_logprobs(model, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each target under softmax(logits / temperature), float32.  -> [B, K]"""
+    logits = completion_logits(model, batch)
+    return token_logprobs(logits if temperature == 1.0 else logits / temperature, batch.targets)
 
 
 def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -257,8 +257,8 @@ def measure_round(context: ClientContext, algorithm: str, work: ClientRound) -> 
 
 
 def grpo_config(config: RunConfig) -> RunConfig:
-    """GRPO with G = 4 on SPEAR's prompts a round, the rest of its settings as configured."""
-    grpo = config.grpo.model_copy(update={"group_size": 4, "prompts_per_round": config.spear.prompts_per_round})
+    """GRPO with G = 4, the rest of its settings as configured (its budget is every method's: `client`)."""
+    grpo = config.grpo.model_copy(update={"group_size": 4})
     return config.model_copy(update={"grpo": grpo})
 
 

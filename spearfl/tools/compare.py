@@ -24,9 +24,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
-from spearfl.algorithms import ALGORITHMS
+from spearfl.algorithms import ALGORITHMS, CONFIG_SECTIONS
 from spearfl.algorithms.base import ClientContext
-from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
+from spearfl.config import (
+    BUDGET_FIELDS,
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    validate,
+)
 from spearfl.io import atomic_write_bytes, atomic_write_text
 from spearfl.lm.models import load_base_model
 from spearfl.runtime.local import run_local
@@ -101,6 +107,27 @@ class SharedBaseModel:
         context = build_context(config, model, self.tokenizer)
         self.peft_model = context.model
         return context
+
+
+def check_equal_budgets(config: RunConfig, algorithms: list[str]) -> None:
+    """Refuse a comparison whose methods would get different client budgets (prompts, optimizer steps a round).
+
+    Learning rate, schedule and tokens per completion are one field each for every method, so only a method's
+    own `prompts_per_round` / `local_steps` can set it apart; ConfigError names those fields.
+    """
+    budgets = {algorithm: config.budget(CONFIG_SECTIONS[algorithm]) for algorithm in algorithms}
+    first = algorithms[0]
+    differing = [
+        f"{CONFIG_SECTIONS[algorithm]}.{name}={getattr(budget, name)} ({algorithm}) vs {getattr(budgets[first], name)} ({first})"
+        for algorithm, budget in budgets.items()
+        for name in BUDGET_FIELDS
+        if getattr(budget, name) != getattr(budgets[first], name)
+    ]
+    if differing:
+        raise ConfigError(
+            "the compared methods get different client budgets: " + "; ".join(differing)
+            + "; give every method the same budget (the client section) or run the ablation on its own with spearfl run"
+        )
 
 
 def check_folders(pairs: list[RunConfig]) -> None:
@@ -288,5 +315,6 @@ def compare(
 ) -> tuple[list[dict], list[str]]:
     """Run or resume every pair, then write the comparison files into `output_dir`; returns (rows, metrics)."""
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(config)
+    check_equal_budgets(config, algorithms)
     folders = run_pairs(config, algorithms, run_seeds(config, num_seeds), output_dir, show_progress)
     return write_comparison(folders, output_dir)

@@ -74,7 +74,8 @@ def test_groups_sample_major_advantages_and_weight(tokenizer, monkeypatch):
 
 
 def test_old_logprobs_are_the_samplers_under_the_round_start_adapter(tokenizer, monkeypatch):
-    """Real sampling: the log-probs GRPO keeps equal a fresh scoring of the samples by the round-start adapter."""
+    """Real sampling: the log-probs GRPO keeps equal a fresh scoring of the samples by the round-start adapter,
+    at the temperature they were sampled with."""
     model = tiny_lora_model(tokenizer)
     global_state = {name: value + 0.05 for name, value in get_adapter_state(model).items()}
     captured = capture_training(monkeypatch)
@@ -85,7 +86,8 @@ def test_old_logprobs_are_the_samplers_under_the_round_start_adapter(tokenizer, 
     rollouts = captured[0]
     assert len(rollouts) == 12  # every group has right and wrong samples
     set_adapter_state(model, global_state)
-    expected = completion_logprobs(model, [r.prompt for r in rollouts], [r.completion for r in rollouts], batch_size=1)
+    prompts, completions = [r.prompt for r in rollouts], [r.completion for r in rollouts]
+    expected = completion_logprobs(model, prompts, completions, batch_size=1, temperature=1.5)
     for rollout, row in zip(rollouts, expected):
         assert torch.allclose(rollout.old_logprobs, row, atol=1e-4)
 
@@ -102,39 +104,64 @@ def test_groups_that_all_agree_skip_training(tokenizer, monkeypatch):
     assert result.metrics["generations"] == 4 and result.metrics["first_try_correct"] == 1
 
 
-def test_each_batch_serves_updates_per_batch_steps_and_the_clip_acts(tokenizer, monkeypatch):
-    """The first step on a batch has ratio 1 (no dropout); the second sees the moved policy, clipped."""
-    model = tiny_lora_model(tokenizer, dropout=0.0)
-    scripted(monkeypatch, tokenizer, mixed_fruit_script(tokenizer) | {ANIMAL: answers(tokenizer, "B", "C", "C")})
+def spy_on_steps(monkeypatch) -> list:
+    """Record each GRPO step's rollouts and loss parts."""
     steps = []
     original_loss = grpo.grpo_loss
 
     def spy_loss(context, rollouts):
         loss, parts = original_loss(context, rollouts)
-        steps.append(([id(r) for r in rollouts], parts))
+        steps.append((rollouts, parts))
         return loss, parts
 
     monkeypatch.setattr(grpo, "grpo_loss", spy_loss)
+    return steps
+
+
+def test_every_pass_trains_on_every_rollout_and_the_clip_acts(tokenizer, monkeypatch):
+    """5 steps in 2 passes over the 6 rollouts of two mixed groups: each pass covers all of them once; the first
+    step has ratio 1 (no dropout), later ones see the moved policy and clip."""
+    model = tiny_lora_model(tokenizer, dropout=0.0)
+    scripted(monkeypatch, tokenizer, mixed_fruit_script(tokenizer) | {ANIMAL: answers(tokenizer, "B", "C", "C")})
+    steps = spy_on_steps(monkeypatch)
     config = make_config(
-        "grpo.prompts_per_round=3", "grpo.group_size=3", "grpo.local_steps=4", "grpo.updates_per_batch=2",
-        "grpo.batch_size=3", "grpo.clip_epsilon=0.1", "optimizer.max_grad_norm=null",
+        "client.prompts_per_round=3", "client.local_steps=5", "grpo.group_size=3", "grpo.passes=2",
+        "grpo.clip_epsilon=0.1", "optimizer.max_grad_norm=null",
     )
     work = work_order([FRUIT, ANIMAL, COLOUR], get_adapter_state(model), lr=0.05)
     result = grpo.client_update(make_context(model, tokenizer, config), work)
-    assert result.weight == 2
-    batches = [batch for batch, _ in steps]
-    assert len(batches) == 4 and batches[0] == batches[1] and batches[2] == batches[3] and len(batches[0]) == 3
-    first, second = steps[0][1], steps[1][1]
+    assert result.weight == 2 and result.metrics["optimizer_steps"] == 5
+    batches = [[id(rollout) for rollout in rollouts] for rollouts, _ in steps]
+    assert [len(batch) for batch in batches] == [2, 2, 2, 3, 3]  # 3 steps, then 2, as even as the rollouts go
+    first_pass, second_pass = sum(batches[:3], []), sum(batches[3:], [])
+    assert len(set(first_pass)) == len(first_pass) == 6 and sorted(first_pass) == sorted(second_pass)
+    first, later = steps[0][1], [parts for _, parts in steps[1:]]
     assert first["clipped_fraction"] == 0 and first["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert second["clipped_fraction"] > 0 and second["kl"] > 1e-3
+    assert any(parts["clipped_fraction"] > 0 for parts in later) and all(parts["kl"] > 0 for parts in later)
     assert result.metrics["trained_tokens"] == sum(parts["trained_tokens"] for _, parts in steps)
+
+
+def test_the_ratio_is_against_the_policy_that_sampled_at_its_temperature(tokenizer, monkeypatch):
+    """At the first step the policy is the sampler: with the sampler's tempered log-probs and the loss's logits
+    divided by the same temperature, every ratio is 1, so the surrogate is minus the token-mean advantage."""
+    model = tiny_lora_model(tokenizer, dropout=0.0)
+    scripted(monkeypatch, tokenizer, mixed_fruit_script(tokenizer))
+    steps = spy_on_steps(monkeypatch)
+    config = make_config("client.prompts_per_round=3", "client.local_steps=1", "grpo.group_size=3", "grpo.passes=1",
+                         "generation.temperature=0.5", "grpo.kl_coef=0.0")
+    grpo.client_update(make_context(model, tokenizer, config), work_order([FRUIT, ANIMAL, COLOUR], get_adapter_state(model)))
+    [(rollouts, parts)] = steps
+    lengths = torch.tensor([len(rollout.completion) for rollout in rollouts], dtype=torch.float32)
+    advantages = torch.tensor([rollout.advantage for rollout in rollouts])
+    assert parts["surrogate"] == pytest.approx(float(-(advantages * lengths).sum() / lengths.sum()), abs=1e-5)
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_grpo_gets_the_prompts_and_first_attempts_spear_would(tokenizer, monkeypatch):
     pool = [multiple_choice(f"t/{index}", f"Question number {index}?", ("yes", "no"), gold=0) for index in range(7)]
     script = {example: answers(tokenizer, "A", "B", "A") for example in pool}
     model = tiny_lora_model(tokenizer)
-    config = make_config("grpo.prompts_per_round=3", "grpo.group_size=3", "spear.prompts_per_round=3", "spear.num_revisions=0")
+    config = make_config("client.prompts_per_round=3", "grpo.group_size=3", "spear.num_revisions=0")
     context = make_context(model, tokenizer, config)
     work = work_order(pool, get_adapter_state(model), round_index=4, client_id=2)
     first_calls = []
@@ -154,8 +181,8 @@ def test_one_grpo_round_through_the_local_runtime(tmp_path, monkeypatch):
     assert ALGORITHMS["grpo"] is grpo.client_update
     num_prompts, group_size = 4, 3
     config, calls, judged, row = one_round(
-        tmp_path, monkeypatch, "grpo", f"grpo.prompts_per_round={num_prompts}", f"grpo.group_size={group_size}",
-        "grpo.local_steps=2", "grpo.batch_size=6",
+        tmp_path, monkeypatch, "grpo", f"client.prompts_per_round={num_prompts}", f"grpo.group_size={group_size}",
+        "client.local_steps=2",
     )
     federation = prepare_data(config)
     assert len(row["clients"]) == 2 and len(calls) == 2

@@ -255,10 +255,14 @@ def test_copies_of_a_prompt_run_once_and_each_samples_its_own_stream(tiny_model,
 def test_sampled_ids_come_with_their_log_probabilities(tiny_lora_model, tokenizer):
     prompts = [[1, 100, 200], [1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 8, 9]]
     completions = run(tiny_lora_model, tokenizer, prompts, temperature=0.7, top_p=0.9, seed=2, max_new_tokens=5)
-    scored = completion_logprobs(tiny_lora_model, prompts, [c.token_ids for c in completions], batch_size=1)
-    for completion, row in zip(completions, scored):
+    token_ids = [c.token_ids for c in completions]
+    scored = completion_logprobs(tiny_lora_model, prompts, token_ids, batch_size=1, temperature=0.7)
+    untempered = completion_logprobs(tiny_lora_model, prompts, token_ids, batch_size=1)
+    for completion, row, plain in zip(completions, scored, untempered):
         assert len(completion.logprobs) == len(completion.token_ids)
-        assert torch.allclose(torch.tensor(completion.logprobs), row, atol=1e-4)  # temperature 1, not the sampling one
+        # the distribution each id was drawn from: the sampling temperature's, before the nucleus cut
+        assert torch.allclose(torch.tensor(completion.logprobs), row, atol=1e-4)
+        assert not torch.allclose(torch.tensor(completion.logprobs), plain, atol=1e-3)
 
 
 def test_a_prompt_extending_an_earlier_one_runs_only_its_new_tokens_and_samples_the_same(tiny_lora_model, tokenizer):

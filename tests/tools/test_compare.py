@@ -193,3 +193,15 @@ def test_the_command_refuses_an_unknown_algorithm_before_any_work(tmp_path):
     assert result.exit_code == 2
     assert "unknown 'sparrow'" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_refuses_methods_with_different_budgets_before_any_work(tmp_path):
+    config_path = write_run_config(end_to_end_assets(), tmp_path / "run.yaml", tmp_path / "base")
+    arguments = ["compare", str(config_path), "--algorithms", "spear,grpo,opsd", "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, [*arguments, "--set", "grpo.prompts_per_round=12", "--set", "opsd.local_steps=7"])
+    output = " ".join((result.output + (result.stderr or "")).split())
+    assert result.exit_code == 2
+    assert "grpo.prompts_per_round=12 (grpo) vs 6 (spear)" in output and "opsd.local_steps=7 (opsd) vs 2 (spear)" in output
+    assert not (tmp_path / "out").exists()
+    same = CliRunner().invoke(app, [*arguments, "--set", "grpo.prompts_per_round=6", "--seeds", "1", "--set", "server.rounds=1"])
+    assert "different client budgets" not in same.output  # a method may restate the shared budget
