@@ -138,12 +138,14 @@ class OpsdConfig(Section):
 
 
 class RltfSdConfig(Section):
-    """RL from text feedback with self-distillation of the revised answer under the original prompt."""
+    """RL from text feedback with self-distillation (Song et al. 2026, arXiv 2602.02482): groups of first
+    attempts, a revision of each wrong one, three advantage-weighted terms."""
 
     prompts_per_round: int | None = MethodBudget
     local_steps: int | None = MethodBudget
-    batch_size: int = Field(8, ge=1)
-    distill_coef: float = Field(1.0, ge=0)
+    group_size: int = Field(4, ge=2)  # first attempts per prompt: the paper's 8 halved for a CPU, GRPO's group
+    discount: float = Field(0.1, ge=0, le=1)  # gamma of the first turn's return r0 + gamma r1 (the paper's code)
+    distill_coef: float = Field(0.1, ge=0)  # weight of the distillation term (the paper's Table 2)
 
 
 class ServerConfig(Section):

@@ -206,6 +206,20 @@ def draw(items: list[Item], count: int, rng: np.random.Generator) -> list[Item]:
     return [items[int(index)] for index in rng.choice(len(items), size=count, replace=False)]
 
 
+def pass_minibatches(num_items: int, num_steps: int, num_passes: int, rng: np.random.Generator) -> list[list[int]]:
+    """Item indices of each optimizer step: `num_passes` shuffled passes over all items, the steps shared
+    among the passes as evenly as they go, a pass's items split evenly among its steps.
+
+    >>> [len(batch) for batch in pass_minibatches(10, 5, 2, np.random.default_rng(0))]
+    [4, 3, 3, 5, 5]
+    """
+    batches = []
+    for steps_in_pass in np.array_split(np.arange(num_steps), num_passes):
+        order = rng.permutation(num_items)
+        batches += [part.tolist() for part in np.array_split(order, min(len(steps_in_pass), num_items))]
+    return batches
+
+
 StepLoss = Callable[[np.random.Generator, int], tuple[torch.Tensor, dict[str, float]]]
 
 

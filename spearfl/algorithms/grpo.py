@@ -40,6 +40,7 @@ from spearfl.algorithms.base import (
     Collected,
     Sampler,
     client_round,
+    pass_minibatches,
     train_steps,
 )
 from spearfl.lm.training import collate, target_logprobs
@@ -109,20 +110,6 @@ def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Te
 def sampling_temperature(context: ClientContext) -> float:
     """The temperature the rollouts were sampled at (greedy decoding samples from the untempered policy)."""
     return context.config.generation.temperature or 1.0
-
-
-def pass_minibatches(num_rollouts: int, num_steps: int, num_passes: int, rng: np.random.Generator) -> list[list[int]]:
-    """Rollout indices of each optimizer step: `num_passes` shuffled passes over all rollouts, the steps shared
-    among the passes as evenly as they go, a pass's rollouts split evenly among its steps.
-
-    >>> [len(batch) for batch in pass_minibatches(10, 5, 2, np.random.default_rng(0))]
-    [4, 3, 3, 5, 5]
-    """
-    batches = []
-    for steps_in_pass in np.array_split(np.arange(num_steps), num_passes):
-        order = rng.permutation(num_rollouts)
-        batches += [part.tolist() for part in np.array_split(order, min(len(steps_in_pass), num_rollouts))]
-    return batches
 
 
 def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) -> dict:

@@ -1,35 +1,45 @@
 """RLTF-SD client update: RL from text feedback with self-distillation (Song, Chen, Tajwar, Munos, Pathak,
 Bagnell, Singh, Zanette, 2026, "Expanding the Capabilities of Reinforcement Learning via Text Feedback",
-arXiv 2602.02482).
+arXiv 2602.02482, Algorithm 1).
 
-One round on one client, a two-turn rollout per prompt: the first answer y0 to the task x0, the
-feedback provider's verdict and hint on it, then one revision y1 under the revision prompt x1 (task,
-y0, feedback, instruction to answer afresh), judged too. Rewards r0, r1 are 1 for "correct", else 0.
-The loss, averaged over completion tokens as everywhere in spearfl:
+One round on one client. For each of n prompts x0, a group of N first answers y0 (sampled together, as
+GRPO's groups are); the feedback provider judges each. A wrong y0 gets its verdict and hint and one
+revision y1 under the revision prompt x1 (task, y0, feedback, instruction to answer afresh), judged too;
+a right y0 ends its episode (the paper's early termination). Rewards r0, r1 are 1 for "correct", else 0.
+Three advantages per rollout, each with a per-prompt baseline over its group (`rltf_advantages`):
 
-    L = PG(y0 | x0, r0 - mean r0) + PG(y1 | x1, r1 - mean r1) + distill_coef x CE(correct y1 | x0)
+    first turn    A0 = (r0 + gamma r1) - group mean of that return         on log pi(y0 | x0)
+    second turn   A1 = r1 - group mean of r1 over the revised rollouts     on log pi(y1 | x1)
+    distillation  Ad = r1 - group mean of r0 (the paper's Eq. 7)           on log pi(y1 | x0)
 
-PG is REINFORCE with a baseline: each turn's baseline is the mean reward of that turn over the
-round's n prompts (the batch the client sampled), so an answer better than the turn's average is
-raised and a worse one lowered. The last term is the self-distillation: a correct revision is
-trained under the ORIGINAL prompt, so the model learns to answer without the feedback in context.
-Every completion is trained on the exact token ids that were sampled.
-Needs no ground truth in the training context: only the verdicts and the (leak-checked) hints.
+    L = REINFORCE(A0) + REINFORCE(A1) + distill_coef x REINFORCE(Ad)
 
-Seeds: prompts, first attempts and revisions use SPEAR's seeds ("prompts", "first-attempt",
-"revision-1"), so with the same adapter both methods see the same prompts and first attempts.
+The distillation term is the paper's advantage-weighted regression: a revision is trained under the
+ORIGINAL prompt, raised when it beats the group's first attempts and lowered when it does not, so a wrong
+revision is pushed down too. Every completion is trained on the exact token ids that were sampled. Needs no
+ground truth in the training context: only the verdicts and the (leak-checked) hints.
 
-Left out on purpose: the paper weighs the distilled y1 by A0 = r1 - mean r0 (advantage-weighted
-regression, so a wrong y1 is also pushed down under x0); we distill only the correct y1, with unit
-weight, as the project's statement of this baseline says. Also left out: the paper's feedback
-modelling variant (RLTF-FM), importance ratios for the later local steps (samples come from the
-round-start adapter, as in SPEAR), and more than one revision.
+Seeds: prompts from work.seed("prompts") and the N copies of the prompts sample-major with SPEAR's
+first-attempt seed, as GRPO's, so sample 0 of every group is the first attempt SPEAR would have drawn; it
+defines first_try_correct and the revision counters.
+
+Where it differs from the paper, and why:
+- Each term is averaged over its own completion tokens of a batch, as every spearfl loss is; the paper's
+  code sums over tokens (its text says only "token-level surrogate").
+- The local steps are one pass over all of the round's weighted completions in minibatches (the paper takes
+  one on-policy step per batch): every method gets the same optimizer steps (`client.local_steps`). The later
+  steps use no importance ratio, as the paper's distillation uses none.
+- Defaults: gamma 0.1 and distill_coef 0.1 are the paper's (its code's discount, its Table 2 coefficient);
+  group_size 4, not the paper's 8, so that a round costs a CPU what GRPO's does.
+- Left out: the paper's code masks distillation tokens whose log-probability under x0 is below -5 (the paper
+  does not mention it), the linear ramp of the coefficient used for math, and RLTF-FM (feedback modelling).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from spearfl.algorithms.base import (
@@ -39,116 +49,108 @@ from spearfl.algorithms.base import (
     Collected,
     Sampler,
     client_round,
-    draw,
+    pass_minibatches,
     train_steps,
 )
 from spearfl.lm.prefix_cache import PrefixCache
 from spearfl.lm.training import collate, target_logprobs
-from spearfl.losses.policy import baseline_advantages, reinforce_loss
-from spearfl.losses.spear import likelihood_loss
+from spearfl.losses.policy import reinforce_loss, rltf_advantages
+
+TERMS = ("first_turn_pg", "second_turn_pg", "distill")
 
 
 @dataclass
-class TwoTurns:
-    """One prompt's two-turn rollout with the advantage of each turn."""
+class Weighted:
+    """A sampled completion, the prompt it is trained under, its advantage and the loss term it belongs to."""
 
-    prompt: list[int]  # x0, the task
-    first: list[int]  # y0, sampled under x0
-    revision_prompt: list[int]  # x1 = task, y0, feedback, instruction
-    revision: list[int]  # y1, sampled under x1
-    first_advantage: float
-    revision_advantage: float
-    revision_correct: bool  # a correct y1 is distilled under x0
-
-    def has_signal(self, distill_coef: float) -> bool:
-        """Whether any loss term of this prompt has a non-zero coefficient."""
-        distilled = self.revision_correct and distill_coef > 0
-        return self.first_advantage != 0 or self.revision_advantage != 0 or distilled
+    prompt: list[int]
+    completion: list[int]
+    advantage: float
+    term: str  # one of TERMS
 
 
-def collect_turns(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> tuple[list[TwoTurns], dict]:
-    """First attempts, feedback, one revision of every attempt, and both turns' rewards; returns (rollouts, metrics)."""
+def collect_groups(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> tuple[list[list[Weighted]], dict]:
+    """N first attempts per prompt, a revision of each wrong one, and the three advantages; returns, per prompt,
+    its completions with a non-zero weight, and the round's metrics."""
+    settings = context.config.rltf_sd
+    num_prompts, group_size = len(prompts), settings.group_size
     prefixes = PrefixCache()  # each revision prompt begins with its task prompt: its prefill runs only the rest
-    first, feedback = sample(prompts, examples, "first-attempt", "first attempts", prefixes)
-    prefixes.retain(prompts)
-    revision_prompts = [
-        context.prompts.revision(example, completion.text, verdict.text)
-        for example, completion, verdict in zip(examples, first, feedback)
-    ]
-    revised, revised_feedback = sample(revision_prompts, examples, "revision-1", "revisions", prefixes)
-    first_rewards = torch.tensor([float(f.correct) for f in feedback])  # [n]
-    revision_rewards = torch.tensor([float(f.correct) for f in revised_feedback])  # [n]
-    first_advantages = baseline_advantages(first_rewards).tolist()
-    revision_advantages = baseline_advantages(revision_rewards).tolist()
-    rollouts = [
-        TwoTurns(prompts[i], first[i].token_ids, revision_prompts[i], revised[i].token_ids,
-                 first_advantages[i], revision_advantages[i], revised_feedback[i].correct)
-        for i in range(len(prompts))
-    ]
-    num_wrong = sum(not f.correct for f in feedback)
-    fixed = sum(not f.correct and r.correct for f, r in zip(feedback, revised_feedback))
-    metrics = {
-        "first_try_correct": len(prompts) - num_wrong,
-        "revised_correct": fixed,
-        "revision_success": fixed / num_wrong if num_wrong else float("nan"),
-        "second_turn_accuracy": sum(f.correct for f in revised_feedback) / len(prompts),
+    first, feedback = sample(prompts * group_size, examples * group_size, "first-attempt", "first attempts", prefixes)
+    wrong = [index for index, verdict in enumerate(feedback) if not verdict.correct]  # sample-major: g * n + p
+    prefixes.retain([prompts[index % num_prompts] for index in wrong])
+    revision_prompts = {
+        index: context.prompts.revision(examples[index % num_prompts], first[index].text, feedback[index].text) for index in wrong
     }
-    return rollouts, metrics
+    revised, revised_feedback = sample(
+        list(revision_prompts.values()), [examples[index % num_prompts] for index in wrong], "revision-1", "revisions", prefixes
+    )
+    revision = dict(zip(wrong, revised))
+    first_rewards = torch.tensor([float(f.correct) for f in feedback]).view(group_size, num_prompts).T  # [n, N]
+    revision_rewards = torch.full((group_size * num_prompts,), float("nan"))
+    revision_rewards[wrong] = torch.tensor([float(f.correct) for f in revised_feedback])
+    revision_rewards = revision_rewards.view(group_size, num_prompts).T  # [n, N], NaN: no second turn
+    advantages = rltf_advantages(first_rewards, revision_rewards, settings.discount)  # three [n, N]
+    groups = []
+    for p in range(num_prompts):
+        weighted = []
+        for g in range(group_size):
+            index = g * num_prompts + p
+            weighted.append(Weighted(prompts[p], first[index].token_ids, float(advantages[0][p, g]), "first_turn_pg"))
+            if index in revision:
+                completion = revision[index].token_ids
+                weighted.append(Weighted(revision_prompts[index], completion, float(advantages[1][p, g]), "second_turn_pg"))
+                if settings.distill_coef > 0:
+                    weighted.append(Weighted(prompts[p], completion, float(advantages[2][p, g]), "distill"))
+        groups.append([item for item in weighted if item.advantage != 0])
+    first_wrong = [p for p in range(num_prompts) if p in revision]  # sample 0 of prompt p has index p
+    fixed = sum(bool(revision_rewards[p, 0]) for p in first_wrong)
+    metrics = {
+        "first_try_correct": int(first_rewards[:, 0].sum()),
+        "revised_correct": fixed,
+        "revision_success": fixed / len(first_wrong) if first_wrong else float("nan"),
+        "sample_accuracy": float(first_rewards.mean()),
+        "second_turn_accuracy": sum(f.correct for f in revised_feedback) / len(wrong) if wrong else float("nan"),
+    }
+    return groups, metrics
 
 
 def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
-    """The two-turn rollouts with a learning signal; weight = their number.
+    """The round's weighted completions; weight = the prompts with a learning signal.
 
-    None has one when every turn's rewards agree and no revision is correct: every term is 0, the round is skipped.
+    None has one when every group's rewards agree in both turns: every advantage is 0, the round is skipped.
     """
-    distill_coef = context.config.rltf_sd.distill_coef
-    rollouts, metrics = collect_turns(context, work, sample, examples, prompts)
-    rollouts = [r for r in rollouts if r.has_signal(distill_coef)]
-    metrics |= {
-        "signal_prompts": len(rollouts),
-        "distilled": sum(r.revision_correct for r in rollouts) if distill_coef > 0 else 0,
-    }
-    return Collected(rollouts, float(len(rollouts)), metrics)
+    groups, metrics = collect_groups(context, work, sample, examples, prompts)
+    weighted = [item for group in groups for item in group]
+    metrics |= {"signal_prompts": sum(bool(group) for group in groups), "distilled": sum(w.term == "distill" for w in weighted)}
+    return Collected(weighted, float(metrics["signal_prompts"]), metrics)
 
 
-def rltf_sd_loss(context: ClientContext, rollouts: list[TwoTurns]) -> tuple[torch.Tensor, dict]:
-    """PG on y0 | x0 and on y1 | x1 (rows with a non-zero advantage) + distill_coef x CE(correct y1 | x0), one forward."""
-    distill_coef = context.config.rltf_sd.distill_coef
-    first = [r for r in rollouts if r.first_advantage != 0]
-    second = [r for r in rollouts if r.revision_advantage != 0]
-    distilled = [r for r in rollouts if r.revision_correct] if distill_coef > 0 else []
-    prompts = [r.prompt for r in first] + [r.revision_prompt for r in second] + [r.prompt for r in distilled]
-    completions = [r.first for r in first] + [r.revision for r in second] + [r.revision for r in distilled]
-    batch = collate(prompts, completions, context.prompts.tokenizer.pad_token_id, context.device)
+def rltf_sd_loss(context: ClientContext, weighted: list[Weighted]) -> tuple[torch.Tensor, dict]:
+    """The three REINFORCE terms of the batch's completions, each averaged over its own tokens, in one forward."""
+    settings = context.config.rltf_sd
+    batch = collate([w.prompt for w in weighted], [w.completion for w in weighted], context.prompts.tokenizer.pad_token_id, context.device)
     logprobs = target_logprobs(context.model, batch)  # [B, K]
-    mask = batch.completion_mask
-    num_first, num_policy = len(first), len(first) + len(second)
     total = torch.zeros((), device=context.device)
-    parts = {"first_turn_pg": 0.0, "second_turn_pg": 0.0, "distill_nll": 0.0, "trained_tokens": batch.num_tokens}
-    for name, rows, advantages in (
-        ("first_turn_pg", slice(0, num_first), [r.first_advantage for r in first]),
-        ("second_turn_pg", slice(num_first, num_policy), [r.revision_advantage for r in second]),
-    ):
-        if advantages:
-            term = reinforce_loss(logprobs[rows], torch.tensor(advantages, device=context.device), mask[rows])
-            total = total + term
-            parts[name] = float(term.detach())
-    if distilled:
-        rows = slice(num_policy, None)
-        distill_nll = likelihood_loss(logprobs[rows], mask[rows])
-        total = total + distill_coef * distill_nll
-        parts["distill_nll"] = float(distill_nll.detach())
+    parts = {term: 0.0 for term in TERMS} | {"trained_tokens": batch.num_tokens}
+    for term, coefficient in zip(TERMS, (1.0, 1.0, settings.distill_coef)):
+        rows = [row for row, item in enumerate(weighted) if item.term == term]
+        if rows:
+            advantages = torch.tensor([weighted[row].advantage for row in rows], device=context.device)
+            loss = reinforce_loss(logprobs[rows], advantages, batch.completion_mask[rows])
+            total = total + coefficient * loss
+            parts[term] = float(loss.detach())
     return total, parts
 
 
-def train(context: ClientContext, work: ClientRound, rollouts: list[TwoTurns]) -> dict:
-    """local_steps optimizer steps, each on the rollouts of batch_size prompts drawn at random."""
-    settings = context.config.rltf_sd
+def train(context: ClientContext, work: ClientRound, weighted: list[Weighted]) -> dict:
+    """The local steps as one pass over every weighted completion in minibatches; returns training metrics."""
+    steps = context.config.budget("rltf_sd").local_steps
+    batches = pass_minibatches(len(weighted), steps, 1, np.random.default_rng(work.seed("minibatches")))
 
     def step_loss(rng, step):
-        return rltf_sd_loss(context, draw(rollouts, settings.batch_size, rng))
+        return rltf_sd_loss(context, [weighted[index] for index in batches[step]])
 
-    return train_steps(context, work, context.config.budget("rltf_sd").local_steps, step_loss)
+    return train_steps(context, work, len(batches), step_loss)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:

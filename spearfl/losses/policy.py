@@ -30,11 +30,6 @@ def group_advantages(rewards: torch.Tensor, epsilon: float = ADVANTAGE_EPSILON) 
     return torch.where(std > 0, (rewards - mean) / (std + epsilon), torch.zeros_like(rewards))
 
 
-def baseline_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """REINFORCE with a mean baseline: each reward minus the batch's mean reward.  rewards [B] -> [B]"""
-    return rewards - rewards.mean()
-
-
 def clipped_surrogate_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
@@ -79,3 +74,28 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
     A positive advantage raises its sequence's tokens, a negative one lowers them.
     """
     return -masked_mean(logprobs * advantages.detach()[:, None], mask)
+
+
+def rltf_advantages(
+    first_rewards: torch.Tensor, revision_rewards: torch.Tensor, discount: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RLTF-SD's three advantages per rollout, each against its group's baseline (Song et al. 2026, Algorithm 1).
+
+    first_rewards [P, N]; revision_rewards [P, N], NaN where the episode ended after the first turn -> three [P, N]:
+    - first turn: the return r0 + discount x r1 (r1 = 0 without a second turn) minus the group's mean return;
+    - second turn: r1 minus the mean r1 of the group's revised rollouts;
+    - distillation: r1 minus the group's mean first-turn reward (the paper's Eq. 7).
+    The last two are 0 where there is no second turn.
+
+    >>> first, second, distill = rltf_advantages(torch.tensor([[1.0, 0.0]]), torch.tensor([[float("nan"), 1.0]]), 0.5)
+    >>> first.tolist(), second.tolist(), distill.tolist()
+    ([[0.25, -0.25]], [[0.0, 0.0]], [[0.0, 0.5]])
+    """
+    revised = ~torch.isnan(revision_rewards)  # [P, N]
+    second_rewards = torch.where(revised, revision_rewards, 0.0)  # [P, N]
+    returns = first_rewards + discount * second_rewards  # [P, N]
+    first = returns - returns.mean(dim=-1, keepdim=True)
+    second_baseline = second_rewards.sum(dim=-1, keepdim=True) / revised.sum(dim=-1, keepdim=True).clamp(min=1)  # [P, 1]
+    second = torch.where(revised, second_rewards - second_baseline, 0.0)
+    distill = torch.where(revised, second_rewards - first_rewards.mean(dim=-1, keepdim=True), 0.0)
+    return first, second, distill

@@ -8,12 +8,12 @@ import torch
 
 import spearfl.losses.policy
 from spearfl.losses.policy import (
-    baseline_advantages,
     clipped_fraction,
     clipped_surrogate_loss,
     group_advantages,
     k3_kl,
     reinforce_loss,
+    rltf_advantages,
 )
 
 
@@ -38,9 +38,19 @@ def test_group_advantages_epsilon_keeps_a_constant_group_at_zero():
     assert group_advantages(torch.tensor([[1.0, 0.0]]), epsilon=0.5).tolist() == [[0.5, -0.5]]  # 0.5 / (0.5 + 0.5)
 
 
-def test_baseline_advantages_subtract_the_batch_mean():
-    assert baseline_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])).tolist() == pytest.approx([0.4, -0.6, -0.6, 0.4, 0.4])
-    assert baseline_advantages(torch.tensor([1.0, 1.0])).tolist() == [0.0, 0.0]
+def test_rltf_advantages_use_each_groups_own_baselines():
+    """Two prompts, three first attempts each; NaN: a right first attempt ends its episode (no revision)."""
+    nan = float("nan")
+    first_rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    revision_rewards = torch.tensor([[1.0, nan, 0.0], [nan, nan, nan]])
+    first, second, distill = rltf_advantages(first_rewards, revision_rewards, discount=0.1)
+    # prompt 0: returns r0 + 0.1 r1 = [0.1, 1, 0], mean 1.1 / 3; revised r1 = [1, 0], mean 0.5; mean r0 = 1/3
+    mean_return = 1.1 / 3
+    assert first[0].tolist() == pytest.approx([0.1 - mean_return, 1 - mean_return, -mean_return])
+    assert second[0].tolist() == pytest.approx([0.5, 0.0, -0.5])
+    assert distill[0].tolist() == pytest.approx([2 / 3, 0.0, -1 / 3])  # a wrong revision is pushed down
+    # prompt 1: every first attempt right, nothing to revise: no signal, whatever the other group did
+    assert first[1].tolist() == second[1].tolist() == distill[1].tolist() == [0.0, 0.0, 0.0]
 
 
 def surrogate_case():
