@@ -114,6 +114,10 @@ class Sampler:
 
     def __init__(self, context: ClientContext, work: ClientRound):
         self.context, self.work = context, work
+        settings = context.config.generation
+        self.sampling = SamplingSettings(
+            settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, text_prefix=context.prompts.prefix
+        )
         self.counts = {"generations": 0, "generated_tokens": 0, "hints_dropped": 0}
         self.seconds = {"generation_seconds": 0.0, "feedback_seconds": 0.0}
 
@@ -124,14 +128,11 @@ class Sampler:
 
         prefixes: states of this round's earlier prompts, for prompts that begin with them (a revision).
         """
-        context, settings = self.context, self.context.config.generation
-        sampling = SamplingSettings(
-            settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, text_prefix=context.prompts.prefix
-        )
+        context = self.context
         started = time.perf_counter()
         context.model.eval()
         completions = generate(
-            context.model, context.prompts.tokenizer, prompts, settings=sampling, seed=self.work.seed(purpose),
+            context.model, context.prompts.tokenizer, prompts, settings=self.sampling, seed=self.work.seed(purpose),
             progress=context.progress or False, description=f"client {self.work.client_id} {what}", prefixes=prefixes,
         )
         generated = time.perf_counter()
