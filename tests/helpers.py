@@ -31,6 +31,7 @@ from spearfl.lm.models import (
     attach_lora,
     evaluation_mode,
     freeze,
+    get_adapter_state,
     load_tokenizer,
 )
 from spearfl.lm.training import collate, target_logprobs
@@ -373,3 +374,24 @@ def scripted(monkeypatch, tokenizer, script) -> ScriptedGeneration:
     generation = ScriptedGeneration(tokenizer, {example.question: completions for example, completions in script.items()})
     monkeypatch.setattr(spearfl.algorithms.base, "generate", generation)
     return generation
+
+
+def first_calls_beside_spear(monkeypatch, tokenizer, module, labels: tuple[str, ...], *overrides: str):
+    """The first generation call of a SPEAR round and of `module`'s round on the same work order, untrained.
+
+    Seven yes/no questions, each scripted to answer `labels` in turn; client 2, round 4, 3 prompts a round.
+    """
+    import spearfl.algorithms.spear as spear
+
+    pool = [Example(uid=f"t/{index}", question=f"Question number {index}?", options=("yes", "no"), gold=0) for index in range(7)]
+    script = {example: answers(tokenizer, *labels) for example in pool}
+    model = tiny_lora_model(tokenizer)
+    context = make_context(model, tokenizer, make_config("client.prompts_per_round=3", *overrides))
+    work = work_order(pool, get_adapter_state(model), round_index=4, client_id=2)
+    calls = []
+    for algorithm in (spear, module):
+        generation = scripted(monkeypatch, tokenizer, script)
+        monkeypatch.setattr(algorithm, "train", lambda *args: {})
+        algorithm.client_update(context, work)
+        calls.append(generation.calls[0])
+    return calls

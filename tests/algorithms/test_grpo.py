@@ -5,6 +5,7 @@ import torch
 from helpers import (
     answers,
     completion_logprobs,
+    first_calls_beside_spear,
     make_config,
     make_context,
     multiple_choice,
@@ -15,7 +16,6 @@ from helpers import (
 )
 
 import spearfl.algorithms.grpo as grpo
-import spearfl.algorithms.spear as spear
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientRound, sample_examples
 from spearfl.feedback.providers import Feedback
@@ -158,19 +158,7 @@ def test_the_ratio_is_against_the_policy_that_sampled_at_its_temperature(tokeniz
 
 
 def test_grpo_gets_the_prompts_and_first_attempts_spear_would(tokenizer, monkeypatch):
-    pool = [multiple_choice(f"t/{index}", f"Question number {index}?", ("yes", "no"), gold=0) for index in range(7)]
-    script = {example: answers(tokenizer, "A", "B", "A") for example in pool}
-    model = tiny_lora_model(tokenizer)
-    config = make_config("client.prompts_per_round=3", "grpo.group_size=3", "spear.num_revisions=0")
-    context = make_context(model, tokenizer, config)
-    work = work_order(pool, get_adapter_state(model), round_index=4, client_id=2)
-    first_calls = []
-    for update, module in ((spear.client_update, spear), (grpo.client_update, grpo)):
-        generation = scripted(monkeypatch, tokenizer, script)
-        monkeypatch.setattr(module, "train", lambda *args: {})
-        update(context, work)
-        first_calls.append(generation.calls[0])
-    spear_call, grpo_call = first_calls
+    spear_call, grpo_call = first_calls_beside_spear(monkeypatch, tokenizer, grpo, ("A", "B", "A"), "grpo.group_size=3", "spear.num_revisions=0")
     assert grpo_call.prompts[:3] == spear_call.prompts and grpo_call.seed == spear_call.seed
 
 

@@ -8,6 +8,7 @@ import torch
 from helpers import (
     answers,
     completion_logprobs,
+    first_calls_beside_spear,
     make_config,
     make_context,
     multiple_choice,
@@ -18,7 +19,6 @@ from helpers import (
 )
 
 import spearfl.algorithms.rltf_sd as rltf_sd
-import spearfl.algorithms.spear as spear
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientRound, sample_examples
 from spearfl.algorithms.rltf_sd import Weighted, rltf_sd_loss
@@ -146,19 +146,7 @@ def test_no_wrong_first_attempt_gives_no_revision_success_rate(tokenizer, monkey
 
 
 def test_rltf_sd_gets_the_prompts_and_first_attempts_spear_would(tokenizer, monkeypatch):
-    pool = [multiple_choice(f"t/{index}", f"Question number {index}?", ("yes", "no"), gold=0) for index in range(7)]
-    script = {example: answers(tokenizer, "B", "A", "A", "A") for example in pool}
-    model = tiny_lora_model(tokenizer)
-    config = make_config("client.prompts_per_round=3", "rltf_sd.group_size=2", "spear.num_revisions=1")
-    context = make_context(model, tokenizer, config)
-    work = work_order(pool, get_adapter_state(model), round_index=4, client_id=2)
-    calls = []
-    for update, module in ((spear.client_update, spear), (rltf_sd.client_update, rltf_sd)):
-        generation = scripted(monkeypatch, tokenizer, script)
-        monkeypatch.setattr(module, "train", lambda *args: {})
-        update(context, work)
-        calls.append(generation.calls[0])
-    spear_call, rltf_call = calls
+    spear_call, rltf_call = first_calls_beside_spear(monkeypatch, tokenizer, rltf_sd, ("B", "A", "A", "A"), "rltf_sd.group_size=2", "spear.num_revisions=1")
     assert rltf_call.prompts[:3] == spear_call.prompts and rltf_call.seed == spear_call.seed
 
 
