@@ -40,6 +40,7 @@ class LoraConfig(Section):
     checkpoint_activations: bool = False  # recompute LoRA layers' activations in the backward pass: less memory, more time
     # FFA-LoRA (Sun et al. 2024, arXiv 2403.12313): A stays at its shared initialisation and only B is trained
     # and sent, so the server's average of B times the common A is exactly the average of the clients' updates.
+    # Every process draws the same A from the run seed; uploads and saved adapters hold B only (about half the bytes).
     ffa: bool = False
 
 

@@ -24,6 +24,8 @@ Conventions of the adaptive strategies, chosen to match Flower's FedAdam / FedYo
   starting at 1. Flower uses t = server_round + 1 with server_round starting at 1, so its
   first step already uses t = 2; we keep Adam's own count.
 - FedYogi takes no bias correction (neither the paper nor Flower's FedYogi apply one).
+The LoRA averaging gap: averaging A and B separately gives mean(B) mean(A), not the average update
+mean(B A); `lora_average_error` measures the difference every round (0 under FFA-LoRA, where A is shared).
 Left out: FedAdagrad and server momentum (FedAvgM); the client learning rate eta_l of the
 paper belongs to the client's own optimizer, not here.
 """
@@ -69,8 +71,8 @@ def check_same_layout(reference: AdapterState, other: AdapterState) -> None:
             raise ValueError(f"{name}: shape {tuple(other[name].shape)} != {tuple(tensor.shape)}")
 
 
-def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState | None:
-    """Average of the states weighted by `weights`; None when every weight is 0 (no update).
+def contributing_clients(states: list[AdapterState], weights: list[float]) -> list[tuple[AdapterState, float]]:
+    """(state, weight / total weight) of each client with weight > 0, layouts checked; [] when every weight is 0.
 
     Clients with weight 0 are left out entirely (their states are not even read).
     """
@@ -79,16 +81,85 @@ def weighted_average(states: list[AdapterState], weights: list[float]) -> Adapte
     if any(weight < 0 for weight in weights):
         raise ValueError(f"weights must be >= 0, got {weights}")
     contributing = [(state, float(weight)) for state, weight in zip(states, weights) if weight > 0]
+    total_weight = sum(weight for _, weight in contributing)
+    for state, _ in contributing[1:]:
+        check_same_layout(contributing[0][0], state)
+    return [(state, weight / total_weight) for state, weight in contributing]
+
+
+def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState | None:
+    """Average of the states weighted by `weights`; None when every weight is 0 (no update)."""
+    contributing = contributing_clients(states, weights)
     if not contributing:
         return None
-    total_weight = sum(weight for _, weight in contributing)
-    reference = contributing[0][0]
-    for state, _ in contributing[1:]:
-        check_same_layout(reference, state)
-    return {
-        name: sum((weight / total_weight) * state[name] for state, weight in contributing)
-        for name in reference
-    }
+    return {name: sum(fraction * state[name] for state, fraction in contributing) for name in contributing[0][0]}
+
+
+def lora_average_error(
+    states: list[AdapterState], weights: list[float], shared: AdapterState | None = None
+) -> float | None:
+    """Relative error of averaging A and B apart: ||mean(B) mean(A) - mean(B A)||_F / ||mean(B A)||_F.
+
+    states: name -> tensor, "...lora_A.weight" [r, in] and "...lora_B.weight" [out, r]; shared: the A factors
+    every client holds and none sends (FFA-LoRA), same names. Means are weighted as in `weighted_average`;
+    Frobenius norms pooled over modules (square root of the summed squares); alpha / r cancels. None with
+    fewer than two contributing clients, no A/B pair, or mean(B A) zero everywhere.
+    Why: mean(B) mean(A) != mean(B A) (Sun et al. 2024, "Improving LoRA in Privacy-preserving Federated
+    Learning", arXiv 2403.12313, section 3); with a shared A the two are equal and the error is exactly 0.
+    """
+    contributing = contributing_clients(states, weights)
+    if len(contributing) < 2:
+        return None
+    shared = shared or {}
+    fractions = [fraction for _, fraction in contributing]
+    gap = mean_product = 0.0
+    for b_name, a_name in lora_pairs(contributing[0][0], shared):
+        b_factors = [state[b_name].double() for state, _ in contributing]  # K x [out, r]
+        a_factors = [state.get(a_name, shared.get(a_name)).double() for state, _ in contributing]  # K x [r, in]
+        module_gap, module_product = module_average_error(b_factors, a_factors, fractions)
+        gap, mean_product = gap + module_gap, mean_product + module_product
+    if mean_product <= 0:  # a Gram trace of zero factors can round to a hair below 0
+        return None
+    return math.sqrt(max(gap, 0.0) / mean_product)
+
+
+def module_average_error(
+    b_factors: list[torch.Tensor], a_factors: list[torch.Tensor], fractions: list[float]
+) -> tuple[float, float]:
+    """(||mean(B) mean(A) - mean(B A)||^2, ||mean(B A)||^2) of one LoRA module.
+
+    b_factors: K x [out, r]; a_factors: K x [r, in]; fractions: K weights summing to 1.
+    """
+    mean_b, mean_a = weighted_mean(b_factors, fractions), weighted_mean(a_factors, fractions)
+    # mean(B) mean(A) - mean(B A) = -sum_k f_k (B_k - mean B)(A_k - mean A), as the f_k sum to 1: no cancellation
+    weighted_b_deviations = [fraction * (b - mean_b) for fraction, b in zip(fractions, b_factors)]
+    gap = squared_norm_of_sum(weighted_b_deviations, [a - mean_a for a in a_factors])
+    product = squared_norm_of_sum([fraction * b for fraction, b in zip(fractions, b_factors)], a_factors)
+    return gap, product
+
+
+def lora_pairs(state: AdapterState, shared: AdapterState) -> list[tuple[str, str]]:
+    """(B name, A name) of every LoRA module whose B is in `state` and whose A is in `state` or `shared`."""
+    pairs = [(name, name.replace("lora_B", "lora_A")) for name in state if "lora_B" in name]
+    return [(b_name, a_name) for b_name, a_name in pairs if a_name in state or a_name in shared]
+
+
+def weighted_mean(tensors: list[torch.Tensor], fractions: list[float]) -> torch.Tensor:
+    """sum_k f_k T_k; identical tensors (a shared A) are their own mean, exactly rather than up to rounding."""
+    if all(torch.equal(tensor, tensors[0]) for tensor in tensors[1:]):
+        return tensors[0]
+    return sum(fraction * tensor for fraction, tensor in zip(fractions, tensors))
+
+
+def squared_norm_of_sum(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> float:
+    """||sum_k L_k R_k||_F^2 from two Kr x Kr Gram matrices, never forming an [out, in] product.
+
+    lefts: K x [out, r]; rights: K x [r, in]. With L = [L_1 ... L_K] and R = [R_1; ...; R_K], the sum is L R and
+    ||L R||_F^2 = trace(L^T L R R^T), which is the elementwise sum of the two symmetric Gram matrices' product.
+    """
+    left = torch.cat(lefts, dim=1)  # [out, K r]
+    right = torch.cat(rights, dim=0)  # [K r, in]
+    return float(torch.sum((left.T @ left) * (right @ right.T)))
 
 
 def fedavg(global_state: AdapterState, states: list[AdapterState], weights: list[float]) -> AdapterState:

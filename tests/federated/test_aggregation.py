@@ -10,6 +10,7 @@ from spearfl.federated.aggregation import (
     fedavg,
     fedyogi,
     initial_server_state,
+    lora_average_error,
     state_from_tensors,
     state_to_tensors,
     weighted_average,
@@ -69,6 +70,93 @@ def test_fedavg_replaces_global_and_leaves_inputs_alone():
 def test_bad_inputs_raise(states, weights):
     with pytest.raises(ValueError):
         weighted_average(states, weights)
+
+
+# LoRA averaging gap ------------------------------------------------------------------------
+
+Q, V = "layers.0.q_proj", "layers.0.v_proj"
+
+
+def lora_module(module, a, b):
+    """One module's factors from nested lists: A [r, in], B [out, r]."""
+    return {f"{module}.lora_A.weight": torch.as_tensor(a), f"{module}.lora_B.weight": torch.as_tensor(b)}
+
+
+def only_b(state):
+    return {name: tensor for name, tensor in state.items() if "lora_B" in name}
+
+
+def test_lora_average_error_of_two_scalar_clients_by_hand():
+    states = [lora_module(Q, [[1.0]], [[2.0]]), lora_module(Q, [[3.0]], [[4.0]])]
+    # mean(B) mean(A) = 3 * 2 = 6; mean(B A) = (2 + 12) / 2 = 7; |6 - 7| / 7
+    assert lora_average_error(states, [1, 1]) == pytest.approx(1 / 7, rel=1e-12)
+
+
+def test_lora_average_error_pools_modules_and_weighs_clients():
+    first = lora_module(Q, [[1.0]], [[2.0]]) | lora_module(V, [[1.0, 2.0]], [[1.0], [0.0]])
+    second = lora_module(Q, [[3.0]], [[4.0]]) | lora_module(V, [[1.0, 2.0]], [[5.0], [0.0]])
+    # weights 1 and 3: fractions 1/4, 3/4
+    # q: mean A = 2.5, mean B = 3.5, mean(B) mean(A) = 8.75; mean(B A) = 0.5 + 9 = 9.5; difference 0.75
+    # v: A shared, so no difference; mean B = [[4], [0]], mean(B A) = [[4, 8], [0, 0]], squared norm 16 + 64 = 80
+    expected = 0.75 / math.sqrt(9.5**2 + 80)
+    assert lora_average_error([first, second], [1, 3]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_lora_average_error_with_two_by_two_factors_by_hand():
+    identity, swap = [[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]
+    states = [lora_module(Q, identity, identity), lora_module(Q, swap, identity)]
+    # B = I for both clients: mean(B) mean(A) = mean(A) = mean(B A), no gap
+    assert lora_average_error(states, [1, 1]) == 0.0
+    states = [lora_module(Q, identity, identity), lora_module(Q, swap, swap)]
+    # mean A = mean B = [[0.5, 0.5], [0.5, 0.5]], their product the same; mean(B A) = (I + swap swap) / 2 = I
+    # difference [[-0.5, 0.5], [0.5, -0.5]]: norm 1; norm of I: sqrt 2
+    assert lora_average_error(states, [1, 1]) == pytest.approx(1 / math.sqrt(2), rel=1e-12)
+
+
+def test_lora_average_error_is_exactly_zero_when_the_clients_share_a():
+    states = [lora_module(Q, [[0.3, -1.7]], [[2.0], [0.1]]), lora_module(Q, [[0.3, -1.7]], [[-4.0], [6.0]])]
+    assert lora_average_error(states, [1, 2]) == 0.0
+
+
+def test_lora_average_error_matches_the_products_formed_directly():
+    generator = torch.Generator().manual_seed(0)
+    weights = [1.0, 2.0, 4.0]
+    states = [lora_module(Q, torch.randn(3, 7, generator=generator), torch.randn(5, 3, generator=generator)) for _ in weights]
+    fractions = [weight / sum(weights) for weight in weights]
+    a, b = [s[f"{Q}.lora_A.weight"] for s in states], [s[f"{Q}.lora_B.weight"] for s in states]
+    mean_product = sum(f * b_k @ a_k for f, a_k, b_k in zip(fractions, a, b))  # [5, 7]
+    product_of_means = sum(f * b_k for f, b_k in zip(fractions, b)) @ sum(f * a_k for f, a_k in zip(fractions, a))
+    expected = float((product_of_means - mean_product).norm() / mean_product.norm())
+    assert lora_average_error(states, weights) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lora_average_error_is_none_without_two_clients_or_pairs():
+    first, second = lora_module(Q, [[1.0]], [[2.0]]), lora_module(Q, [[3.0]], [[4.0]])
+    assert lora_average_error([first], [1]) is None
+    assert lora_average_error([first, second], [1, 0]) is None
+    assert lora_average_error([only_b(first), only_b(second)], [1, 1]) is None  # B without its A
+    assert lora_average_error([adapter(1.0), adapter(2.0)], [1, 1]) is None  # no LoRA names at all
+    zero_b = [lora_module(Q, [[1.0]], [[0.0]]), lora_module(Q, [[3.0]], [[0.0]])]
+    assert lora_average_error(zero_b, [1, 1]) is None  # mean(B A) = 0: no relative error
+
+
+def test_lora_average_error_leaves_weight_zero_clients_out():
+    first, second = lora_module(Q, [[1.0]], [[2.0]]), lora_module(Q, [[3.0]], [[4.0]])
+    stale = lora_module(Q, [[100.0]], [[-50.0]])
+    assert lora_average_error([first, stale, second, {"unread": torch.zeros(3)}], [1, 0, 1, 0]) == pytest.approx(1 / 7)
+
+
+def test_fedavg_of_b_under_a_shared_a_is_the_mean_update_exactly():
+    """FFA-LoRA: clients send B only; with the common A, the averaged B gives exactly the average of B_k A."""
+    shared_a = [[1.0, -2.0, 0.5]]  # [r = 1, in = 3]
+    shared = {f"{Q}.lora_A.weight": torch.tensor(shared_a)}
+    states = [only_b(lora_module(Q, shared_a, [[2.0], [-1.0]])), only_b(lora_module(Q, shared_a, [[6.0], [3.0]]))]
+    average = fedavg(states[0], states, [1, 3])
+    a = shared[f"{Q}.lora_A.weight"]
+    mean_update = 0.25 * states[0][f"{Q}.lora_B.weight"] @ a + 0.75 * states[1][f"{Q}.lora_B.weight"] @ a  # [2, 3]
+    assert torch.equal(average[f"{Q}.lora_B.weight"] @ a, mean_update)
+    assert lora_average_error(states, [1, 3], shared) == 0.0
+    assert lora_average_error(states, [1, 3]) is None  # without the shared A there is no pair to measure
 
 
 # FedAdam / FedYogi -------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from spearfl.config import LoraConfig, ModelConfig
 from spearfl.lm import models
 from spearfl.lm.models import (
     attach_lora,
+    frozen_lora_state,
     get_adapter_state,
     set_adapter_state,
     trainable_parameters,
 )
+from spearfl.lm.training import make_optimizer, optimizer_step
 
 
 def random_adapter_state(peft_model, seed: int) -> dict[str, torch.Tensor]:
@@ -99,6 +101,39 @@ def test_only_lora_parameters_train(tiny_lora_model):
     trainable_ids = {id(parameter) for parameter in trainable}
     frozen = [parameter for parameter in tiny_lora_model.parameters() if id(parameter) not in trainable_ids]
     assert frozen and not any(parameter.requires_grad for parameter in frozen)
+
+
+def test_ffa_lora_trains_and_sends_b_only_from_the_seeded_a(tokenizer):
+    plain = attach_lora(build_tiny_model(tokenizer, seed=0), LoraConfig(rank=4, alpha=8), seed=5)
+    ffa = attach_lora(build_tiny_model(tokenizer, seed=0), LoraConfig(rank=4, alpha=8, ffa=True), seed=5)
+    plain_state, state, shared = get_adapter_state(plain), get_adapter_state(ffa), frozen_lora_state(ffa)
+    assert sorted(state) == sorted(name for name in plain_state if "lora_B" in name)
+    assert sorted(shared) == sorted(name for name in plain_state if "lora_A" in name)
+    assert all(torch.equal(shared[name], plain_state[name]) for name in shared)  # the same A from the same seed
+    assert frozen_lora_state(plain) == {}
+    assert sum(t.numel() for t in state.values()) * 2 == sum(t.numel() for t in plain_state.values())  # tiny model: |A| = |B|
+    trainable = trainable_parameters(ffa)
+    assert len(trainable) == len(state) and all(parameter.requires_grad for parameter in trainable)
+    set_adapter_state(ffa, {name: torch.ones_like(tensor) for name, tensor in state.items()})
+    with pytest.raises(ValueError, match="unexpected"):
+        set_adapter_state(ffa, plain_state)  # an adapter with A does not fit a model that keeps A to itself
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if "lora_" in name}
+
+
+def test_ffa_lora_training_moves_b_and_leaves_a(tokenizer):
+    model = attach_lora(build_tiny_model(tokenizer, seed=0), LoraConfig(rank=4, alpha=8, ffa=True), seed=5)
+    before = lora_weights(model)
+    optimizer = make_optimizer(trainable_parameters(model), lr=1e-2, weight_decay=0.1)
+    model.train()
+    for _ in range(2):  # B starts at 0, so A would get a gradient from the second step on (and decay from the first)
+        loss = model(input_ids=torch.tensor([[1, 20, 300, 4000]])).logits.float().logsumexp(-1).mean()
+        optimizer_step(optimizer, loss, trainable_parameters(model), max_grad_norm=1.0)
+    after = lora_weights(model)
+    assert all(not torch.equal(after[name], before[name]) for name in before if "lora_B" in name)
+    assert all(torch.equal(after[name], before[name]) for name in before if "lora_A" in name)
 
 
 def test_lora_on_chosen_layers_only(tokenizer):

@@ -21,10 +21,12 @@ import spearfl.runtime.server as server
 from spearfl.algorithms import ALGORITHMS
 from spearfl.config import config_to_dict, load_config
 from spearfl.io import load_tensors
+from spearfl.lm.models import frozen_lora_state, set_adapter_state
+from spearfl.runtime.evaluation import evaluate
 from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
 from spearfl.runtime.server import RunConflict, choose_clients
-from spearfl.runtime.setup import prepare_data
+from spearfl.runtime.setup import build_context, prepare_data
 
 REAL_UPDATE = ALGORITHMS["spear"]
 
@@ -68,6 +70,14 @@ def test_reference_run_folder_is_complete_and_trained():
     assert first.keys() == last.keys()
     assert all(torch.count_nonzero(value) == 0 for name, value in first.items() if "lora_B" in name)  # peft starts B at 0
     assert any(not torch.equal(first[name], last[name]) for name in first)
+
+
+def test_history_rows_log_the_lora_averaging_gap():
+    history = read_history(reference_run())
+    assert "lora_average_error" not in history[0]  # round 0 aggregates nothing
+    for row in history[1:]:
+        assert sum(client["weight"] > 0 for client in row["clients"]) == 2
+        assert 0 < row["lora_average_error"] < 1  # each client trains its own A: mean(B) mean(A) != mean(B A)
 
 
 def test_data_preparation_and_client_choice_are_deterministic():
@@ -233,3 +243,58 @@ def test_a_folder_written_with_a_retired_config_field_resumes(tmp_path):
     saved["feedback"]["hint"] = "facts"
     with pytest.raises(RunConflict, match="feedback.hint"):
         server.check_run_folder(folder_holding(tmp_path / "old", saved), config)
+
+
+@pytest.fixture(scope="module")
+def ffa_run():
+    """An FFA-LoRA run of the reference config; returns (config, its context, the LoRA A before the run)."""
+    config = config_for("ffa-run", "lora.ffa=true")
+    with single_thread():
+        context = build_context(config)
+        shared_before = frozen_lora_state(context.model)
+        run_local(config, show_progress=False, context=context)
+    return config, context, shared_before
+
+
+def test_an_ffa_run_sends_b_only_keeps_a_and_averages_exactly(ffa_run):
+    config, context, shared_before = ffa_run
+    folder, reference = RunFolder(config.output_dir), reference_run()
+    adapters = [load_tensors(folder.adapter_path(index)) for index in (0, 1, 2)]
+    reference_first = load_file(reference / "adapters" / "round_0000.safetensors")
+    assert all(adapter.keys() == {name for name in reference_first if "lora_B" in name} for adapter in adapters)
+    assert any(not torch.equal(adapters[0][name], adapters[2][name]) for name in adapters[0])  # B trained
+    shared_after = frozen_lora_state(context.model)
+    assert shared_after.keys() == {name for name in reference_first if "lora_A" in name}
+    assert all(torch.equal(shared_after[name], shared_before[name]) for name in shared_before)  # A never trained
+    assert all(torch.equal(shared_after[name], reference_first[name]) for name in shared_after)  # the run seed's A
+    b_bytes = 4 * sum(tensor.numel() for tensor in adapters[0].values())
+    full_bytes = {client["metrics"]["upload_bytes"] for row in read_history(reference)[1:] for client in row["clients"]}
+    assert full_bytes == {2 * b_bytes}  # the tiny model has as many A weights as B weights
+    history = folder.read_history()
+    for row in history[1:]:
+        assert {client["metrics"]["upload_bytes"] for client in row["clients"] if client["weight"] > 0} == {b_bytes}
+    assert [row["lora_average_error"] for row in history[1:]] == [0.0, 0.0]  # two clients trained in each round
+
+
+def test_a_saved_ffa_adapter_evaluates_as_in_its_run(ffa_run):
+    """What `spearfl eval --adapter` does: a model built anew from the run's config gets the run's A."""
+    config, _, _ = ffa_run
+    folder = RunFolder(config.output_dir)
+    context = build_context(config)
+    set_adapter_state(context.model, load_tensors(folder.adapter_path(2)))
+    metrics = evaluate(context.model, context.prompts, prepare_data(config).heldout, config.eval, progress=False)
+    assert server.clean(metrics) == folder.read_history()[2]["eval"]
+
+
+def test_a_resumed_ffa_run_repeats_the_uninterrupted_one(ffa_run):
+    config, _, _ = ffa_run
+    resumed = config_for("ffa-resumed-run", "lora.ffa=true")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ALGORITHMS, "spear", interrupt_in_round(2, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run_local(resumed, show_progress=False)
+    run_local(resumed, show_progress=False)
+    folder, uninterrupted = RunFolder(resumed.output_dir), RunFolder(config.output_dir)
+    assert strip_timing(folder.read_history()) == strip_timing(uninterrupted.read_history())
+    final, expected = load_tensors(folder.adapter_path(2)), load_tensors(uninterrupted.adapter_path(2))
+    assert final.keys() == expected.keys() and all(torch.equal(final[name], expected[name]) for name in expected)
