@@ -21,6 +21,9 @@ class Example:
     passage: str | None = None
     facts: str | None = None
     solution: str | None = None
+    # The task as a ranked-classification (cloze) context in its dataset's own format (OLMES), which each
+    # option's text continues; None: "Question: <question>\nAnswer:" (`spearfl.data.prompts.cloze_context`).
+    cloze_context: str | None = None
 
     def __post_init__(self) -> None:
         if self.label_style not in LABEL_STYLES:

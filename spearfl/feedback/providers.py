@@ -54,23 +54,24 @@ def format_reminder(example: Example) -> str:
 
 
 def make_oracle(
-    hint_style: str, max_hint_sentences: int, remind_format: bool
+    hint_style: str, max_hint_sentences: int, remind_format: bool, last_answer: bool = False
 ) -> FeedbackProvider:
     """A simulated user who knows the gold answer, judges with the dataset's scoring and never states it.
 
     remind_format: an answer that cannot be parsed also gets `format_reminder`, which names no option.
+    last_answer: the last declared answer is judged (chain-of-thought prompts), not the first.
     """
     hint_function = hint_function_for(hint_style)
     is_filtered = hint_style not in LEAKY_HINT_STYLES
 
     def oracle(example: Example, completion_text: str) -> Feedback:
-        if is_correct(example, completion_text):
+        if is_correct(example, completion_text, last_answer):
             return Feedback(correct=True, hint=None, style=hint_style)
         hint = hint_function(example, max_hint_sentences)
         dropped = hint is not None and is_filtered and leaks_answer(example, hint)
         if dropped:
             hint = None
-        if remind_format and parse_answer(example, completion_text) is None:
+        if remind_format and parse_answer(example, completion_text, last_answer) is None:
             hint = format_reminder(example) if hint is None else f"{format_reminder(example)} {hint}"
         return Feedback(correct=False, hint=hint, style=hint_style, hint_dropped=dropped)
 

@@ -140,10 +140,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def option_logprobs(
-    model, prompts: list[list[int]], options: list[list[list[int]]], batch_size: int, prefixes: PrefixCache | None = None
+    model,
+    prompts: list[list[int]],
+    options: list[list[list[int]]],
+    batch_size: int,
+    prefixes: PrefixCache | None = None,
+    end_ids: list[int] | None = None,
 ) -> list[list[float]]:
     """Total log-probability of each option's ids after its prompt: options[i][j] scored after prompts[i].
 
+    end_ids: tokens that end the option there (a line break, EOS); when given, each option's score also
+    counts the log-probability that one of them comes next, so an option that is only the beginning of a
+    likelier one ("cat" of "catfish") does not win on the longer one's mass.
     Each prompt runs once; its key/value cache is copied to every option row, so an n-option question
     costs one prompt plus n short continuations instead of n full sequences. The prompts' states join
     `prefixes`, if given, for a later generation from the same prompts.
@@ -154,7 +162,7 @@ def option_logprobs(
     with evaluation_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            scores = score_options_batch(model, [prompts[i] for i in rows], [options[i] for i in rows], device, prefixes)
+            scores = score_options_batch(model, [prompts[i] for i in rows], [options[i] for i in rows], device, prefixes, end_ids)
             for index, row_scores in zip(rows, scores):
                 totals[index] = row_scores
     return totals
@@ -239,7 +247,7 @@ def prefill_after(
     return attention_mask, logits, cache
 
 
-def score_options_batch(model, prompts, options, device, prefixes=None) -> list[list[float]]:
+def score_options_batch(model, prompts, options, device, prefixes=None, end_ids=None) -> list[list[float]]:
     """One batch of `option_logprobs`: prompts left-padded, options right-padded after the cached prompts."""
     attention_mask, last_logits, cache = prefill(model, prompts, device)
     if prefixes is not None:
@@ -264,7 +272,11 @@ def score_options_batch(model, prompts, options, device, prefixes=None) -> list[
     ).logits.float()  # [R, L, V]
     # Token 0 of an option is predicted by the prompt's last position, token t by option position t - 1.
     predicting = torch.cat([last_logits[owners][:, None], logits[:, :-1]], dim=1)  # [R, L, V]
-    sums = (token_logprobs(predicting, option_ids) * option_mask).sum(-1).tolist()  # [R]
+    sums = (token_logprobs(predicting, option_ids) * option_mask).sum(-1)  # [R]
+    if end_ids is not None:
+        after = logits[torch.arange(len(flat), device=device), option_mask.sum(-1) - 1]  # [R, V] predicts what follows
+        sums = sums + torch.logsumexp(torch.log_softmax(after, dim=-1)[:, end_ids], dim=-1)  # [R]
+    sums = sums.tolist()
     scores, row = [], 0
     for choices in options:
         scores.append(sums[row : row + len(choices)])

@@ -21,6 +21,7 @@ Left out: beam search, repetition penalties, stop strings other than the answer 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,16 @@ def finish_reason(
     if step + 1 == settings.max_new_tokens:
         return "length"
     return None
+
+
+LINE_END = re.compile(r"^[ \t.,;:!?]*[\r\n]")  # a line break, after nothing but punctuation the parser drops
+
+
+def line_end_ids(model, tokenizer) -> list[int]:
+    """Tokens that end an answer line where they stand: EOS and the tokens that begin with a line break
+    (optionally after trailing punctuation), the tokens after which generation stops at an answer."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
+    return sorted(eos_token_ids(model, tokenizer) | {token for token, text in enumerate(texts) if LINE_END.match(text)})
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

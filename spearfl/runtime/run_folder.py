@@ -304,7 +304,7 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-SUMMARY_METRICS = ("accuracy", "loglik_accuracy", "parse_rate")
+SUMMARY_METRICS = ("accuracy", "parse_rate", "loglik_accuracy", "loglik_norm_accuracy", "cloze_accuracy", "cloze_norm_accuracy")
 
 
 def summarize_runs(summaries: list[tuple[str, dict[str, Any]]]) -> Table:

@@ -17,7 +17,7 @@ from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext
 from spearfl.config import ConfigError, RunConfig
 from spearfl.data import DATASETS, load_examples
-from spearfl.data.prompts import PromptFormat
+from spearfl.data.prompts import ChatTemplateMissing, PromptFormat, uses_chat_template
 from spearfl.data.schema import Example
 from spearfl.data.sources import JSONL_PREFIX
 from spearfl.data.split import dirichlet_partition, split_pool_heldout
@@ -91,11 +91,23 @@ def attach_configured_lora(model, config: RunConfig):
     return peft_model
 
 
+def prompt_format_for(config: RunConfig, tokenizer) -> PromptFormat:
+    """How this run's prompts are written and encoded (config.prompt), checked against the tokenizer."""
+    prompt_format = PromptFormat(tokenizer, config.prompt.answer_prefix, config.prompt.reasoning, config.prompt.chat_template)
+    try:
+        uses_chat_template(tokenizer, config.prompt.chat_template)
+    except ChatTemplateMissing as error:
+        raise ConfigError(str(error)) from None
+    return prompt_format
+
+
 def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
     """What a client update needs around a loaded model: prompt format, feedback provider, config, device."""
     device = next(peft_model.parameters()).device
-    prompt_format = PromptFormat(tokenizer, answer_prefix=config.prompt.answer_prefix)
-    feedback = make_oracle(config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format)
+    prompt_format = prompt_format_for(config, tokenizer)
+    feedback = make_oracle(
+        config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format, prompt_format.last_answer
+    )
     return ClientContext(peft_model, prompt_format, feedback, config, device)
 
 

@@ -102,15 +102,16 @@ def test_no_evaluation_prompt_holds_privileged_material(tokenizer, monkeypatch):
         seen.extend(prompts)
         return [Completion([], "", "eos") for _ in prompts]
 
-    def fake_option_logprobs(model, prompts, options, batch_size, prefixes=None):
+    def fake_option_logprobs(model, prompts, options, batch_size, prefixes=None, end_ids=None):
         seen.extend(prompts)
         return [[0.0] * len(row) for row in options]
 
     monkeypatch.setattr(spearfl.runtime.evaluation, "generate", fake_generate)
     monkeypatch.setattr(spearfl.runtime.evaluation, "option_logprobs", fake_option_logprobs)
+    monkeypatch.setattr(spearfl.runtime.evaluation, "line_end_ids", lambda model, tokenizer: [tokenizer.eos_token_id])
     context = make_context(StubModel(), tokenizer, make_config())
     evaluate(StubModel(), context.prompts, [SUM, ANIMAL], EvalConfig())
-    assert len(seen) == 3  # two generated, one scored by option likelihood
+    assert len(seen) == 4  # two generated, one scored by option likelihood, one as a cloze item
     for prompt in seen:
         text = tokenizer.decode(prompt)
         assert not any(privileged in text for privileged in PRIVILEGED_TEXT), text

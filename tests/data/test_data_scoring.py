@@ -77,6 +77,13 @@ def test_only_first_marker_counts():
     assert parse_answer(FOUR, "Answer: nothing\nAnswer: B") is None
 
 
+def test_with_chain_of_thought_the_last_declared_answer_counts():
+    reasoning = "Option A looks right. Answer: A\nBut the text says otherwise, so\nAnswer: C\n"
+    assert parse_answer(FOUR, reasoning, last=True) == "C" and parse_answer(FOUR, reasoning) == "A"
+    assert is_correct(Example("f/0", "2 + 3?", answer="5"), "3 + 2 = 5. Answer: 4\nNo, 5.\nAnswer: 5", last=True)
+    assert parse_answer(FOUR, "Answer: B\nAnswer: nothing", last=True) is None
+
+
 def test_three_and_five_option_questions():
     assert is_correct(THREE, "Answer: B")
     assert parse_answer(THREE, "Answer: D") is None

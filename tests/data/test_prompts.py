@@ -4,8 +4,12 @@ from helpers import encode_task
 from spearfl.data.prompts import (
     FREE_FORM_INSTRUCTION,
     INSTRUCTIONS,
+    REASONING_FREE_FORM_INSTRUCTION,
+    REASONING_INSTRUCTIONS,
     REVISION_INSTRUCTION,
+    ChatTemplateMissing,
     PromptFormat,
+    cloze_context,
     encode_messages,
     plain_transcript,
     render_task,
@@ -124,3 +128,60 @@ def test_answer_prefix_puts_the_marker_in_the_prompt(tokenizer):
     assert prefixed.answer_text(" B\n") == "Answer: B\n" and plain.answer_text(" B\n") == " B\n"
     revision = tokenizer.decode(prefixed.revision(example, " A\n", "Incorrect."))
     assert "Answer: A" in revision and revision.endswith("<|im_start|>assistant\nAnswer:")
+
+
+def test_never_gives_a_base_model_plain_text_although_its_tokenizer_has_a_template(tokenizer):
+    example = planets(3)
+    plain = PromptFormat(tokenizer, answer_prefix=False, chat_template="never")
+    text = tokenizer.decode(plain.task(example))
+    assert "<|im_start|>" not in text
+    assert text == plain_transcript(task_messages(example))
+    assert PromptFormat(tokenizer, answer_prefix=False, chat_template="auto").task(example) == encode_task(tokenizer, example)
+    assert PromptFormat(tokenizer, answer_prefix=False, chat_template="always").task(example) == encode_task(tokenizer, example)
+
+
+def test_always_without_a_template_is_an_error_and_auto_falls_back_to_plain_text():
+    messages = task_messages(planets(3))
+    with pytest.raises(ChatTemplateMissing, match="chat_template"):
+        encode_messages(TemplatelessTokenizer(), messages, "always")
+    assert encode_messages(TemplatelessTokenizer(), messages, "auto") == [ord(c) for c in plain_transcript(messages)]
+
+
+def test_a_config_asking_for_a_template_the_tokenizer_lacks_is_refused_naming_the_field():
+    from helpers import make_config
+
+    from spearfl.config import ConfigError
+    from spearfl.runtime.setup import prompt_format_for
+
+    with pytest.raises(ConfigError, match="prompt.chat_template"):
+        prompt_format_for(make_config("prompt.chat_template=always"), TemplatelessTokenizer())
+
+
+def test_reasoning_asks_for_steps_before_the_answer_line_and_counts_the_last_answer(tokenizer):
+    example = planets(3)
+    reasoning = PromptFormat(tokenizer, answer_prefix=False, reasoning=True)
+    text = tokenizer.decode(reasoning.task(example))
+    assert REASONING_INSTRUCTIONS["letters"] in text and INSTRUCTIONS["letters"] not in text
+    assert REASONING_FREE_FORM_INSTRUCTION in render_task(Example("f/0", "2 + 3?", answer="5"), reasoning=True)
+    assert reasoning.last_answer and not PromptFormat(tokenizer, answer_prefix=False).last_answer
+    revision = tokenizer.decode(reasoning.revision(example, "Mars has no rings.\nAnswer: A\n", "Incorrect."))
+    assert REASONING_INSTRUCTIONS["letters"] in revision
+    oracle = make_oracle("none", 2, False, last_answer=True)
+    assert oracle(example, "Maybe Answer: A\nNo: Saturn has rings.\nAnswer: C\n").correct
+    assert not make_oracle("none", 2, False)(example, "Maybe Answer: A\nNo: Saturn has rings.\nAnswer: C\n").correct
+
+
+def test_reasoning_and_an_answer_prefix_exclude_each_other():
+    from helpers import make_config
+
+    from spearfl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reasoning and answer_prefix"):
+        make_config("prompt.reasoning=true", "prompt.answer_prefix=true")
+
+
+def test_cloze_context_is_the_datasets_own_or_question_answer():
+    assert cloze_context(planets(3)) == "Question: Which planet is best known for its rings?\nAnswer:"
+    with_passage = Example("t/p", "Is it wet?", ("Yes", "No"), 0, label_style="text", passage="Rain fell all day.")
+    assert cloze_context(with_passage) == "Rain fell all day.\nQuestion: Is it wet?\nAnswer:"
+    assert cloze_context(Example("t/s", "A cat has", ("four legs", "two"), 0, cloze_context="A cat has")) == "A cat has"

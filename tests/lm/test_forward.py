@@ -109,6 +109,23 @@ def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokeniz
         assert scores == pytest.approx(expected, abs=1e-4)
 
 
+def test_option_scores_with_line_ends_add_the_mass_of_ending_the_line_there(tokenizer, tiny_model):
+    """An option that is only the beginning of a likelier one ("cat" of "catfish") must not collect its mass."""
+    from spearfl.lm.forward import option_logprobs
+
+    prompt = tokenizer.encode("Which animal lives in rivers?")
+    options = [tokenizer.encode(" Answer: cat", add_special_tokens=False), tokenizer.encode(" Answer: catfish", add_special_tokens=False)]
+    end_ids = [tokenizer.eos_token_id, *tokenizer.encode("\n", add_special_tokens=False)]
+    scores, = option_logprobs(tiny_model, [prompt], [options], batch_size=2, end_ids=end_ids)
+    for choice, score in zip(options, scores):
+        with torch.no_grad():
+            logits = tiny_model(input_ids=torch.tensor([prompt + choice])).logits[0].float()  # [T, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        body = sum(float(logprobs[len(prompt) - 1 + t, token]) for t, token in enumerate(choice))
+        ending = float(torch.logsumexp(logprobs[-1, end_ids], dim=0))
+        assert score == pytest.approx(body + ending, abs=1e-4)
+
+
 SYSTEM = list(range(300, 312))  # 12 tokens every prompt begins with, like a chat model's system turn
 
 

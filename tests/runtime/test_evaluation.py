@@ -68,7 +68,7 @@ def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
     chosen = {"a": "A", "b": "E", "c": "A"}
     rows = []
 
-    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None, end_ids=None):
         scores = []
         for prompt, options in zip(row_prompts, row_options):
             example = examples[prompts.index(prompt)]
@@ -82,7 +82,7 @@ def test_loglik_predictions_pick_the_most_likely_option(tokenizer, monkeypatch):
 
     monkeypatch.setattr(evaluation, "option_logprobs", scripted_option_logprobs)
     predictions = loglik_predictions(None, prompt_format, examples, prompts, batch_size=4)
-    assert predictions == [0, 4, 0]
+    assert predictions["loglik"] == [0, 4, 0]
     assert [(uid, label) for uid, label, _ in rows] == [
         ("a", "A"), ("a", "B"), ("a", "C"), ("b", "A"), ("b", "B"), ("b", "C"), ("b", "D"), ("b", "E"), ("c", "A"), ("c", "B")
     ]
@@ -95,40 +95,43 @@ def test_loglik_predictions_agree_with_completion_logprobs(tokenizer):
     examples = [letters(str(index), 3 + index % 3, 0) for index in range(6)]
     prompts = [prompt_format.task(example) for example in examples]
     predictions = loglik_predictions(model, prompt_format, examples, prompts, batch_size=4)
-    for example, prompt, prediction in zip(examples, prompts, predictions):
+    for index, (example, prompt) in enumerate(zip(examples, prompts)):
         completions = [prompt_format.option_completion(label) for label in example.labels]
         totals = [float(row.sum()) for row in completion_logprobs(model, [prompt] * len(completions), completions, 8)]
-        assert prediction == max(range(len(totals)), key=totals.__getitem__)
+        per_character = [total / len(prompt_format.option_line(label)) for total, label in zip(totals, example.labels)]
+        assert predictions["loglik"][index] == max(range(len(totals)), key=totals.__getitem__)
+        assert predictions["loglik_norm"][index] == max(range(len(totals)), key=per_character.__getitem__)
 
 
 def test_evaluate_uses_the_task_prompts_and_reports_every_metric(tokenizer, monkeypatch):
     model = tiny_lora_model(tokenizer, seed=5)
     prompt_format = PromptFormat(tokenizer, answer_prefix=False)
     examples = [letters("a", 3, 0, facts="Secret fact."), letters("b", 5, 3, solution="Secret solution.")]
-    seen = {"generate": [], "loglik": []}
+    seen = {"generate": [], "loglik": [], "cloze": []}
 
     def spy_generate(model_, tokenizer_, prompts, **settings):
         seen["generate"].append((prompts, settings))
         return generate(model_, tokenizer_, prompts, **settings)
 
-    def spy_option_logprobs(model_, prompts, options, batch_size, prefixes=None):
-        seen["loglik"].append(prompts)
-        return option_logprobs(model_, prompts, options, batch_size, prefixes)
+    def spy_option_logprobs(model_, prompts, options, batch_size, prefixes=None, end_ids=None):
+        seen["loglik" if end_ids else "cloze"].append(prompts)
+        return option_logprobs(model_, prompts, options, batch_size, prefixes, end_ids)
 
     monkeypatch.setattr(evaluation, "generate", spy_generate)
     monkeypatch.setattr(evaluation, "option_logprobs", spy_option_logprobs)
-    settings = EvalConfig(methods=["loglik", "generate"], batch_size=4, max_new_tokens=3)
+    settings = EvalConfig(methods=["loglik", "cloze", "generate"], batch_size=4, max_new_tokens=3)
     metrics = evaluate(model, prompt_format, examples, settings)
     expected = [prompt_format.task(example) for example in examples]
     (prompts, sampling), = seen["generate"]
     assert prompts == expected
     assert sampling["settings"].temperature == 0 and sampling["settings"].max_new_tokens == 3
     assert {tuple(prompt) for prompt in seen["loglik"][0]} == {tuple(prompt) for prompt in expected}
-    for prompt in prompts:
+    assert [tokenizer.decode(prompt) for prompt in seen["cloze"][0]] == ["Question: Question a?\nAnswer:", "Question: Question b?\nAnswer:"]
+    for prompt in prompts + seen["cloze"][0]:
         assert "Secret" not in tokenizer.decode(prompt)
     assert set(metrics) == {
-        "num_examples", "loglik_accuracy", "loglik_answer_share", "accuracy", "parse_rate", "answer_share",
-        "mean_completion_tokens",
+        "num_examples", "loglik_accuracy", "loglik_norm_accuracy", "loglik_answer_share", "cloze_accuracy",
+        "cloze_norm_accuracy", "accuracy", "parse_rate", "answer_share", "mean_completion_tokens",
     }
     assert metrics["num_examples"] == 2 and metrics["accuracy"] == 0.0 and metrics["parse_rate"] == 0.0  # a random model
     assert sum(metrics["loglik_answer_share"].values()) == pytest.approx(1.0)
@@ -145,12 +148,13 @@ def test_evaluate_scores_scripted_answers_and_gold_index_zero(tokenizer, monkeyp
         assert settings["settings"].text_prefix == "Answer:"
         return [completion_from_text(tokenizer, answers[prompts[tuple(prompt)]]) for prompt in prompts_]
 
-    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None):
+    def scripted_option_logprobs(model, row_prompts, row_options, batch_size, prefixes=None, end_ids=None):
         # Every example's first option is the most likely: right for "a" (gold index 0) only.
         return [[0.0 if c == prompt_format.option_completion("A") else -1.0 for c in options] for options in row_options]
 
     monkeypatch.setattr(evaluation, "generate", scripted_generate)
     monkeypatch.setattr(evaluation, "option_logprobs", scripted_option_logprobs)
+    monkeypatch.setattr(evaluation, "line_end_ids", lambda model, tokenizer: [tokenizer.eos_token_id])
     model = torch.nn.Linear(1, 1)
     metrics = evaluate(model, prompt_format, examples, EvalConfig(methods=["loglik", "generate"], batch_size=4))
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["parse_rate"] == 1.0
@@ -192,3 +196,42 @@ def test_generation_reuses_the_prompts_the_option_scoring_ran(tokenizer, monkeyp
     generated = generate(model, tokenizer, prompts, settings=SamplingSettings(3, 0.0, 1.0, 4), seed=0)
     assert reused["mean_completion_tokens"] == sum(len(c.token_ids) for c in generated) / len(generated)
     assert reused["accuracy"] == generation_metrics(examples, [c.text for c in generated])["accuracy"]
+
+
+def test_line_end_ids_hold_eos_and_line_breaks_but_no_words(tokenizer, tiny_model):
+    from spearfl.lm.generation import line_end_ids
+
+    ids = set(line_end_ids(tiny_model, tokenizer))
+    assert tokenizer.eos_token_id in ids
+    for text in ("\n", "\n\n", ".\n"):
+        assert all(token in ids for token in tokenizer.encode(text, add_special_tokens=False)[-1:])
+    for text in (" Paris", "fish", ".", " "):
+        assert not set(tokenizer.encode(text, add_special_tokens=False)) & ids
+
+
+def test_cloze_scores_each_option_text_after_the_bare_question(tokenizer, monkeypatch):
+    prompt_format = PromptFormat(tokenizer, answer_prefix=True)
+    examples = [
+        Example("c/0", "Which planet has rings?", ("Mars", "the ringed gas giant Saturn"), 1, label_style="letters"),
+        Example("c/1", "A cat has", ("four legs", "two"), 0, cloze_context="A cat has"),
+    ]
+    seen = []
+
+    def scripted(model, prompts, options, batch_size, prefixes=None, end_ids=None):
+        seen.append(([tokenizer.decode(p) for p in prompts], [[tokenizer.decode(o) for o in row] for row in options], end_ids))
+        # Totals favour the short option; per character the long one.
+        return [[-2.0, -6.0] for _ in options]
+
+    monkeypatch.setattr(evaluation, "option_logprobs", scripted)
+    predictions = evaluation.cloze_predictions(None, prompt_format, examples, batch_size=4)
+    (contexts, continuations, end_ids), = seen
+    assert contexts == ["Question: Which planet has rings?\nAnswer:", "A cat has"]  # no options listed, no chat turn
+    assert continuations == [[" Mars", " the ringed gas giant Saturn"], [" four legs", " two"]]
+    assert end_ids is None
+    # Per character: -2/5 < -6/27, so Saturn; -2/10 > -6/4, so four legs.
+    assert predictions == {"cloze": [0, 0], "cloze_norm": [1, 0]}
+
+
+def test_best_options_by_total_and_per_character():
+    assert evaluation.best_options([[-3.0, -4.0], [-1.0, -0.5]]) == [0, 1]
+    assert evaluation.best_options([[-3.0, -4.0], [-1.0, -0.5]], [[1, 4], [2, 1]]) == [1, 0]
