@@ -77,7 +77,8 @@ class ClientHost:
         """The client context for this config, loading the base model only if its settings changed."""
         if config.threads:
             torch.set_num_threads(config.threads)
-        key = (config.model.model_dump_json(), config.lora.model_dump_json())
+        # FFA-LoRA never sends A: it must be the run seed's, so a run with another seed needs a fresh adapter.
+        key = (config.model.model_dump_json(), config.lora.model_dump_json(), config.seed if config.lora.ffa else None)
         if key != self.model_key:
             self.model = None  # let the old model go before loading the next
             model, self.tokenizer = load_base_model(config.model)
