@@ -106,14 +106,18 @@ def compare(
     from spearfl.tools.compare import (
         comparison_table,
         default_output_dir,
+        paired_table,
         parse_algorithms,
     )
 
     names = parse_algorithms(algorithms)
     output = output or default_output_dir(config)
-    rows, metrics = run_comparison(config, names, seeds, output)
-    console.print(comparison_table(rows, metrics))
-    console.print(f"comparison: {output / 'comparison.md'}, {output / 'comparison.csv'}")
+    comparison = run_comparison(config, names, seeds, output)
+    console.print(comparison_table(comparison.rows, comparison.metrics))
+    if comparison.paired:
+        console.print(paired_table(comparison.paired, comparison.reference))
+    files = ", ".join(str(output / name) for name in ("comparison.md", "comparison.csv", "paired.csv"))
+    console.print(f"comparison: {files}")
 
 
 @app.command("eval")

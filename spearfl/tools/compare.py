@@ -5,21 +5,29 @@ seeds of each run seed, the feedback provider and the held-out evaluation are th
 Runs go to DIR/<algorithm>/seed<run seed>; a complete folder is read back, an incomplete one resumes.
 The table and plots are computed from the folders' summary.json and history.jsonl only.
 
+The methods share seeds, so their runs pair by run seed: for each accuracy metric, the final held-out value of the
+reference method (SPEAR when compared, else the first listed) minus each other method's, seed by seed, over the
+seeds both finished, with the mean difference and a 95% paired t interval (mean ± t(0.975, n - 1) · sd / √n).
+
 The base model loads once: each run gets it wrapped in a fresh LoRA adapter initialised from that run's seed,
 after the previous run's LoRA layers are removed (peft's unload, no merge; the base weights are never trained),
 so a run starts exactly as it would in a process of its own.
 
-Left out: running pairs in parallel (one model, one process); statistics beyond mean and sample standard deviation.
+Left out: running pairs in parallel (one model, one process); paired statistics on the best-over-rounds values
+(a maximum picked on the held-out set itself) and on costs; any correction for the number of comparisons
+(baselines x metrics), and tests that do not assume roughly normal per-seed differences.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import scipy.stats
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
@@ -40,7 +48,10 @@ from spearfl.runtime.run_folder import RunFolder
 from spearfl.runtime.server import check_run_folder
 from spearfl.runtime.setup import build_context
 
-ACCURACY_METRICS = ("accuracy", "loglik_accuracy")  # greedy generation; option log-likelihood (multiple choice)
+# greedy generation; option log-likelihood (multiple choice), raw and length-normalised, after the listed options
+# and as cloze continuations of the bare question
+ACCURACY_METRICS = ("accuracy", "loglik_accuracy", "loglik_norm_accuracy", "cloze_accuracy", "cloze_norm_accuracy")
+FORMAT_FREE_METRIC = "loglik_accuracy"  # shown first: scoring the options does not depend on the answer format
 COST_COLUMNS = {  # key -> (title, decimals)
     "generations_per_prompt": ("generations / prompt", 2),
     "generated_tokens": ("generated tokens", 0),
@@ -51,7 +62,9 @@ COST_COLUMNS = {  # key -> (title, decimals)
 }
 CAPTION = (
     "Held-out accuracy after the last round, and the best over the evaluated rounds after round 0, as mean ± sample "
-    "standard deviation over seeds (`accuracy`: greedy generation; `loglik_accuracy`: option log-likelihood). "
+    "standard deviation over seeds (`accuracy`: greedy generation; `loglik_accuracy`: option log-likelihood after the "
+    "listed options; `cloze_accuracy`: each option's text continuing the bare question; `_norm`: the same with "
+    "length-normalised log-likelihoods). "
     "Costs are the mean over seeds of each run's totals: generations / prompt = sampled completions over prompts, "
     "summed over client rounds; tokens = generated tokens (every sampled completion, revisions included) and trained "
     "tokens (every forward pass with a backward pass); client s = client wall-clock seconds. Peak MB is the maximum "
@@ -60,6 +73,18 @@ CAPTION = (
     "round = adapter bytes uploaded, summed over the run, divided by all client rounds, skipped ones (which upload "
     "nothing) included."
 )
+PAIRED_CAPTION = (
+    "Held-out accuracy after the last round, reference minus baseline, seed by seed over the seeds both methods "
+    "finished (run seed s of every method shares partitions, prompts and first attempts). The interval is a paired t "
+    "interval over seeds: mean ± t(0.975, n - 1) · sd / √n, with sd the sample standard deviation of the n per-seed "
+    "differences. A verdict names a method ahead or behind only where the whole interval lies above or below zero; "
+    "one seed gives no interval. Nothing is corrected for the number of comparisons (baselines × metrics)."
+)
+PAIRED_FIELDS = [
+    "reference", "baseline", "metric", "num_seeds", "mean_difference", "interval_low", "interval_high", "verdict",
+    "seeds", "differences",
+]
+PAIRED_CONFIDENCE = 0.95
 PLOTS = {"round": "accuracy_by_round.png", "compute": "accuracy_by_compute.png"}
 
 
@@ -210,8 +235,9 @@ def algorithm_row(algorithm: str, runs: list[dict[str, float]], metrics: list[st
 
 
 def shared_metrics(summaries: list[dict]) -> list[str]:
-    """The accuracy metrics every run reports."""
-    return [metric for metric in ACCURACY_METRICS if all(metric in summary["after"] for summary in summaries)]
+    """The accuracy metrics every run reports, the format-free one first."""
+    metrics = [metric for metric in ACCURACY_METRICS if all(metric in summary["after"] for summary in summaries)]
+    return sorted(metrics, key=lambda metric: metric != FORMAT_FREE_METRIC)  # stable: the others keep their order
 
 
 def comparison_csv(rows: list[dict]) -> str:
@@ -261,6 +287,103 @@ def comparison_table(rows: list[dict], metrics: list[str]) -> Table:
     return table
 
 
+def reference_method(algorithms: list[str]) -> str:
+    """The method every paired difference starts from: SPEAR when compared, else the first listed."""
+    return "spear" if "spear" in algorithms else algorithms[0]
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float | None]:
+    """Mean of per-seed differences and the half-width of its paired t interval; None for a single seed."""
+    mean = statistics.mean(differences)
+    if len(differences) == 1:
+        return mean, None
+    quantile = float(scipy.stats.t.ppf(0.5 + PAIRED_CONFIDENCE / 2, len(differences) - 1))
+    return mean, quantile * statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def paired_verdict(mean: float, half_width: float | None, reference: str) -> str:
+    """A method is ahead or behind only where the whole interval lies on one side of zero."""
+    name = "SPEAR" if reference == "spear" else reference
+    if half_width is None:
+        return "one seed: no interval"
+    if mean - half_width > 0:
+        return f"{name} ahead"
+    if mean + half_width < 0:
+        return f"{name} behind"
+    return "no clear difference"
+
+
+def paired_rows(finals: dict[str, dict[int, dict[str, float]]], metrics: list[str], reference: str) -> list[dict]:
+    """Reference minus each other method, per metric, over the seeds both finished; metric-major order.
+
+    finals: algorithm -> run seed -> metric -> held-out value after the last round.
+    """
+    rows = []
+    for metric in metrics:
+        for baseline, runs in finals.items():
+            if baseline == reference:
+                continue
+            seeds = sorted(finals[reference].keys() & runs.keys())
+            differences = [finals[reference][seed][metric] - runs[seed][metric] for seed in seeds]
+            mean, half_width = paired_interval(differences)
+            low, high = (None, None) if half_width is None else (mean - half_width, mean + half_width)
+            rows.append({
+                "reference": reference, "baseline": baseline, "metric": metric, "num_seeds": len(seeds),
+                "mean_difference": mean, "interval_low": low, "interval_high": high,
+                "verdict": paired_verdict(mean, half_width, reference), "seeds": seeds, "differences": differences,
+            })
+    return rows
+
+
+def paired_csv(rows: list[dict]) -> str:
+    """One line per (metric, baseline); seeds and their differences space-separated, in the same order."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PAIRED_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        lists = {key: " ".join(str(value) for value in row[key]) for key in ("seeds", "differences")}
+        writer.writerow({key: "" if value is None else value for key, value in row.items()} | lists)
+    return buffer.getvalue()
+
+
+def interval_text(row: dict) -> str:
+    return "" if row["interval_low"] is None else f"[{row['interval_low']:+.3f}, {row['interval_high']:+.3f}]"
+
+
+def paired_markdown(rows: list[dict], reference: str) -> str:
+    """The paired section of comparison.md: a heading, one table line per (metric, baseline), the caption."""
+    heading = f"## Paired differences: {reference} minus each baseline\n\n"
+    if not rows:
+        return heading + "One method compared: nothing to pair.\n"
+    titles = ["metric", "baseline", "seeds", "mean difference", "95% interval", "verdict", "difference by seed"]
+    lines = ["| " + " | ".join(titles) + " |", "|---|---|---:|---:|---:|---|---|"]
+    for row in rows:
+        by_seed = ", ".join(f"{seed}: {value:+.3f}" for seed, value in zip(row["seeds"], row["differences"]))
+        cells = [row["metric"], row["baseline"], str(row["num_seeds"]), f"{row['mean_difference']:+.3f}",
+                 interval_text(row), row["verdict"], by_seed]
+        lines.append("| " + " | ".join(cells) + " |")
+    return heading + "\n".join(lines) + f"\n\n{PAIRED_CAPTION}\n"
+
+
+def paired_table(rows: list[dict], reference: str) -> Table:
+    """The paired differences for the terminal, one section per metric; narrow enough for 100 columns."""
+    table = Table(
+        title=f"paired: {reference} minus each baseline, final held-out accuracy",
+        caption="95% paired t interval over seeds; defined in comparison.md",
+    )
+    for title in ("metric", "baseline", "seeds", "mean", "95% interval", "verdict"):
+        table.add_column(title, justify="right" if title in ("seeds", "mean", "95% interval") else "left")
+    for index, row in enumerate(rows):
+        first_of_metric = index == 0 or rows[index - 1]["metric"] != row["metric"]
+        if first_of_metric and index > 0:
+            table.add_section()
+        table.add_row(
+            row["metric"] if first_of_metric else "", row["baseline"], str(row["num_seeds"]),
+            f"{row['mean_difference']:+.3f}", interval_text(row), row["verdict"],
+        )
+    return table
+
+
 def plot_curves(curves: dict[str, list[Curve]], metrics: list[str], axis: str, path: Path) -> None:
     """PNG, one panel per metric: mean over seeds per algorithm, shaded ± one sample standard deviation.
 
@@ -291,29 +414,47 @@ def plot_curves(curves: dict[str, list[Curve]], metrics: list[str], axis: str, p
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_comparison(folders: dict[str, list[RunFolder]], output_dir: Path) -> tuple[list[dict], list[str]]:
-    """comparison.csv, comparison.md and the two plots from the run folders; returns (rows, metrics)."""
-    runs = {algorithm: [(f.read_summary(), f.read_history()) for f in group] for algorithm, group in folders.items()}
-    metrics = shared_metrics([summary for group in runs.values() for summary, _ in group])
+@dataclass(frozen=True)
+class Comparison:
+    """What `compare` tabulated: per-method rows, the accuracy metrics, and the paired differences."""
+
+    rows: list[dict]
+    metrics: list[str]
+    reference: str
+    paired: list[dict]
+
+
+def write_comparison(folders: dict[str, list[RunFolder]], output_dir: Path) -> Comparison:
+    """comparison.csv, paired.csv, comparison.md and the two plots from the run folders."""
+    runs = {
+        algorithm: [(f.read_config()["seed"], f.read_summary(), f.read_history()) for f in group]
+        for algorithm, group in folders.items()
+    }
+    metrics = shared_metrics([summary for group in runs.values() for _, summary, _ in group])
     rows = [
-        algorithm_row(algorithm, [run_measures(summary, history, metrics) for summary, history in group], metrics)
+        algorithm_row(algorithm, [run_measures(summary, history, metrics) for _, summary, history in group], metrics)
         for algorithm, group in runs.items()
     ]
+    reference = reference_method(list(runs))
+    finals = {algorithm: {seed: summary["after"] for seed, summary, _ in group} for algorithm, group in runs.items()}
+    paired = paired_rows(finals, metrics, reference)
     atomic_write_text(output_dir / "comparison.csv", comparison_csv(rows))
-    atomic_write_text(output_dir / "comparison.md", comparison_markdown(rows, metrics))
+    atomic_write_text(output_dir / "paired.csv", paired_csv(paired))
+    markdown = comparison_markdown(rows, metrics) + "\n" + paired_markdown(paired, reference)
+    atomic_write_text(output_dir / "comparison.md", markdown)
     curves = {
-        algorithm: [{metric: accuracy_curve(history, metric) for metric in metrics} for _, history in group]
+        algorithm: [{metric: accuracy_curve(history, metric) for metric in metrics} for _, _, history in group]
         for algorithm, group in runs.items()
     }
     for axis, name in PLOTS.items():
         plot_curves(curves, metrics, axis, output_dir / name)
-    return rows, metrics
+    return Comparison(rows, metrics, reference, paired)
 
 
 def compare(
     config: RunConfig, algorithms: list[str], num_seeds: int, output_dir: Path | None = None, show_progress: bool = True
-) -> tuple[list[dict], list[str]]:
-    """Run or resume every pair, then write the comparison files into `output_dir`; returns (rows, metrics)."""
+) -> Comparison:
+    """Run or resume every pair, then write the comparison files into `output_dir`."""
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(config)
     check_equal_budgets(config, algorithms)
     folders = run_pairs(config, algorithms, run_seeds(config, num_seeds), output_dir, show_progress)

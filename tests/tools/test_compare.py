@@ -1,7 +1,9 @@
-"""`spearfl compare` on a primed tiny model: 2 algorithms x 2 seeds x 1 round, resumption, table, plots, refusals."""
+"""`spearfl compare` on a primed tiny model: 2 algorithms x 2 seeds x 1 round, resumption, table, plots, refusals;
+paired differences by seed on hand-made run folders."""
 
 import csv
 import json
+import math
 import statistics
 
 import pytest
@@ -13,6 +15,7 @@ from helpers import (
     strip_timing,
     write_run_config,
 )
+from rich.console import Console
 from typer.testing import CliRunner
 
 import spearfl.runtime.server as server
@@ -22,7 +25,16 @@ from spearfl.config import ConfigError, config_to_dict, load_config
 from spearfl.io import load_tensors
 from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
-from spearfl.tools.compare import compare, pair_config, parse_algorithms
+from spearfl.tools.compare import (
+    ACCURACY_METRICS,
+    compare,
+    pair_config,
+    paired_interval,
+    paired_table,
+    parse_algorithms,
+    shared_metrics,
+    write_comparison,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALGORITHMS = ["spear", "feedback_sft"]
@@ -42,12 +54,12 @@ def shared_config(output_dir):
 
 @pytest.fixture(scope="module")
 def comparison():
-    """compare() once; returns (config, output folder, rows, metrics, file bytes right after)."""
+    """compare() once; returns (config, output folder, the Comparison)."""
     output = end_to_end_assets().root / "comparison"
     config = shared_config(end_to_end_assets().root / "compare-base")
     with single_thread():
-        rows, metrics = compare(config, ALGORITHMS, len(SEEDS), output, show_progress=False)
-    return config, output, rows, metrics
+        result = compare(config, ALGORITHMS, len(SEEDS), output, show_progress=False)
+    return config, output, result
 
 
 def folder(output, algorithm, seed) -> RunFolder:
@@ -55,7 +67,7 @@ def folder(output, algorithm, seed) -> RunFolder:
 
 
 def test_every_pair_gets_a_complete_folder_differing_only_in_algorithm_and_seed(comparison):
-    config, output, _, _ = comparison
+    config, output, _ = comparison
     for algorithm in ALGORITHMS:
         for seed in SEEDS:
             run = folder(output, algorithm, seed)
@@ -70,7 +82,7 @@ def test_every_pair_gets_a_complete_folder_differing_only_in_algorithm_and_seed(
 
 def test_a_run_on_the_shared_model_equals_a_run_that_loads_its_own(comparison, tmp_path):
     """The last pair ran after three others on the same base model; a fresh load must give the same run."""
-    _, output, _, _ = comparison
+    _, output, _ = comparison
     shared = folder(output, ALGORITHMS[-1], SEEDS[-1])
     config = load_config(shared.config_path, [f"output_dir={tmp_path / 'alone'}"])
     run_local(config, show_progress=False)
@@ -82,12 +94,12 @@ def test_a_run_on_the_shared_model_equals_a_run_that_loads_its_own(comparison, t
 
 
 def test_a_rerun_reads_complete_folders_back_without_running(comparison, monkeypatch):
-    config, output, rows, metrics = comparison
+    config, output, result = comparison
     histories = {path: path.read_text() for path in output.glob("*/seed*/history.jsonl")}
     assert len(histories) == len(ALGORITHMS) * len(SEEDS)
     monkeypatch.setattr(compare_module, "load_base_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
     monkeypatch.setattr(server.FederatedRun, "run_rounds", lambda *args: pytest.fail("ran a round"))
-    assert compare(config, ALGORITHMS, len(SEEDS), output, show_progress=False) == (rows, metrics)
+    assert compare(config, ALGORITHMS, len(SEEDS), output, show_progress=False) == result
     assert {path: path.read_text() for path in histories} == histories
 
 
@@ -117,16 +129,17 @@ def invoke_compare(output, *extra: str):
 
 
 def test_the_command_prints_the_table_of_a_finished_comparison(comparison, monkeypatch):
-    _, output, _, _ = comparison
+    _, output, _ = comparison
     monkeypatch.setattr(compare_module, "load_base_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
     result, text = invoke_compare(output)
     assert result.exit_code == 0, text
     assert all(algorithm in text for algorithm in ALGORITHMS) and "best accuracy" in text
-    assert str(output / "comparison.md") in text
+    assert "paired: spear minus each baseline" in text and "95% paired t interval" in text
+    assert str(output / "comparison.md") in text and str(output / "paired.csv") in text
 
 
 def test_the_command_refuses_other_settings_in_the_same_folders_before_any_run(comparison, monkeypatch):
-    _, output, _, _ = comparison
+    _, output, _ = comparison
     monkeypatch.setattr(compare_module, "load_base_model", lambda *args, **kwargs: pytest.fail("loaded a model"))
     result, text = invoke_compare(output, "--set", "spear.margin=0.2")
     assert result.exit_code == 2
@@ -140,8 +153,9 @@ class FakeModels:
 
 
 def test_the_csv_holds_mean_and_sample_spread_of_the_per_seed_runs(comparison):
-    _, output, _, metrics = comparison
-    assert metrics == ["accuracy", "loglik_accuracy"]
+    _, output, result = comparison
+    metrics = result.metrics
+    assert metrics[0] == "loglik_accuracy" and "accuracy" in metrics  # the format-free metric first
     with open(output / "comparison.csv", newline="") as file:
         rows = {row["algorithm"]: row for row in csv.DictReader(file)}
     assert list(rows) == ALGORITHMS
@@ -169,7 +183,7 @@ def test_the_csv_holds_mean_and_sample_spread_of_the_per_seed_runs(comparison):
 
 
 def test_markdown_and_plots_are_written(comparison):
-    _, output, _, _ = comparison
+    _, output, _ = comparison
     markdown = (output / "comparison.md").read_text()
     assert all(f"| {algorithm} | 2 |" in markdown for algorithm in ALGORITHMS)
     assert "divided by all client rounds" in markdown
@@ -205,3 +219,145 @@ def test_the_command_refuses_methods_with_different_budgets_before_any_work(tmp_
     assert not (tmp_path / "out").exists()
     same = CliRunner().invoke(app, [*arguments, "--set", "grpo.prompts_per_round=6", "--seeds", "1", "--set", "server.rounds=1"])
     assert "different client budgets" not in same.output  # a method may restate the shared budget
+
+
+# ---------------------------------------------------------------------------------------------- paired differences
+
+T_975_2 = 4.302653  # t quantile 0.975 at 2 degrees of freedom, from a printed table
+
+
+def fake_run(output, algorithm, seed, after) -> RunFolder:
+    """A finished run folder with what write_comparison reads: its seed, final metrics, one evaluated round."""
+    run = RunFolder(output / algorithm / f"seed{seed}")
+    run.path.mkdir(parents=True)
+    run.write_config({"algorithm": algorithm, "seed": seed})
+    costs = {"generated_tokens": 10, "trained_tokens": 20, "client_seconds": 1.0, "peak_memory_mb": 5.0, "upload_bytes": 8}
+    run.write_summary({metric: 0.0 for metric in after}, after, costs)
+    client = {"metrics": {"generations": 2, "prompts": 2}}
+    run.append_history({"round": 0, "eval": {metric: 0.0 for metric in after}, "clients": []})
+    run.append_history({"round": 1, "eval": after, "clients": [client], "online": {}})
+    return run
+
+
+def fake_comparison(output, finals: dict[str, dict[int, float]]):
+    """write_comparison over hand-made folders; finals: algorithm -> seed -> accuracy (loglik_accuracy = half)."""
+    folders = {
+        algorithm: [fake_run(output, algorithm, seed, {"accuracy": value, "loglik_accuracy": value / 2})
+                    for seed, value in by_seed.items()]
+        for algorithm, by_seed in finals.items()
+    }
+    return write_comparison(folders, output)
+
+
+def test_the_paired_interval_is_the_hand_computed_t_interval():
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735
+    mean, half_width = paired_interval([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2)
+    assert half_width == pytest.approx(T_975_2 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert half_width == pytest.approx(0.248413, abs=1e-6)
+    # differences 0.10, 0.11, 0.12: sd 0.01, half-width 0.0248413, so the interval [0.0852, 0.1348] clears zero
+    mean, half_width = paired_interval([0.10, 0.11, 0.12])
+    assert (mean, half_width) == (pytest.approx(0.11), pytest.approx(T_975_2 * 0.01 / math.sqrt(3), rel=1e-6))
+    # two seeds: t(0.975, 1) = 12.706205; differences 0.1, 0.3 have sd 0.1 * sqrt(2)
+    assert paired_interval([0.1, 0.3])[1] == pytest.approx(12.706205 * 0.1 * math.sqrt(2) / math.sqrt(2), rel=1e-6)
+    assert paired_interval([0.25]) == (0.25, None)
+
+
+def test_verdicts_need_the_whole_interval_on_one_side_of_zero(tmp_path):
+    spear = {7: 0.5, 8: 0.6, 9: 0.7}
+    baselines = {
+        "feedback_sft": {7: 0.4, 8: 0.4, 9: 0.4},  # differences 0.1, 0.2, 0.3: interval [-0.048, +0.448]
+        "grpo": {7: 0.40, 8: 0.49, 9: 0.58},  # differences 0.10, 0.11, 0.12: interval [+0.085, +0.135]
+        "opsd": {7: 0.60, 8: 0.71, 9: 0.82},  # differences -0.10, -0.11, -0.12
+    }
+    result = fake_comparison(tmp_path, {"spear": spear, **baselines})
+    by_baseline = {row["baseline"]: row for row in result.paired if row["metric"] == "accuracy"}
+    assert result.reference == "spear"
+    assert {name: row["verdict"] for name, row in by_baseline.items()} == {
+        "feedback_sft": "no clear difference", "grpo": "SPEAR ahead", "opsd": "SPEAR behind"
+    }
+    low, high = by_baseline["feedback_sft"]["interval_low"], by_baseline["feedback_sft"]["interval_high"]
+    assert (low, high) == (pytest.approx(0.2 - 0.248413, abs=1e-6), pytest.approx(0.2 + 0.248413, abs=1e-6))
+    assert by_baseline["grpo"]["interval_low"] == pytest.approx(0.11 - 0.0248413, abs=1e-6)
+    assert by_baseline["opsd"]["mean_difference"] == pytest.approx(-0.11)
+    # loglik_accuracy (half of accuracy here) is paired too, and comes first: the format-free metric
+    assert [row["metric"] for row in result.paired] == ["loglik_accuracy"] * 3 + ["accuracy"] * 3
+    halved = next(row for row in result.paired if row["metric"] == "loglik_accuracy" and row["baseline"] == "grpo")
+    assert halved["mean_difference"] == pytest.approx(0.055) and halved["verdict"] == "SPEAR ahead"
+
+
+def test_runs_pair_by_seed_over_the_seeds_both_methods_finished(tmp_path):
+    # grpo has an extra seed 10 and lacks seed 7; only 8 and 9 pair, each with its own seed's run
+    result = fake_comparison(tmp_path, {"grpo": {8: 0.3, 9: 0.5, 10: 0.9}, "spear": {7: 0.0, 8: 0.4, 9: 0.8}})
+    row = next(row for row in result.paired if row["metric"] == "accuracy")
+    assert result.reference == "spear" and row["baseline"] == "grpo"
+    assert row["seeds"] == [8, 9] and row["num_seeds"] == 2
+    assert row["differences"] == [pytest.approx(0.1), pytest.approx(0.3)]
+    # mean 0.2, sd 0.1 * sqrt(2), half-width t(0.975, 1) * 0.1 = 1.2706: no clear difference
+    assert row["interval_high"] - row["mean_difference"] == pytest.approx(1.2706205, abs=1e-6)
+    assert row["verdict"] == "no clear difference"
+    with open(tmp_path / "paired.csv", newline="") as file:
+        lines = [line for line in csv.DictReader(file) if line["metric"] == "accuracy"]
+    assert len(lines) == 1 and lines[0]["seeds"] == "8 9" and lines[0]["num_seeds"] == "2"
+    assert [float(value) for value in lines[0]["differences"].split()] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert float(lines[0]["mean_difference"]) == pytest.approx(0.2)
+
+
+def test_one_seed_gives_no_interval(tmp_path):
+    result = fake_comparison(tmp_path, {"spear": {7: 0.6}, "grpo": {7: 0.4}})
+    row = next(row for row in result.paired if row["metric"] == "accuracy")
+    assert row["mean_difference"] == pytest.approx(0.2) and row["verdict"] == "one seed: no interval"
+    assert row["interval_low"] is None and row["interval_high"] is None
+    with open(tmp_path / "paired.csv", newline="") as file:
+        line = next(line for line in csv.DictReader(file) if line["metric"] == "accuracy")
+    assert (line["interval_low"], line["interval_high"], line["verdict"]) == ("", "", "one seed: no interval")
+    assert "| accuracy | grpo | 1 | +0.200 |  | one seed: no interval | 7: +0.200 |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_without_spear_the_first_listed_method_is_the_reference(tmp_path):
+    result = fake_comparison(tmp_path, {"grpo": {7: 0.5, 8: 0.6, 9: 0.7}, "opsd": {7: 0.4, 8: 0.49, 9: 0.58}})
+    assert result.reference == "grpo"
+    assert {row["baseline"] for row in result.paired} == {"opsd"}
+    assert {row["verdict"] for row in result.paired} == {"grpo ahead"}
+    assert "## Paired differences: grpo minus each baseline" in (tmp_path / "comparison.md").read_text()
+
+
+def test_the_markdown_holds_the_paired_table_under_a_heading_with_its_caption(tmp_path):
+    fake_comparison(tmp_path, {"spear": {7: 0.5, 8: 0.6, 9: 0.7}, "feedback_sft": {7: 0.4, 8: 0.4, 9: 0.4}})
+    markdown = (tmp_path / "comparison.md").read_text()
+    section = markdown[markdown.index("## Paired differences: spear minus each baseline"):]
+    assert "| metric | baseline | seeds | mean difference | 95% interval | verdict | difference by seed |" in section
+    assert "| accuracy | feedback_sft | 3 | +0.200 | [-0.048, +0.448] | no clear difference |" in section
+    assert "7: +0.100, 8: +0.200, 9: +0.300" in section
+    assert "paired t interval over seeds" in section
+    assert markdown.index("](accuracy_by_compute.png)") < markdown.index("## Paired differences")
+
+
+def test_a_single_method_has_nothing_to_pair(tmp_path):
+    result = fake_comparison(tmp_path, {"spear": {7: 0.5, 8: 0.6}})
+    assert result.paired == []
+    assert (tmp_path / "paired.csv").read_text().startswith("reference,baseline,metric,")
+    assert "One method compared: nothing to pair." in (tmp_path / "comparison.md").read_text()
+
+
+def test_the_terminal_table_fits_100_columns_without_cutting_a_cell(tmp_path):
+    finals = {name: {7: 0.5, 8: 0.6, 9: 0.7} for name in ("spear", "feedback_sft", "rltf_sd")}
+    result = fake_comparison(tmp_path, finals | {"grpo": {7: 0.4, 8: 0.4, 9: 0.4}})
+    rows = [row | {"metric": "cloze_norm_accuracy"} for row in result.paired]  # the longest metric name
+    console = Console(width=100, record=True)
+    console.print(paired_table(rows + [rows[0] | {"verdict": "one seed: no interval"}], result.reference))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    for cell in ("cloze_norm_accuracy", "feedback_sft", "no clear difference", "one seed: no interval", "[-0.048, +0.448]"):
+        assert cell in text, cell
+
+
+def test_shared_metrics_put_the_format_free_one_first_and_drop_what_a_run_lacks():
+    assert ACCURACY_METRICS == ("accuracy", "loglik_accuracy", "loglik_norm_accuracy", "cloze_accuracy", "cloze_norm_accuracy")
+    every = {"after": {metric: 0.5 for metric in ACCURACY_METRICS}}
+    assert shared_metrics([every]) == [
+        "loglik_accuracy", "accuracy", "loglik_norm_accuracy", "cloze_accuracy", "cloze_norm_accuracy"
+    ]
+    without_cloze = {"after": {"accuracy": 0.5, "loglik_accuracy": 0.5, "loglik_norm_accuracy": 0.5}}
+    assert shared_metrics([every, without_cloze]) == ["loglik_accuracy", "accuracy", "loglik_norm_accuracy"]
+    assert shared_metrics([{"after": {"accuracy": 0.5}}]) == ["accuracy"]
