@@ -5,8 +5,12 @@ Huang, Pang, Chen, Grover, 2026, arXiv 2601.18734): one model plays two roles. T
 task prompt and samples its own completions; the teacher is the same model given privileged context
 (here the gold answer, and the worked solution and facts when the example has them: `opsd.privileged`),
 and the student is trained to match the teacher's next-token distribution on the student's own samples.
-The loss is KL(teacher || student) summed over the full vocabulary at every completion token, averaged
-over the completion tokens of a batch (SPEAR.md).
+The loss is a divergence between the two distributions over the full vocabulary at every completion token,
+averaged over the completion tokens of a batch. By default (`opsd.divergence: forward_kl`) it is
+KL(teacher || student): the teacher's distribution is the target, mode-covering, as SPEAR.md defines the
+baseline. The OPSD paper trains with the generalised Jensen-Shannon divergence of GKD instead
+(beta 0.5 in its public implementations); `opsd.divergence: jsd` selects it, with `opsd.jsd_beta`, and
+`reverse_kl` gives KL(student || teacher) (spearfl.losses.distill).
 
 The teacher is FROZEN at round start: base + the round-start global adapter. Its log-probabilities for
 every sample are computed once, before any update, and kept; training never recomputes them (the
@@ -17,8 +21,7 @@ vocabulary, one [completion length, V] tensor per sample: half the memory of flo
 
 Needs ground truth in the client's training context, which SPEAR does not: an upper-bound style
 baseline. The verdicts of the feedback provider serve only the online accuracy metric.
-Left out on purpose: revisions (no feedback text reaches the model), several samples per prompt, and
-divergences other than KL(teacher || student), the one SPEAR.md fixes.
+Left out on purpose: revisions (no feedback text reaches the model) and several samples per prompt.
 """
 
 from __future__ import annotations
@@ -77,14 +80,16 @@ def teacher_logprobs(
 
 
 def opsd_loss(context: ClientContext, samples: list[Sample]) -> tuple[torch.Tensor, int]:
-    """KL(frozen teacher || student) over the completion tokens of a batch, and the tokens the forward processed."""
-    pad_id = context.prompts.tokenizer.pad_token_id
+    """opsd.divergence between the frozen teacher and the student over the completion tokens of a batch, and the
+    tokens the forward processed."""
+    settings, pad_id = context.config.opsd, context.prompts.tokenizer.pad_token_id
     batch = collate([s.prompt for s in samples], [s.completion for s in samples], pad_id, context.device)
     student_logits = completion_logits(context.model, batch)  # [B, K, V]
     # Positions before a short completion hold a uniform distribution: a valid one, masked out of the loss anyway.
     uniform = -math.log(student_logits.shape[-1])
     teacher = batch.right_aligned([s.teacher_logprobs for s in samples], fill=uniform, dtype=torch.float32)  # [B, K, V]
-    return distillation_loss(teacher, student_logits, batch.completion_mask), batch.num_tokens
+    loss = distillation_loss(teacher, student_logits, batch.completion_mask, settings.divergence, settings.jsd_beta)
+    return loss, batch.num_tokens
 
 
 def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> dict:

@@ -1,4 +1,11 @@
-"""Distillation loss terms as pure functions of tensors: token-level KL(teacher || student) over the vocabulary.
+"""Distillation loss terms as pure functions of tensors: token-level divergences between a teacher's and a student's
+next-token distributions over the vocabulary.
+
+Three divergences, keyed by the names of `opsd.divergence` in DIVERGENCES, T the teacher and S the student:
+forward_kl = KL(T || S), the teacher as the target (mode-covering); reverse_kl = KL(S || T) (mode-seeking);
+jsd = the generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, arXiv 2306.13649),
+beta KL(T || M) + (1 - beta) KL(S || M) with M = beta T + (1 - beta) S, which lies between 0 and the entropy of
+(beta, 1 - beta) (log 2 at beta 0.5, where it is symmetric in T and S).
 
 Per-token tensors are aligned to *targets*, as in `spearfl.losses.spear`: position t holds the distribution
 that predicts token t of the completion. B = sequences, T = tokens, V = vocabulary.
@@ -6,29 +13,64 @@ that predicts token t of the completion. B = sequences, T = tokens, V = vocabula
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from spearfl.losses.common import masked_mean
 
 
-def token_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) at each position, summed over the vocabulary.  [B, T, V] twice -> [B, T]
+def token_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at each position, summed over the vocabulary.  [B, T, V] twice -> [B, T]
 
-    Tokens the teacher gives probability 0 contribute nothing (0 log 0 = 0), even where its log-probability
-    is -inf, so they never turn the sum into NaN.
+    Tokens p gives probability 0 contribute nothing (0 log 0 = 0), even where its log-probability is -inf,
+    so they never turn the sum into NaN.
     """
-    teacher_logprobs = teacher_logprobs.float()
-    teacher_probs = teacher_logprobs.exp()  # [B, T, V]
-    per_token = teacher_probs * (teacher_logprobs - student_logprobs.float())  # [B, T, V]
-    return torch.where(teacher_probs > 0, per_token, 0.0).sum(dim=-1)
+    p_logprobs = p_logprobs.float()
+    p_probs = p_logprobs.exp()  # [B, T, V]
+    per_token = p_probs * (p_logprobs - q_logprobs.float())  # [B, T, V]
+    return torch.where(p_probs > 0, per_token, 0.0).sum(dim=-1)
 
 
-def distillation_loss(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) averaged over the masked (completion) tokens of the batch.
+def token_reverse_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(student || teacher) at each position.  [B, T, V] twice -> [B, T]
+
+    Infinite where the teacher rules out a token the student allows; a teacher from a softmax never does.
+    """
+    return token_kl(student_logprobs, teacher_logprobs)
+
+
+def token_jsd(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised JSD beta KL(T || M) + (1 - beta) KL(S || M), M = beta T + (1 - beta) S.  [B, T, V] twice -> [B, T]
+
+    log M is a logsumexp of the weighted log-probabilities, so tiny probabilities never underflow; tokens the
+    teacher (or the student) gives probability 0 contribute nothing to its own term, as in token_kl.
+    """
+    weighted = torch.stack([teacher_logprobs.float() + math.log(beta), student_logprobs.float() + math.log(1 - beta)])
+    mixture_logprobs = torch.logsumexp(weighted, dim=0)  # [B, T, V]
+    return beta * token_kl(teacher_logprobs, mixture_logprobs) + (1 - beta) * token_kl(student_logprobs, mixture_logprobs)
+
+
+DIVERGENCES = {  # opsd.divergence -> (teacher log-probs, student log-probs, jsd beta) -> [B, T]
+    "forward_kl": lambda teacher, student, beta: token_kl(teacher, student),
+    "reverse_kl": lambda teacher, student, beta: token_reverse_kl(teacher, student),
+    "jsd": token_jsd,
+}
+
+
+def distillation_loss(
+    teacher_logprobs: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """A DIVERGENCES entry between teacher and student, averaged over the masked (completion) tokens of the batch.
 
     teacher_logprobs [B, T, V] (log-softmax, constants: no gradient reaches the teacher), student_logits
     [B, T, V], mask [B, T] bool -> []. Every completion token weighs the same, so long completions weigh more.
+    jsd_beta is used by "jsd" only.
     """
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # [B, T, V]
-    kl = token_kl(teacher_logprobs.detach(), student_logprobs)  # [B, T]
-    return masked_mean(kl, mask)
+    per_token = DIVERGENCES[divergence](teacher_logprobs.detach(), student_logprobs, jsd_beta)  # [B, T]
+    return masked_mean(per_token, mask)

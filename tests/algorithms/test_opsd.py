@@ -20,8 +20,8 @@ from helpers import (
 )
 
 import spearfl.algorithms.base
-import spearfl.algorithms.opsd as opsd
 import spearfl.runtime.evaluation
+from spearfl.algorithms import opsd
 from spearfl.algorithms.base import ClientRound
 from spearfl.config import EvalConfig, load_config
 from spearfl.data.prompts import render_task
@@ -128,12 +128,13 @@ def script_for(tokenizer):
     }
 
 
-def run_spied_round(tokenizer, monkeypatch):
+def run_spied_round(tokenizer, monkeypatch, *overrides):
     """One OPSD round on a tiny model with scripted samples, recording what the teacher and the loss saw."""
     model = tiny_lora_model(tokenizer)
     script = script_for(tokenizer)
     generation = scripted(monkeypatch, tokenizer, script)
-    record = {"teacher_calls": [], "loss_calls": [], "draws": []}
+    record = {"teacher_calls": [], "loss_calls": [], "draws": [], "divergences": []}
+    record["base_before"] = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
     real_teacher, real_train, real_loss, real_draw = (
         opsd.teacher_logprobs, opsd.train, opsd.distillation_loss, opsd.draw
     )
@@ -147,9 +148,10 @@ def run_spied_round(tokenizer, monkeypatch):
         record["stored"] = [sample.teacher_logprobs.clone() for sample in samples]
         return real_train(context, work, samples)
 
-    def spy_loss(teacher, student_logits, mask):
+    def spy_loss(teacher, student_logits, mask, *divergence):
         record["loss_calls"].append(teacher.detach().cpu().clone())
-        return real_loss(teacher, student_logits, mask)
+        record["divergences"].append(divergence)
+        return real_loss(teacher, student_logits, mask, *divergence)
 
     def spy_draw(samples, count, rng):
         record["draws"].append(real_draw(samples, count, rng))
@@ -159,7 +161,7 @@ def run_spied_round(tokenizer, monkeypatch):
     monkeypatch.setattr(opsd, "draw", spy_draw)
     monkeypatch.setattr(opsd, "train", spy_train)
     monkeypatch.setattr(opsd, "distillation_loss", spy_loss)
-    config = make_config("opsd.prompts_per_round=3", "opsd.local_steps=3", "opsd.batch_size=2")
+    config = make_config("opsd.prompts_per_round=3", "opsd.local_steps=3", "opsd.batch_size=2", *overrides)
     context = make_context(model, tokenizer, config)
     global_state = perturbed_state(model)
     result = opsd.client_update(context, work_order(script, global_state))
@@ -245,6 +247,24 @@ def test_metrics_weight_and_exact_cost_accounting(tokenizer, monkeypatch):
     assert metrics["peak_memory_mb"] > 0
     assert metrics["loss"] > 0
     assert result.state.keys() == get_adapter_state(context.model).keys()
+
+
+def test_the_default_divergence_is_kl_from_teacher_to_student(tokenizer, monkeypatch):
+    *_, record, _ = run_spied_round(tokenizer, monkeypatch)
+    assert record["divergences"] == [("forward_kl", 0.5)] * 3
+
+
+def test_a_round_with_the_jsd_uses_it_and_trains_only_the_lora_weights(tokenizer, monkeypatch):
+    model, _, global_state, result, record, _ = run_spied_round(
+        tokenizer, monkeypatch, "opsd.divergence=jsd", "opsd.jsd_beta=0.3"
+    )
+    assert record["divergences"] == [("jsd", 0.3)] * 3  # every optimizer step's loss
+    assert math.isfinite(result.metrics["loss"]) and result.metrics["loss"] > 0
+    assert result.state.keys() == global_state.keys()
+    assert any(not torch.equal(result.state[name], global_state[name]) for name in global_state)
+    base_after = {name: p for name, p in model.named_parameters() if "lora_" not in name}
+    assert base_after.keys() == record["base_before"].keys()
+    assert all(torch.equal(p, record["base_before"][name]) for name, p in base_after.items())
 
 
 # ---------------------------------------------------------------------------------------------- end to end
