@@ -18,11 +18,11 @@ from helpers import (
 from rich.console import Console
 from typer.testing import CliRunner
 
-import spearfl.runtime.server as server
 import spearfl.tools.compare as compare_module
 from spearfl.cli import app
 from spearfl.config import ConfigError, config_to_dict, load_config
 from spearfl.io import load_tensors
+from spearfl.runtime import server
 from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
 from spearfl.tools.compare import (
