@@ -50,11 +50,12 @@ def stop_on_terminate(signal_number, frame) -> None:
     raise KeyboardInterrupt(f"signal {signal_number}")
 
 
-def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True, context=None) -> dict:
-    """Run or resume the configured experiment; `fresh` deletes an existing folder first."""
+def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True, context=None, base_evals=None) -> dict:
+    """Run or resume the configured experiment; `fresh` deletes an existing folder first. `base_evals`: see
+    `FederatedRun`."""
     if fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
-    run = FederatedRun(config, InProcessClients, context=context, show_progress=show_progress)
+    run = FederatedRun(config, InProcessClients, context=context, show_progress=show_progress, base_evals=base_evals)
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         return run.run()
     previous = signal.signal(signal.SIGTERM, stop_on_terminate)

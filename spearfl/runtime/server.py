@@ -9,6 +9,10 @@ uninterrupted one would have written, whichever runtime ran the clients.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +95,23 @@ def differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
     return fields
 
 
+def adapter_is_identity(state: dict[str, torch.Tensor]) -> bool:
+    """True when every LoRA B is zero: the adapted model then computes exactly what the base model does."""
+    factors = [tensor for name, tensor in state.items() if "lora_B" in name]
+    return bool(factors) and not any(bool(tensor.any()) for tensor in factors)
+
+
+def base_eval_key(config: RunConfig, heldout) -> str:
+    """What the base model's held-out figures depend on: the model, the prompt, the eval settings, the questions."""
+    payload = {
+        "model": config_to_dict(config)["model"],
+        "prompt": config_to_dict(config)["prompt"],
+        "eval": config_to_dict(config)["eval"],
+        "heldout": [dataclasses.asdict(example) for example in heldout],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def choose_clients(config: RunConfig, round_index: int) -> list[int]:
     """The K clients of a round, drawn without replacement from a round-specific seed."""
     rng = numpy_generator(derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "client-selection"))
@@ -160,9 +181,18 @@ class FederatedRun:
     """One run folder driven to completion, resumable; `runner` decides where the clients run."""
 
     def __init__(
-        self, config: RunConfig, runner: RunnerFactory, context: ClientContext | None = None, show_progress: bool = True
+        self,
+        config: RunConfig,
+        runner: RunnerFactory,
+        context: ClientContext | None = None,
+        show_progress: bool = True,
+        base_evals: dict[str, dict] | None = None,
     ):
+        """`base_evals`, shared between runs on one base model, keeps the held-out figures of an adapter that
+        leaves the model unchanged (every LoRA B zero: round 0), so runs that differ only in algorithm or
+        training seed evaluate the base model once."""
         self.config = config
+        self.base_evals = base_evals
         self.folder = RunFolder(config.output_dir)
         self.make_runner = runner
         self.show_progress = show_progress
@@ -221,7 +251,7 @@ class FederatedRun:
                     global_state, server_state, row = self.train_round(runner, round_index, global_state, server_state)
                 if round_index % config.eval.every == 0 or round_index == config.server.rounds:
                     set_adapter_state(model, global_state)
-                    row["eval"] = clean(evaluate(model, self.context.prompts, federation.heldout, config.eval, progress=self.context.progress or False))
+                    row["eval"] = clean(self.evaluate(federation.heldout, global_state))
                     self.folder.save_adapter(round_index, global_state)
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
@@ -251,6 +281,19 @@ class FederatedRun:
         if replies.rejected:
             row["rejected"] = replies.rejected
         return new_global, new_server_state, row
+
+    def evaluate(self, heldout, global_state) -> dict:
+        """Held-out metrics of the model as it stands (its adapter already set to `global_state`)."""
+        key = None
+        if self.base_evals is not None and adapter_is_identity(global_state):
+            key = base_eval_key(self.config, heldout)
+            if key in self.base_evals:
+                console.print("held-out figures of the base model (every LoRA B is zero), as evaluated for an earlier run")
+                return copy.deepcopy(self.base_evals[key])
+        metrics = evaluate(self.context.model, self.context.prompts, heldout, self.config.eval, progress=self.context.progress or False)
+        if key is not None:
+            self.base_evals[key] = copy.deepcopy(metrics)
+        return metrics
 
     def report_eval(self, round_index: int, metrics: dict) -> None:
         shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))

@@ -168,12 +168,13 @@ def run_pairs(
     pairs = [pair_config(config, algorithm, seed, output_dir) for algorithm in algorithms for seed in seeds]
     check_folders(pairs)
     base_model = SharedBaseModel()
+    base_evals: dict[str, dict] = {}  # the base model's held-out figures, evaluated once for every pair
     folders: dict[str, list[RunFolder]] = {}
     for pair in pairs:
         folder = RunFolder(pair.output_dir)
         # a complete folder is read back by run_local without a model
         context = None if folder.is_complete() else base_model.context_for(pair)
-        run_local(pair, show_progress=show_progress, context=context)
+        run_local(pair, show_progress=show_progress, context=context, base_evals=base_evals)
         folders.setdefault(pair.algorithm, []).append(folder)
     return folders
 

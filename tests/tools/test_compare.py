@@ -52,14 +52,36 @@ def shared_config(output_dir):
     return load_config(write_run_config(assets, assets.root / "compare.yaml", output_dir), ["server.rounds=1"])
 
 
+EVALUATIONS = []  # (seed, whether every LoRA B was zero) of each held-out evaluation the comparison fixture ran
+
+
 @pytest.fixture(scope="module")
 def comparison():
     """compare() once; returns (config, output folder, the Comparison)."""
     output = end_to_end_assets().root / "comparison"
     config = shared_config(end_to_end_assets().root / "compare-base")
-    with single_thread():
+
+    def counted(self, heldout, global_state):
+        EVALUATIONS.append((self.config.seed, server.adapter_is_identity(global_state)))
+        return evaluate(self, heldout, global_state)
+
+    evaluate = server.FederatedRun.evaluate
+    with single_thread(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server, "evaluate", counting(server.evaluate))
+        patch.setattr(server.FederatedRun, "evaluate", counted)
         result = compare(config, ALGORITHMS, len(SEEDS), output, show_progress=False)
     return config, output, result
+
+
+MODEL_EVALUATIONS = []
+
+
+def counting(function):
+    def wrapper(*args, **kwargs):
+        MODEL_EVALUATIONS.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper
 
 
 def folder(output, algorithm, seed) -> RunFolder:
@@ -78,6 +100,23 @@ def test_every_pair_gets_a_complete_folder_differing_only_in_algorithm_and_seed(
             assert shared == {key: value for key, value in config_to_dict(config).items() if key in shared}
             assert shared.keys() == config_to_dict(config).keys() - {"algorithm", "seed", "output_dir"}
             assert [row["round"] for row in run.read_history()] == [0, 1]
+
+
+def test_the_base_model_is_evaluated_once_for_all_pairs(comparison):
+    """Round 0 (every LoRA B zero) of the four pairs shares one held-out set; the model ran it once, and each
+    pair's round 1 (a trained adapter) ran its own."""
+    assert sorted(EVALUATIONS) == sorted((seed, identity) for seed in SEEDS for _ in ALGORITHMS for identity in (True, False))
+    assert len(MODEL_EVALUATIONS) == 1 + len(ALGORITHMS) * len(SEEDS)
+    zeros = [folder(comparison[1], algorithm, seed).read_history()[0]["eval"] for algorithm in ALGORITHMS for seed in SEEDS]
+    assert all(row == zeros[0] for row in zeros)
+
+
+def test_only_an_adapter_with_every_b_zero_counts_as_the_base_model():
+    state = {"layer.lora_A.weight": torch.ones(2, 3), "layer.lora_B.weight": torch.zeros(3, 2)}
+    assert server.adapter_is_identity(state)
+    state["layer.lora_B.weight"][1, 0] = 1e-12
+    assert not server.adapter_is_identity(state)
+    assert not server.adapter_is_identity({"layer.lora_A.weight": torch.zeros(2, 3)})
 
 
 def test_a_run_on_the_shared_model_equals_a_run_that_loads_its_own(comparison, tmp_path):
