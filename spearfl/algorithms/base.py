@@ -155,6 +155,13 @@ class Sampler:
 class Collected:
     """What a round collected to learn from, its aggregation weight if trained on (0: skip), and its metrics.
 
+    The weight follows one rule for every method: the number of the round's prompts whose outcome enters
+    the training loss with a nonzero coefficient (SPEAR: a win or a kept loss; feedback-SFT: a win; GRPO
+    and RLTF-SD: a group with nonzero advantages; OPSD: every sampled prompt). This is FedAvg's n_k, the
+    examples a client trained on, counted in prompts because every method is given the same prompts: a
+    client that learned from more of its prompts moves the average more, and a round that learned from
+    none weighs 0, so a stale copy of the global adapter never dilutes the others.
+
     metrics must hold `first_try_correct`: how many first attempts the feedback judged correct.
     """
 

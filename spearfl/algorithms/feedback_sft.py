@@ -2,7 +2,7 @@
 
 Everything else is SPEAR's round (arXiv 2605.07977): one attempt per prompt, verdicts and non-answer hints,
 up to R revisions, wins trained under the original prompt on the sampled token ids, no training without a
-win, weight = number of wins. Only the push away from confident wrong answers is gone, so the comparison
+win, weight = the prompts trained on (here: those with a win). Only the push away from confident wrong answers is gone, so the comparison
 with SPEAR measures what the unlikelihood term adds. Needs no ground truth, like SPEAR.
 
 The wrong first attempts are still collected and capped, so `losses` counts the traces SPEAR would have

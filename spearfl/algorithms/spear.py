@@ -47,6 +47,7 @@ class Trace:
     completion: list[int]
     confidence: float = 1.0
     protected: list[bool] | None = None
+    prompt_index: int = -1  # which of the round's prompts it answers: the aggregation weight counts prompts
 
 
 @dataclass
@@ -95,7 +96,7 @@ def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, e
     settings = context.config.spear
     prefixes = PrefixCache()  # a revision prompt begins with its task prompt: its prefill runs only the rest
     first, feedback = sample(prompts, examples, "first-attempt", "first attempts", prefixes)
-    wins = [Trace(prompt, c.token_ids) for prompt, c, f in zip(prompts, first, feedback) if f.correct]
+    wins = [Trace(prompts[index], first[index].token_ids, prompt_index=index) for index, f in enumerate(feedback) if f.correct]
     pending = [index for index, f in enumerate(feedback) if not f.correct]
     prefixes.retain([prompts[index] for index in pending])
     latest = {index: (first[index], feedback[index]) for index in pending}
@@ -114,13 +115,14 @@ def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, e
             latest[index] = (completion, verdict)
             if verdict.correct:
                 fixed.add(index)
-                wins.append(Trace(prompts[index], completion.token_ids))
+                wins.append(Trace(prompts[index], completion.token_ids, prompt_index=index))
     losses = [
         Trace(
             prompts[index],
             first[index].token_ids,
             settings.confidence_fixed if index in fixed else settings.confidence_unfixed,
             format_token_flags(context.prompts.tokenizer, first[index], settings.protected_strings),
+            index,
         )
         for index in pending
     ]
@@ -133,11 +135,14 @@ def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, e
 
 
 def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
-    """The round's traces with the losses capped; weight = number of wins (none: nothing to learn from)."""
+    """The round's traces with the losses capped; weight = the prompts trained on (`base.Collected`): those with
+    a win or a kept loss (a loss only while lambda_lose > 0, else it is not trained on). Without a win the
+    weight is 0 and nothing is trained: unlikelihood alone would only push mass away and collapse the model."""
     wins, losses, metrics = collect_traces(context, work, sample, examples, prompts)
     losses = cap_losses(losses, len(wins), context.config.spear.lose_cap_ratio, work.seed("lose-cap"))
-    # Without a win, unlikelihood alone would only push mass away and collapse the model: weight 0 skips training.
-    return Collected(Traces(wins, losses), float(len(wins)), metrics | {"wins": len(wins), "losses": len(losses)})
+    trained = wins + (losses if context.config.spear.lambda_lose > 0 else [])
+    weight = len({trace.prompt_index for trace in trained}) if wins else 0
+    return Collected(Traces(wins, losses), float(weight), metrics | {"wins": len(wins), "losses": len(losses)})
 
 
 def cap_losses(losses: list[Trace], num_wins: int, ratio: float, seed: int) -> list[Trace]:
@@ -196,5 +201,5 @@ def train(context: ClientContext, work: ClientRound, traces: Traces) -> dict:
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:
-    """One SPEAR round on one client; weight = number of wins, 0 when there is nothing to learn from."""
+    """One SPEAR round on one client; weight = the prompts trained on, 0 when there is no win to learn from."""
     return client_round(context, work, context.config.budget("spear").prompts_per_round, collect, train)

@@ -249,6 +249,8 @@ class FederatedRun:
                     row = {"round": 0, "lr": 0.0, "clients": []}
                 else:
                     global_state, server_state, row = self.train_round(runner, round_index, global_state, server_state)
+                    if row["lora_average_error"] is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
+                        progress.update(rounds_bar, description=f"rounds (LoRA average error {row['lora_average_error']:.3f})")
                 if round_index % config.eval.every == 0 or round_index == config.server.rounds:
                     set_adapter_state(model, global_state)
                     row["eval"] = clean(self.evaluate(federation.heldout, global_state))

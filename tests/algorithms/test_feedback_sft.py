@@ -81,7 +81,7 @@ def test_same_wins_as_spear_and_no_loss_is_trained(tokenizer, monkeypatch):
     assert seeds == spear_seeds and len(seeds) == 2  # first attempts, then one revision
     same = ("prompts", "wins", "losses", "first_try_correct", "revised_correct", "generations", "generated_tokens")
     assert {key: result.metrics[key] for key in same} == {key: spear_result.metrics[key] for key in same}
-    assert result.weight == spear_result.weight == 2 and result.metrics["skipped"] == 0
+    assert result.weight == 2 and spear_result.weight == 3 and result.metrics["skipped"] == 0  # wins; wins + a loss
     assert spear_result.metrics["lose_unlikelihood"] > 0
     assert result.metrics["lose_unlikelihood"] == 0
     context = make_context(None, tokenizer, config)

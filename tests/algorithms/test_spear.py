@@ -21,6 +21,7 @@ from helpers import (
 from transformers import AutoModelForCausalLM
 
 import spearfl.algorithms.base
+import spearfl.algorithms.feedback_sft
 import spearfl.algorithms.spear as spear
 from spearfl.algorithms.base import ClientRound, Sampler
 from spearfl.algorithms.spear import (
@@ -230,6 +231,27 @@ def test_no_wins_skips_training_and_weighs_nothing(tokenizer, monkeypatch):
     assert all(torch.equal(value, global_state[name]) for name, value in get_adapter_state(model).items())
 
 
+def test_weight_counts_the_prompts_trained_on_under_one_rule(tokenizer, monkeypatch):
+    """SPEAR weighs a round by the prompts whose outcome it trains on (a win or a kept loss), as every method
+    does; feedback-SFT, which trains on no loss, by its wins."""
+    answers = {
+        FRUIT: [completion_from_text(tokenizer, "Answer: A\n")],  # right: a win
+        ANIMAL: [completion_from_text(tokenizer, "Answer: C\n"), completion_from_text(tokenizer, "Answer: B\n")],  # fixed
+        COLOUR: [completion_from_text(tokenizer, "Answer: A\n"), completion_from_text(tokenizer, "Answer: B\n")],  # never
+    }
+    model = tiny_lora_model(tokenizer)
+    monkeypatch.setattr(spear, "train", lambda context, work, traces: {})
+    weights = {}
+    for name, update in (("spear", spear.client_update), ("feedback_sft", spearfl.algorithms.feedback_sft.client_update)):
+        scripted(monkeypatch, tokenizer, answers)
+        config = make_config("spear.prompts_per_round=3", "spear.num_revisions=1", "spear.lose_cap_ratio=4")
+        work = work_order([FRUIT, ANIMAL, COLOUR], global_state=get_adapter_state(model))
+        result = update(make_context(model, tokenizer, config), work)
+        assert result.metrics["wins"] == 2 and result.metrics["losses"] == 2
+        weights[name] = result.weight
+    assert weights == {"spear": 3.0, "feedback_sft": 2.0}
+
+
 def test_cap_losses_keeps_floor_of_ratio_times_wins_deterministically():
     losses = [Trace([1], [index + 10]) for index in range(10)]
     kept = cap_losses(losses, num_wins=3, ratio=1.5, seed=11)
@@ -269,7 +291,7 @@ def test_client_update_caps_losses_from_the_round_seed(tokenizer, monkeypatch):
         monkeypatch.setattr(spearfl.algorithms.base, "generate", ScriptedGeneration(tokenizer, script))
         result = spear.client_update(context, work_order(examples, run_seed=run_seed, global_state=global_state))
         assert result.metrics["wins"] == 2 and result.metrics["losses"] == 3  # floor(1.75 * 2)
-        assert result.weight == 2
+        assert result.weight == 5  # the prompts trained on: 2 with a win, 3 with a kept loss
     assert len(chosen[0]) == 3 and chosen[0] == chosen[1]  # same seed, same losses
     assert set(chosen[2]) != set(chosen[0])  # another run seed draws another subset
 
@@ -310,7 +332,7 @@ def test_one_prompt_encoder_for_generation_and_training(tokenizer, monkeypatch):
     config = make_config("spear.prompts_per_round=3", "spear.num_revisions=1", "spear.local_steps=2", "spear.lose_cap_ratio=4")
     work = work_order([FRUIT, ANIMAL, COLOUR], lr=1e-2, global_state=get_adapter_state(model))
     result = spear.client_update(make_context(model, tokenizer, config), work)
-    assert result.weight == 2
+    assert result.weight == 3  # FRUIT (win), ANIMAL (win and loss), COLOUR (loss)
     encoded = {tuple(encode_task(tokenizer, example)) for example in (FRUIT, ANIMAL, COLOUR)}
     assert {tuple(prompt) for prompt in generation.calls[0].prompts} == encoded
     assert collated, "no training batch was built"
