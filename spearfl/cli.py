@@ -106,9 +106,9 @@ def compare(
     from spearfl.tools.compare import (
         comparison_table,
         default_output_dir,
-        paired_table,
         parse_algorithms,
     )
+    from spearfl.tools.paired import paired_table
 
     names = parse_algorithms(algorithms)
     output = output or default_output_dir(config)

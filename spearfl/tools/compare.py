@@ -5,29 +5,24 @@ seeds of each run seed, the feedback provider and the held-out evaluation are th
 Runs go to DIR/<algorithm>/seed<run seed>; a complete folder is read back, an incomplete one resumes.
 The table and plots are computed from the folders' summary.json and history.jsonl only.
 
-The methods share seeds, so their runs pair by run seed: for each accuracy metric, the final held-out value of the
-reference method (SPEAR when compared, else the first listed) minus each other method's, seed by seed, over the
-seeds both finished, with the mean difference and a 95% paired t interval (mean ± t(0.975, n - 1) · sd / √n).
+The methods share seeds, so their runs pair by run seed (`paired`: SPEAR minus each baseline, seed by seed,
+with a 95% paired t interval).
 
 The base model loads once: each run gets it wrapped in a fresh LoRA adapter initialised from that run's seed,
 after the previous run's LoRA layers are removed (peft's unload, no merge; the base weights are never trained),
 so a run starts exactly as it would in a process of its own.
 
-Left out: running pairs in parallel (one model, one process); paired statistics on the best-over-rounds values
-(a maximum picked on the held-out set itself) and on costs; any correction for the number of comparisons
-(baselines x metrics), and tests that do not assume roughly normal per-seed differences.
+Left out: running pairs in parallel (one model, one process).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import scipy.stats
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
@@ -47,6 +42,12 @@ from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
 from spearfl.runtime.server import check_run_folder
 from spearfl.runtime.setup import build_context
+from spearfl.tools.paired import (
+    paired_csv,
+    paired_markdown,
+    paired_rows,
+    reference_method,
+)
 
 # greedy generation; option log-likelihood (multiple choice), raw and length-normalised, after the listed options
 # and as cloze continuations of the bare question
@@ -73,18 +74,6 @@ CAPTION = (
     "round = adapter bytes uploaded, summed over the run, divided by all client rounds, skipped ones (which upload "
     "nothing) included."
 )
-PAIRED_CAPTION = (
-    "Held-out accuracy after the last round, reference minus baseline, seed by seed over the seeds both methods "
-    "finished (run seed s of every method shares partitions, prompts and first attempts). The interval is a paired t "
-    "interval over seeds: mean ± t(0.975, n - 1) · sd / √n, with sd the sample standard deviation of the n per-seed "
-    "differences. A verdict names a method ahead or behind only where the whole interval lies above or below zero; "
-    "one seed gives no interval. Nothing is corrected for the number of comparisons (baselines × metrics)."
-)
-PAIRED_FIELDS = [
-    "reference", "baseline", "metric", "num_seeds", "mean_difference", "interval_low", "interval_high", "verdict",
-    "seeds", "differences",
-]
-PAIRED_CONFIDENCE = 0.95
 PLOTS = {"round": "accuracy_by_round.png", "compute": "accuracy_by_compute.png"}
 
 
@@ -285,103 +274,6 @@ def comparison_table(rows: list[dict], metrics: list[str]) -> Table:
     cells = [table_cells(row, metrics) for row in rows]
     for index, title in enumerate(column_titles(metrics)[1:], start=1):
         table.add_row(title, *(algorithm_cells[index] for algorithm_cells in cells))
-    return table
-
-
-def reference_method(algorithms: list[str]) -> str:
-    """The method every paired difference starts from: SPEAR when compared, else the first listed."""
-    return "spear" if "spear" in algorithms else algorithms[0]
-
-
-def paired_interval(differences: list[float]) -> tuple[float, float | None]:
-    """Mean of per-seed differences and the half-width of its paired t interval; None for a single seed."""
-    mean = statistics.mean(differences)
-    if len(differences) == 1:
-        return mean, None
-    quantile = float(scipy.stats.t.ppf(0.5 + PAIRED_CONFIDENCE / 2, len(differences) - 1))
-    return mean, quantile * statistics.stdev(differences) / math.sqrt(len(differences))
-
-
-def paired_verdict(mean: float, half_width: float | None, reference: str) -> str:
-    """A method is ahead or behind only where the whole interval lies on one side of zero."""
-    name = "SPEAR" if reference == "spear" else reference
-    if half_width is None:
-        return "one seed: no interval"
-    if mean - half_width > 0:
-        return f"{name} ahead"
-    if mean + half_width < 0:
-        return f"{name} behind"
-    return "no clear difference"
-
-
-def paired_rows(finals: dict[str, dict[int, dict[str, float]]], metrics: list[str], reference: str) -> list[dict]:
-    """Reference minus each other method, per metric, over the seeds both finished; metric-major order.
-
-    finals: algorithm -> run seed -> metric -> held-out value after the last round.
-    """
-    rows = []
-    for metric in metrics:
-        for baseline, runs in finals.items():
-            if baseline == reference:
-                continue
-            seeds = sorted(finals[reference].keys() & runs.keys())
-            differences = [finals[reference][seed][metric] - runs[seed][metric] for seed in seeds]
-            mean, half_width = paired_interval(differences)
-            low, high = (None, None) if half_width is None else (mean - half_width, mean + half_width)
-            rows.append({
-                "reference": reference, "baseline": baseline, "metric": metric, "num_seeds": len(seeds),
-                "mean_difference": mean, "interval_low": low, "interval_high": high,
-                "verdict": paired_verdict(mean, half_width, reference), "seeds": seeds, "differences": differences,
-            })
-    return rows
-
-
-def paired_csv(rows: list[dict]) -> str:
-    """One line per (metric, baseline); seeds and their differences space-separated, in the same order."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PAIRED_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        lists = {key: " ".join(str(value) for value in row[key]) for key in ("seeds", "differences")}
-        writer.writerow({key: "" if value is None else value for key, value in row.items()} | lists)
-    return buffer.getvalue()
-
-
-def interval_text(row: dict) -> str:
-    return "" if row["interval_low"] is None else f"[{row['interval_low']:+.3f}, {row['interval_high']:+.3f}]"
-
-
-def paired_markdown(rows: list[dict], reference: str) -> str:
-    """The paired section of comparison.md: a heading, one table line per (metric, baseline), the caption."""
-    heading = f"## Paired differences: {reference} minus each baseline\n\n"
-    if not rows:
-        return heading + "One method compared: nothing to pair.\n"
-    titles = ["metric", "baseline", "seeds", "mean difference", "95% interval", "verdict", "difference by seed"]
-    lines = ["| " + " | ".join(titles) + " |", "|---|---|---:|---:|---:|---|---|"]
-    for row in rows:
-        by_seed = ", ".join(f"{seed}: {value:+.3f}" for seed, value in zip(row["seeds"], row["differences"]))
-        cells = [row["metric"], row["baseline"], str(row["num_seeds"]), f"{row['mean_difference']:+.3f}",
-                 interval_text(row), row["verdict"], by_seed]
-        lines.append("| " + " | ".join(cells) + " |")
-    return heading + "\n".join(lines) + f"\n\n{PAIRED_CAPTION}\n"
-
-
-def paired_table(rows: list[dict], reference: str) -> Table:
-    """The paired differences for the terminal, one section per metric; narrow enough for 100 columns."""
-    table = Table(
-        title=f"paired: {reference} minus each baseline, final held-out accuracy",
-        caption="95% paired t interval over seeds; defined in comparison.md",
-    )
-    for title in ("metric", "baseline", "seeds", "mean", "95% interval", "verdict"):
-        table.add_column(title, justify="right" if title in ("seeds", "mean", "95% interval") else "left")
-    for index, row in enumerate(rows):
-        first_of_metric = index == 0 or rows[index - 1]["metric"] != row["metric"]
-        if first_of_metric and index > 0:
-            table.add_section()
-        table.add_row(
-            row["metric"] if first_of_metric else "", row["baseline"], str(row["num_seeds"]),
-            f"{row['mean_difference']:+.3f}", interval_text(row), row["verdict"],
-        )
     return table
 
 

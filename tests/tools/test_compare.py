@@ -29,12 +29,11 @@ from spearfl.tools.compare import (
     ACCURACY_METRICS,
     compare,
     pair_config,
-    paired_interval,
-    paired_table,
     parse_algorithms,
     shared_metrics,
     write_comparison,
 )
+from spearfl.tools.paired import paired_interval, paired_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALGORITHMS = ["spear", "feedback_sft"]
