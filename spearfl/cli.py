@@ -79,13 +79,14 @@ def run(
 
     summary = run_local(config, fresh=fresh, show_progress=not quiet)
     before, after = summary["before"], summary["after"]
+    format_free = [  # multiple choice only
+        f"{title} {before[key]:.3f} -> {after[key]:.3f}"
+        for key, title in (("loglik_accuracy", "option log-likelihood"), ("cloze_accuracy", "cloze"))
+        if key in before and key in after
+    ]
     console.print(
         f"held-out accuracy: before {before.get('accuracy', float('nan')):.3f} -> after {after.get('accuracy', float('nan')):.3f}"
-        + (
-            f"  (option log-likelihood {before['loglik_accuracy']:.3f} -> {after['loglik_accuracy']:.3f})"
-            if "loglik_accuracy" in before
-            else ""
-        )
+        + (f"  ({', '.join(format_free)})" if format_free else "")
     )
     console.print(f"run folder: {config.output_dir}")
 

@@ -65,6 +65,9 @@ def test_run_writes_a_complete_run_folder(cli_run):
     summary = json.loads((folder / "summary.json").read_text())
     assert "accuracy" in summary["before"] and "accuracy" in summary["after"]
     assert "loglik_accuracy" in summary["before"]
+    before, after = summary["before"], summary["after"]
+    for title, key in (("option log-likelihood", "loglik_accuracy"), ("cloze", "cloze_accuracy")):
+        assert f"{title} {before[key]:.3f} -> {after[key]:.3f}" in " ".join(output.split())
     assert json.loads((folder / "status.json").read_text())["state"] == "complete"
     adapters = {index: load_file(folder / "adapters" / f"round_{index:04d}.safetensors") for index in (0, 1, 2)}
     assert all(adapters[0].keys() == adapter.keys() and adapter for adapter in adapters.values())
