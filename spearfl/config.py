@@ -193,6 +193,18 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(256, ge=1)  # as generation's: a chain of thought must fit
 
 
+class LiveConfig(Section):
+    """Rounds that learn from people's judged answers, kept in the device's interaction store (`spearfl serve`)."""
+
+    store: str | None = None  # path of the interaction store; None: simulated users over the dataset
+    # Our choices: with fewer judged interactions pending, a client reports weight 0 and trains nothing (a step on
+    # a handful of answers is mostly noise); an interaction answered by an adapter more than `max_staleness`
+    # versions (rounds) older than the one being trained is skipped and counted, as off-policy data.
+    min_interactions: int = Field(8, ge=1)
+    max_staleness: int = Field(2, ge=0)
+    retention_days: float | None = Field(None, gt=0)  # None: keep every interaction until its person deletes it
+
+
 class RunConfig(Section):
     seed: int = 0
     algorithm: str = "spear"
@@ -212,6 +224,7 @@ class RunConfig(Section):
     rltf_sd: RltfSdConfig = RltfSdConfig()
     server: ServerConfig = ServerConfig()
     eval: EvalConfig = EvalConfig()
+    live: LiveConfig = LiveConfig()
 
     @model_validator(mode="after")
     def _check_clients(self) -> "RunConfig":

@@ -183,16 +183,29 @@ REPORTED_METRICS = (
 
 def client_round(context: ClientContext, work: ClientRound, num_prompts: int, collect: Collect, train: Train) -> ClientResult:
     """One client round of any algorithm: draw `num_prompts` prompts, collect, train unless the weight is 0."""
+
+    def gather(sampler: Sampler) -> tuple[int, Collected]:
+        examples = sample_examples(work.examples, num_prompts, work.seed("prompts"))
+        prompts = [context.prompts.task(example) for example in examples]
+        return len(prompts), collect(context, work, sampler, examples, prompts)
+
+    return envelope(context, work, gather, train)
+
+
+def envelope(
+    context: ClientContext, work: ClientRound, gather: Callable[[Sampler], tuple[int, Collected]], train: Train
+) -> ClientResult:
+    """What every client round shares: the timer and memory window, the global adapter loaded, what to learn from
+    gathered (sampled and judged here, or read from a store of people's judged answers), training unless the
+    weight is 0, and the metrics every reply carries. `gather(sampler)` returns (prompts, Collected)."""
     started = time.perf_counter()
     reset_peak_memory(context.device)
     set_adapter_state(context.model, work.global_state)
-    examples = sample_examples(work.examples, num_prompts, work.seed("prompts"))
-    prompts = [context.prompts.task(example) for example in examples]
     sampler = Sampler(context, work)
-    collected = collect(context, work, sampler, examples, prompts)
-    metrics = {"prompts": len(prompts), "trained_tokens": 0, "scored_tokens": 0, "training_seconds": 0.0}
+    num_prompts, collected = gather(sampler)
+    metrics = {"prompts": num_prompts, "trained_tokens": 0, "scored_tokens": 0, "training_seconds": 0.0}
     metrics |= sampler.metrics() | collected.metrics
-    metrics["first_try_accuracy"] = metrics["first_try_correct"] / len(prompts)
+    metrics["first_try_accuracy"] = metrics["first_try_correct"] / num_prompts if num_prompts else float("nan")
     state = work.global_state
     if collected.weight > 0:
         training_started = time.perf_counter()

@@ -6,6 +6,9 @@ from its confident wrong ones (tail unlikelihood). Every trace is trained under 
 on the exact token ids that were sampled, so the model learns to answer without the hint.
 Needs no ground truth in the training context: only the verdicts and hints.
 
+The same round learns from real people (`live_client_update`): their judged first answers and revisions,
+read from the device's interaction store, become the same wins and losses, on the stored token ids.
+
 Left out on purpose: revision prompts are not trained on, and the local optimizer starts fresh each
 round (its state never leaves the client).
 """
@@ -25,8 +28,10 @@ from spearfl.algorithms.base import (
     Sampler,
     client_round,
     draw,
+    envelope,
     train_steps,
 )
+from spearfl.data.store import Interaction
 from spearfl.lm.generation import Completion, eos_token_ids
 from spearfl.lm.models import lora_parameters
 from spearfl.lm.prefix_cache import PrefixCache
@@ -135,10 +140,58 @@ def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, e
 
 
 def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
+    """Sample, judge and revise; the traces weighed as `weighed` says."""
+    wins, losses, metrics = collect_traces(context, work, sample, examples, prompts)
+    return weighed(context, work, wins, losses, metrics)
+
+
+def traces_from_interactions(context: ClientContext, interactions: list[Interaction]) -> tuple[list, list, dict]:
+    """People's judged answers as SPEAR's traces, exactly as a simulated round makes them: a first answer judged
+    right is a win; one judged wrong is a loss (at confidence_fixed when a revision was judged right, which is
+    then a win under the original prompt), all on the stored token ids. Returns (wins, losses, metrics)."""
+    settings, tokenizer = context.config.spear, context.prompts.tokenizer
+    wins, losses, fixed = [], [], 0
+    for index, interaction in enumerate(interactions):
+        first = interaction.first
+        if first.verdict:
+            wins.append(Trace(first.prompt_ids, first.token_ids, prompt_index=index))
+            continue
+        right = next((attempt for attempt in interaction.attempts[1:] if attempt.verdict), None)
+        if right is not None:
+            wins.append(Trace(first.prompt_ids, right.token_ids, prompt_index=index))
+            fixed += 1
+        completion = Completion(first.token_ids, first.text, first.finished_by)
+        flags = format_token_flags(tokenizer, completion, settings.protected_strings)
+        confidence = settings.confidence_fixed if right is not None else settings.confidence_unfixed
+        losses.append(Trace(first.prompt_ids, first.token_ids, confidence, flags, index))
+    wrong = len(losses)
+    metrics = {
+        "first_try_correct": len(interactions) - wrong,
+        "revised_correct": fixed,
+        "revision_success": fixed / wrong if wrong else float("nan"),
+    }
+    return wins, losses, metrics
+
+
+def live_client_update(context: ClientContext, work: ClientRound, interactions: list[Interaction]) -> ClientResult:
+    """One SPEAR round on people's judged interactions (first attempts judged, none consumed, none stale).
+
+    Fewer than `live.min_interactions`: weight 0, nothing trained. Generates nothing: the answers were given.
+    """
+
+    def gather(sampler: Sampler) -> tuple[int, Collected]:
+        if len(interactions) < context.config.live.min_interactions:
+            return len(interactions), Collected(None, 0.0, {"first_try_correct": sum(bool(i.first.verdict) for i in interactions)})
+        wins, losses, metrics = traces_from_interactions(context, interactions)
+        return len(interactions), weighed(context, work, wins, losses, metrics)
+
+    return envelope(context, work, gather, train)
+
+
+def weighed(context: ClientContext, work: ClientRound, wins: list[Trace], losses: list[Trace], metrics: dict) -> Collected:
     """The round's traces with the losses capped; weight = the prompts trained on (`base.Collected`): those with
     a win or a kept loss (a loss only while lambda_lose > 0, else it is not trained on). Without a win the
     weight is 0 and nothing is trained: unlikelihood alone would only push mass away and collapse the model."""
-    wins, losses, metrics = collect_traces(context, work, sample, examples, prompts)
     losses = cap_losses(losses, len(wins), context.config.spear.lose_cap_ratio, work.seed("lose-cap"))
     trained = wins + (losses if context.config.spear.lambda_lose > 0 else [])
     weight = len({trace.prompt_index for trace in trained}) if wins else 0

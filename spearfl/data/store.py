@@ -49,6 +49,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             prompt_ids TEXT NOT NULL,
             text TEXT NOT NULL,
             token_ids TEXT NOT NULL,
+            finished_by TEXT NOT NULL,
             adapter_version INTEGER NOT NULL,
             created_at REAL NOT NULL,
             verdict INTEGER,
@@ -84,6 +85,7 @@ class Attempt:
     text: str
     token_ids: list[int]
     adapter_version: int
+    finished_by: str = "length"  # "eos", "stop" (the answer line's end) or "length": as the sampler reports it
     created_at: float = 0.0
     verdict: bool | None = None  # None: not judged yet
     hint: str | None = None
@@ -271,7 +273,8 @@ class InteractionStore:
                 ).fetchone()
                 if row is not None:
                     rows[interaction_id] = (row, self.connection.execute(
-                        "SELECT prompt_ids, text, token_ids, adapter_version, created_at, verdict, hint, hint_withheld"
+                        "SELECT prompt_ids, text, token_ids, finished_by, adapter_version, created_at, verdict, hint,"
+                        " hint_withheld"
                         " FROM attempts WHERE interaction_id = ? ORDER BY attempt", (interaction_id,),
                     ).fetchall())
         return [interaction_from_rows(*rows[interaction_id]) for interaction_id in interaction_ids if interaction_id in rows]
@@ -297,12 +300,12 @@ class InteractionStore:
 
 def insert_attempt(db: sqlite3.Connection, interaction_id: str, number: int, attempt: Attempt, now: float) -> None:
     db.execute(
-        "INSERT INTO attempts (interaction_id, attempt, prompt_ids, text, token_ids, adapter_version, created_at,"
-        " verdict, hint, hint_withheld) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO attempts (interaction_id, attempt, prompt_ids, text, token_ids, finished_by, adapter_version,"
+        " created_at, verdict, hint, hint_withheld) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             interaction_id, number, json.dumps(list(attempt.prompt_ids)), attempt.text, json.dumps(list(attempt.token_ids)),
-            attempt.adapter_version, now, None if attempt.verdict is None else int(attempt.verdict), attempt.hint,
-            int(attempt.hint_withheld),
+            attempt.finished_by, attempt.adapter_version, now, None if attempt.verdict is None else int(attempt.verdict),
+            attempt.hint, int(attempt.hint_withheld),
         ),
     )
 
@@ -324,11 +327,11 @@ def interaction_from_rows(row: tuple, attempt_rows: list[tuple]) -> Interaction:
     interaction_id, question, options, owner, created_at, consumed_round = row
     attempts = [
         Attempt(
-            prompt_ids=json.loads(prompt_ids), text=text, token_ids=json.loads(token_ids), adapter_version=version,
-            created_at=attempt_created, verdict=None if verdict is None else bool(verdict), hint=hint,
-            hint_withheld=bool(withheld),
+            prompt_ids=json.loads(prompt_ids), text=text, token_ids=json.loads(token_ids), finished_by=finished_by,
+            adapter_version=version, created_at=attempt_created, verdict=None if verdict is None else bool(verdict),
+            hint=hint, hint_withheld=bool(withheld),
         )
-        for prompt_ids, text, token_ids, version, attempt_created, verdict, hint, withheld in attempt_rows
+        for prompt_ids, text, token_ids, finished_by, version, attempt_created, verdict, hint, withheld in attempt_rows
     ]
     return Interaction(
         id=interaction_id, question=question, options=None if options is None else tuple(json.loads(options)),

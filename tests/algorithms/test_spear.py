@@ -31,10 +31,12 @@ from spearfl.algorithms.spear import (
     collect_traces,
     protected_token_flags,
     spear_loss,
+    traces_from_interactions,
 )
 from spearfl.config import LoraConfig
 from spearfl.data.prompts import REVISION_INSTRUCTION
 from spearfl.data.sources import load_jsonl
+from spearfl.data.store import Attempt, Interaction
 from spearfl.feedback.providers import VERDICT_WRONG
 from spearfl.lm.generation import eos_token_ids, generate
 from spearfl.lm.models import attach_lora, freeze, get_adapter_state, lora_parameters
@@ -511,3 +513,81 @@ def test_training_is_reproducible_from_the_round_seed(tokenizer):
         spear.train(context, work_order(examples, lr=1e-2), Traces(wins, losses))
         states.append(get_adapter_state(model))
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
+# ---------------------------------------------------------------------------------------------- people's answers
+
+
+def as_interactions(tokenizer, examples, prompts, answers, judge) -> list:
+    """Scripted answers stored as a person would have judged them: every attempt until the first right one."""
+    interactions = []
+    for example, prompt in zip(examples, prompts):
+        attempts = []
+        for completion in answers[example]:
+            correct = judge(example, completion.text).correct
+            attempts.append(Attempt(prompt, completion.text, completion.token_ids, 0, completion.finished_by, verdict=correct))
+            if correct:
+                break
+        interactions.append(Interaction(example.uid, example.question, example.options, "", 0.0, attempts))
+    return interactions
+
+
+def test_judged_interactions_make_the_traces_a_simulated_round_makes(tokenizer, monkeypatch):
+    """The same answers, sampled and judged in a round or stored with a person's verdicts, give the same wins
+    and losses, under the original prompt, on the same ids, with the same confidences and protected tokens."""
+    answers = {
+        FRUIT: [completion_from_text(tokenizer, "Answer: A\n")],
+        ANIMAL: [completion_from_text(tokenizer, "Answer: C\n"), completion_from_text(tokenizer, "Answer: B\n", "eos")],
+        COLOUR: [completion_from_text(tokenizer, "Answer: A\n"), completion_from_text(tokenizer, "Answer: B\n")],
+    }
+    scripted(monkeypatch, tokenizer, answers)
+    config = make_config("spear.num_revisions=1", "spear.confidence_fixed=0.9", "spear.confidence_unfixed=0.4")
+    context = make_context(StubModel(), tokenizer, config)
+    examples = [FRUIT, ANIMAL, COLOUR]
+    prompts = [encode_task(tokenizer, example) for example in examples]
+    simulated = collect(context, work_order(examples), examples, prompts)
+    live = traces_from_interactions(context, as_interactions(tokenizer, examples, prompts, answers, context.feedback))
+    assert live == simulated
+
+
+def test_a_live_round_trains_on_stored_ids_and_generates_nothing(tokenizer, monkeypatch):
+    model = tiny_lora_model(tokenizer)
+    answers = {
+        FRUIT: [completion_from_text(tokenizer, "Answer: A\n")],
+        ANIMAL: [completion_from_text(tokenizer, "Answer: C\n"), completion_from_text(tokenizer, "Answer: B\n")],
+        COLOUR: [completion_from_text(tokenizer, "Answer: A\n"), completion_from_text(tokenizer, "Answer: A\n")],
+    }
+    examples = [FRUIT, ANIMAL, COLOUR]
+    prompts = [encode_task(tokenizer, example) for example in examples]
+    config = make_config("live.min_interactions=3", "spear.local_steps=2", "spear.lose_cap_ratio=4")
+    context = make_context(model, tokenizer, config)
+    interactions = as_interactions(tokenizer, examples, prompts, answers, context.feedback)
+
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("a live round generated")
+
+    monkeypatch.setattr(spearfl.algorithms.base, "generate", must_not_generate)
+    global_state = get_adapter_state(model)
+    result = spear.live_client_update(context, work_order([], lr=1e-2, global_state=global_state), interactions)
+    assert result.weight == 3 and result.metrics["skipped"] == 0  # FRUIT (win), ANIMAL (win, loss), COLOUR (loss)
+    assert result.metrics["wins"] == 2 and result.metrics["losses"] == 2 and result.metrics["prompts"] == 3
+    assert result.metrics["generations"] == 0 and result.metrics["trained_tokens"] > 0
+    assert result.metrics["first_try_correct"] == 1 and result.metrics["revised_correct"] == 1
+    assert any(not torch.equal(result.state[name], global_state[name]) for name in global_state)
+
+
+def test_a_live_round_with_too_few_interactions_weighs_nothing(tokenizer, monkeypatch):
+    model = tiny_lora_model(tokenizer)
+    monkeypatch.setattr(spear, "train", lambda *args: (_ for _ in ()).throw(AssertionError("trained")))
+    prompt = encode_task(tokenizer, FRUIT)
+    right = completion_from_text(tokenizer, "Answer: A\n")
+    interactions = [
+        Interaction(f"i{index}", FRUIT.question, FRUIT.options, "", 0.0,
+                    [Attempt(prompt, right.text, right.token_ids, 0, "stop", verdict=True)])
+        for index in range(3)
+    ]
+    global_state = perturbed_state(model)
+    config = make_config("live.min_interactions=4")
+    result = spear.live_client_update(make_context(model, tokenizer, config), work_order([], global_state=global_state), interactions)
+    assert result.weight == 0 and result.metrics["skipped"] == 1 and result.metrics["prompts"] == 3
+    assert all(torch.equal(result.state[name], global_state[name]) for name in global_state)

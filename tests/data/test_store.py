@@ -36,7 +36,7 @@ def store(tmp_path):
 def test_an_interaction_keeps_its_exact_ids_verdicts_and_hints(store):
     interaction_id = store.add("Which is a fruit?", attempt(token_ids=[7, 0, 65535]), options=["apple", "rock"], owner="ana")
     store.judge(interaction_id, 0, False, hint="it grows on trees", hint_withheld=False)
-    revision = Attempt(prompt_ids=[1, 2, 3, 9], text="Answer: apple", token_ids=[50, 51], adapter_version=0)
+    revision = Attempt(prompt_ids=[1, 2, 3, 9], text="Answer: apple", token_ids=[50, 51], adapter_version=0, finished_by="eos")
     assert store.add_revision(interaction_id, revision) == 1
     store.judge(interaction_id, 1, True)
     found = store.get(interaction_id)
@@ -44,6 +44,7 @@ def test_an_interaction_keeps_its_exact_ids_verdicts_and_hints(store):
     assert [a.token_ids for a in found.attempts] == [[7, 0, 65535], [50, 51]]
     assert [a.prompt_ids for a in found.attempts] == [[1, 2, 3], [1, 2, 3, 9]]
     assert [a.verdict for a in found.attempts] == [False, True]
+    assert [a.finished_by for a in found.attempts] == ["length", "eos"]
     assert found.first.hint == "it grows on trees" and not found.first.hint_withheld
     assert found.consumed_round is None
 
@@ -125,8 +126,8 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(tmp_path):
             db.execute(statement)
         db.execute("INSERT INTO interactions (id, created_at, question) VALUES ('old', 1.0, 'kept?')")
         db.execute(
-            "INSERT INTO attempts (interaction_id, attempt, prompt_ids, text, token_ids, adapter_version, created_at, verdict)"
-            " VALUES ('old', 0, '[1, 2]', 'Answer: A', '[3]', 4, 1.0, 1)"
+            "INSERT INTO attempts (interaction_id, attempt, prompt_ids, text, token_ids, finished_by, adapter_version,"
+            " created_at, verdict) VALUES ('old', 0, '[1, 2]', 'Answer: A', '[3]', 'stop', 4, 1.0, 1)"
         )
         db.execute("PRAGMA user_version = 1")
     store = InteractionStore(path)
