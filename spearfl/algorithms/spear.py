@@ -148,7 +148,8 @@ def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples
 def traces_from_interactions(context: ClientContext, interactions: list[Interaction]) -> tuple[list, list, dict]:
     """People's judged answers as SPEAR's traces, exactly as a simulated round makes them: a first answer judged
     right is a win; one judged wrong is a loss (at confidence_fixed when a revision was judged right, which is
-    then a win under the original prompt), all on the stored token ids. Returns (wins, losses, metrics)."""
+    then a win under the original prompt, unless the hint before it gave the answer away), all on the stored
+    token ids. Returns (wins, losses, metrics)."""
     settings, tokenizer = context.config.spear, context.prompts.tokenizer
     wins, losses, fixed = [], [], 0
     for index, interaction in enumerate(interactions):
@@ -156,10 +157,12 @@ def traces_from_interactions(context: ClientContext, interactions: list[Interact
         if first.verdict:
             wins.append(Trace(first.prompt_ids, first.token_ids, prompt_index=index))
             continue
-        right = next((attempt for attempt in interaction.attempts[1:] if attempt.verdict), None)
+        attempts = interaction.attempts
+        right = next((number for number in range(1, len(attempts)) if attempts[number].verdict), None)
         if right is not None:
-            wins.append(Trace(first.prompt_ids, right.token_ids, prompt_index=index))
             fixed += 1
+            if not attempts[right - 1].hint_gave_answer:
+                wins.append(Trace(first.prompt_ids, attempts[right].token_ids, prompt_index=index))
         completion = Completion(first.token_ids, first.text, first.finished_by)
         flags = format_token_flags(tokenizer, completion, settings.protected_strings)
         confidence = settings.confidence_fixed if right is not None else settings.confidence_unfixed

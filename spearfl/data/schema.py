@@ -24,11 +24,18 @@ class Example:
     # The task as a ranked-classification (cloze) context in its dataset's own format (OLMES), which each
     # option's text continues; None: "Question: <question>\nAnswer:" (`spearfl.data.prompts.cloze_context`).
     cloze_context: str | None = None
+    # A person's question on a device: nobody gave its answer, the person judges the model's (no gold, no answer).
+    asked: bool = False
 
     def __post_init__(self) -> None:
         if self.label_style not in LABEL_STYLES:
             raise ValueError(f"{self.uid}: label_style must be one of {LABEL_STYLES}, got {self.label_style!r}")
-        if self.options:
+        if self.asked:
+            if self.gold is not None or self.answer is not None:
+                raise ValueError(f"{self.uid}: a person's question carries no gold answer")
+            if self.label_style == "letters" and len(self.options) > 26:
+                raise ValueError(f"{self.uid}: {len(self.options)} options exceed the 26 letter labels")
+        elif self.options:
             if self.gold is None or not 0 <= self.gold < len(self.options):
                 raise ValueError(f"{self.uid}: gold index {self.gold!r} outside 0..{len(self.options) - 1}")
             if self.label_style == "letters" and len(self.options) > 26:

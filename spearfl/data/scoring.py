@@ -218,8 +218,9 @@ def _match_option_text(example: Example, text: str, allow_prefix: bool) -> str |
 
 
 def _parse_free_form(example: Example, text: str) -> str | None:
-    """The first number of the answer line (or its normalised text, for a non-numeric gold)."""
-    if parse_number(example.answer) is None:
+    """The first number of the answer line (or its normalised text, for a non-numeric gold; a person's question
+    with no gold is numeric)."""
+    if example.answer is not None and parse_number(example.answer) is None:
         return normalise_text(text) or None
     value = parse_number(text)
     return None if value is None else format_number(value)

@@ -55,6 +55,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             verdict INTEGER,
             hint TEXT,
             hint_withheld INTEGER NOT NULL DEFAULT 0,
+            hint_gave_answer INTEGER NOT NULL DEFAULT 0,
             judged_at REAL,
             PRIMARY KEY (interaction_id, attempt)
         )""",
@@ -89,7 +90,9 @@ class Attempt:
     created_at: float = 0.0
     verdict: bool | None = None  # None: not judged yet
     hint: str | None = None
-    hint_withheld: bool = False  # the hint gave the answer away: kept for the record, never shown to the model
+    hint_withheld: bool = False  # the hint stated an option: kept for the record, never shown to the model
+    # the hint was shown and held the number of the answer later judged right: the revision copied it
+    hint_gave_answer: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,15 @@ class InteractionStore:
                 (int(verdict), hint, int(hint_withheld), time.time(), interaction_id, attempt),
             )
 
+    def mark_hint_gave_answer(self, interaction_id: str, attempt: int) -> None:
+        """The hint on `attempt` held the answer a later attempt was judged right with: that revision is no win."""
+        with self.transaction() as db:
+            updated = db.execute(
+                "UPDATE attempts SET hint_gave_answer = 1 WHERE interaction_id = ? AND attempt = ?", (interaction_id, attempt)
+            ).rowcount
+            if not updated:
+                raise StoreError(f"interaction {interaction_id} has no attempt {attempt}")
+
     def delete(self, interaction_id: str, owner: str | None = None) -> None:
         """Delete an interaction with its attempts and claims; `owner` given: only that person's."""
         with self.transaction() as db:
@@ -274,7 +286,7 @@ class InteractionStore:
                 if row is not None:
                     rows[interaction_id] = (row, self.connection.execute(
                         "SELECT prompt_ids, text, token_ids, finished_by, adapter_version, created_at, verdict, hint,"
-                        " hint_withheld"
+                        " hint_withheld, hint_gave_answer"
                         " FROM attempts WHERE interaction_id = ? ORDER BY attempt", (interaction_id,),
                     ).fetchall())
         return [interaction_from_rows(*rows[interaction_id]) for interaction_id in interaction_ids if interaction_id in rows]
@@ -329,9 +341,9 @@ def interaction_from_rows(row: tuple, attempt_rows: list[tuple]) -> Interaction:
         Attempt(
             prompt_ids=json.loads(prompt_ids), text=text, token_ids=json.loads(token_ids), finished_by=finished_by,
             adapter_version=version, created_at=attempt_created, verdict=None if verdict is None else bool(verdict),
-            hint=hint, hint_withheld=bool(withheld),
+            hint=hint, hint_withheld=bool(withheld), hint_gave_answer=bool(gave),
         )
-        for prompt_ids, text, token_ids, finished_by, version, attempt_created, verdict, hint, withheld in attempt_rows
+        for prompt_ids, text, token_ids, finished_by, version, attempt_created, verdict, hint, withheld, gave in attempt_rows
     ]
     return Interaction(
         id=interaction_id, question=question, options=None if options is None else tuple(json.loads(options)),

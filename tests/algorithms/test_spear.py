@@ -591,3 +591,19 @@ def test_a_live_round_with_too_few_interactions_weighs_nothing(tokenizer, monkey
     result = spear.live_client_update(make_context(model, tokenizer, config), work_order([], global_state=global_state), interactions)
     assert result.weight == 0 and result.metrics["skipped"] == 1 and result.metrics["prompts"] == 3
     assert all(torch.equal(result.state[name], global_state[name]) for name in global_state)
+
+
+def test_a_revision_copied_from_a_hint_that_gave_the_answer_is_no_win(tokenizer):
+    context = make_context(StubModel(), tokenizer, make_config("spear.confidence_fixed=0.9"))
+    prompt = encode_task(tokenizer, ANIMAL)
+    wrong, right = completion_from_text(tokenizer, "Answer: C\n"), completion_from_text(tokenizer, "Answer: B\n")
+
+    def interaction(gave_answer):
+        first = Attempt(prompt, wrong.text, wrong.token_ids, 0, "stop", verdict=False, hint="B", hint_gave_answer=gave_answer)
+        revision = Attempt(prompt + [5], right.text, right.token_ids, 0, "stop", verdict=True)
+        return Interaction("i", ANIMAL.question, ANIMAL.options, "", 0.0, [first, revision])
+
+    wins, losses, metrics = traces_from_interactions(context, [interaction(False)])
+    assert [(w.prompt, w.completion) for w in wins] == [(prompt, right.token_ids)]
+    wins, losses, metrics = traces_from_interactions(context, [interaction(True)])
+    assert wins == [] and [l.confidence for l in losses] == [0.9] and metrics["revised_correct"] == 1

@@ -243,3 +243,12 @@ def test_kill_9_while_writing_loses_no_committed_interaction_and_leaves_no_half_
     assert set(committed) <= found.keys()
     assert all(found[i].first.token_ids == list(range(300)) and len(found[i].first.text) == 2000 for i in committed)
     store.close()
+
+
+def test_a_hint_that_gave_the_answer_is_marked(store):
+    interaction_id = store.add("6 x 7?", attempt())
+    store.judge(interaction_id, 0, False, hint="it is 42")
+    store.mark_hint_gave_answer(interaction_id, 0)
+    assert store.get(interaction_id).first.hint_gave_answer
+    with pytest.raises(StoreError, match="no attempt 1"):
+        store.mark_hint_gave_answer(interaction_id, 1)
