@@ -121,6 +121,40 @@ def compare(
     console.print(f"comparison: {files}")
 
 
+@app.command()
+def serve(
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Config naming the model and task format (default: the packaged model).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; beyond 127.0.0.1 an access token is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    token: Annotated[
+        Optional[str], typer.Option(help="Access token clients must send (Authorization: Bearer ...); default: $SPEARFL_TOKEN.")
+    ] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter (.safetensors) to answer with; default: none yet (version 0).")] = None,
+    adapter_version: Annotated[int, typer.Option(min=0, help="Version (round) of --adapter, recorded with every answer.")] = 0,
+    set_: SetOption = None,
+) -> None:
+    """Serve the model on this device: people ask, judge and hint on a web page or through the API; answers are stored
+    for the rounds that learn from them."""
+    config = load_checked(config_path, set_)
+    import uvicorn
+
+    from spearfl.serve.app import create_app
+    from spearfl.serve.device import access_token, build_service, store_path
+
+    required = access_token(host, token)
+    if adapter is not None and not adapter.is_file():
+        fail(f"adapter file not found: {adapter}")
+    service = build_service(config, required, adapter, adapter_version)
+    console.print(f"serving {config.model.name} on http://{host}:{port} (page /, API docs /docs); store {store_path(config)}")
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.engine.close()
+        service.store.close()
+
+
 @app.command("eval")
 def evaluate_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the model and dataset.")],

@@ -75,7 +75,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class StoreError(UserError):
-    """A request the store cannot honour: an unknown interaction, a verdict given twice, a consumed interaction."""
+    """A request the store cannot honour: a verdict given twice, a revision before a verdict, an unknown one."""
+
+
+class UnknownInteraction(StoreError):
+    """No interaction (or attempt) with that id: never stored, or deleted."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class InteractionStore:
             ).fetchone()
             if row is None:
                 require_interaction(db, interaction_id)
-                raise StoreError(f"interaction {interaction_id} has no attempt {attempt}")
+                raise UnknownInteraction(f"interaction {interaction_id} has no attempt {attempt}")
             if row[0] is not None:
                 raise StoreError(f"interaction {interaction_id}: attempt {attempt} is already judged")
             db.execute(
@@ -210,14 +214,14 @@ class InteractionStore:
                 "UPDATE attempts SET hint_gave_answer = 1 WHERE interaction_id = ? AND attempt = ?", (interaction_id, attempt)
             ).rowcount
             if not updated:
-                raise StoreError(f"interaction {interaction_id} has no attempt {attempt}")
+                raise UnknownInteraction(f"interaction {interaction_id} has no attempt {attempt}")
 
     def delete(self, interaction_id: str, owner: str | None = None) -> None:
         """Delete an interaction with its attempts and claims; `owner` given: only that person's."""
         with self.transaction() as db:
             found = db.execute("SELECT owner FROM interactions WHERE id = ?", (interaction_id,)).fetchone()
             if found is None or (owner is not None and found[0] != owner):
-                raise StoreError(f"no interaction {interaction_id}")
+                raise UnknownInteraction(f"no interaction {interaction_id}")
             db.execute("DELETE FROM interactions WHERE id = ?", (interaction_id,))
 
     def drop_older_than(self, seconds: float) -> int:
@@ -271,7 +275,7 @@ class InteractionStore:
     def get(self, interaction_id: str) -> Interaction:
         found = self.get_many([interaction_id])
         if not found:
-            raise StoreError(f"no interaction {interaction_id}")
+            raise UnknownInteraction(f"no interaction {interaction_id}")
         return found[0]
 
     def get_many(self, interaction_ids: list[str]) -> list[Interaction]:
@@ -324,7 +328,7 @@ def insert_attempt(db: sqlite3.Connection, interaction_id: str, number: int, att
 
 def require_interaction(db: sqlite3.Connection, interaction_id: str) -> None:
     if db.execute("SELECT 1 FROM interactions WHERE id = ?", (interaction_id,)).fetchone() is None:
-        raise StoreError(f"no interaction {interaction_id}")
+        raise UnknownInteraction(f"no interaction {interaction_id}")
 
 
 def latest_attempt(db: sqlite3.Connection, interaction_id: str) -> dict:

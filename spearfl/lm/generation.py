@@ -117,8 +117,14 @@ def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSettings, prefixes=None) -> list[Completion]:
-    """Decode one batch with a key/value cache, dropping each row from the batch once it finishes."""
+def generate_batch(
+    model, tokenizer, prompts, generators, settings: SamplingSettings, prefixes=None, on_token=None
+) -> list[Completion]:
+    """Decode one batch with a key/value cache, dropping each row from the batch once it finishes.
+
+    on_token(row, token_id, finished_by): called for every generated token as it is chosen (finished_by None
+    while the row goes on), so a caller can stream each row's reply.
+    """
     device = next(model.parameters()).device
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
     attention_mask, logits, cache = prefill_batch(model, prompts, device, prefixes)  # [B, P], [B, V]
@@ -134,6 +140,8 @@ def generate_batch(model, tokenizer, prompts, generators, settings: SamplingSett
             generated[row].append(token)
             logprobs[row].append(logprob)
             finished_by[row] = finish_reason(tokenizer, generated[row], emitted_eos, step, settings)
+            if on_token is not None:
+                on_token(row, token, finished_by[row])
         keep = [position for position, row in enumerate(active) if finished_by[row] is None]
         if not keep:
             break

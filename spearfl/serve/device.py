@@ -1,0 +1,69 @@
+"""Putting a device service together from a run config: the model with LoRA, the answering engine, the store."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from spearfl.config import RunConfig
+from spearfl.data import DATASETS
+from spearfl.data.store import InteractionStore
+from spearfl.errors import UserError
+from spearfl.io import load_tensors
+from spearfl.lm.generation import SamplingSettings
+from spearfl.lm.models import set_adapter_state
+from spearfl.runtime.setup import build_context
+from spearfl.serve.app import Limits, Service
+from spearfl.serve.engine import AnswerEngine
+
+TOKEN_VARIABLE = "SPEARFL_TOKEN"
+
+
+def store_path(config: RunConfig) -> Path:
+    """The device's interaction store: live.store, or interactions.sqlite in the run's output folder."""
+    return Path(config.live.store) if config.live.store else Path(config.output_dir) / "interactions.sqlite"
+
+
+def label_style(config: RunConfig) -> str:
+    """How a person's options are labelled: as configured, else as the configured dataset labels its own."""
+    if config.data.label_style:
+        return config.data.label_style
+    spec = DATASETS.get(config.data.dataset)
+    return spec.label_style if spec is not None else "letters"
+
+
+def access_token(host: str, token: str | None) -> str | None:
+    """The token the service requires: the one given (or SPEARFL_TOKEN); listening beyond loopback needs one."""
+    token = token or os.environ.get(TOKEN_VARIABLE) or None
+    if token is None and not is_loopback(host):
+        raise UserError(f"listening on {host} needs an access token: pass --token or set {TOKEN_VARIABLE}")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_service(
+    config: RunConfig, token: str | None = None, adapter: Path | None = None, adapter_version: int = 0,
+    limits: Limits | None = None, max_batch: int = 16, context=None,
+) -> Service:
+    """The base model with the configured LoRA (and `adapter`'s weights, if given), its engine and its store."""
+    context = context or build_context(config)
+    if adapter is not None:
+        set_adapter_state(context.model, load_tensors(adapter))
+    generation = config.generation
+    settings = SamplingSettings(
+        generation.max_new_tokens, generation.temperature, generation.top_p, max_batch, text_prefix=context.prompts.prefix
+    )
+    engine = AnswerEngine(context.model, context.prompts.tokenizer, settings, adapter_version, max_batch=max_batch)
+    return Service(
+        engine=engine, store=InteractionStore(store_path(config)), prompts=context.prompts, label_style=label_style(config),
+        model_name=config.model.name, token=token, limits=limits or Limits(),
+    )
