@@ -149,7 +149,7 @@ def serve(
     service = build_service(config, required, adapter, adapter_version)
     console.print(f"serving {config.model.name} on http://{host}:{port} (page /, API docs /docs); store {store_path(config)}")
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", ws="none")
     finally:
         service.engine.close()
         service.store.close()

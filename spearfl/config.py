@@ -203,6 +203,8 @@ class LiveConfig(Section):
     min_interactions: int = Field(8, ge=1)
     max_staleness: int = Field(2, ge=0)
     retention_days: float | None = Field(None, gt=0)  # None: keep every interaction until its person deletes it
+    # The server's side: client i is the device service at devices[i] ("host:port"); empty: clients are simulated.
+    devices: list[str] = []
 
 
 class RunConfig(Section):

@@ -10,8 +10,9 @@ Rows keep the exact token ids: the prompt an attempt was generated under and the
 training replays what was sampled, never a re-tokenisation of the text.
 
 A round learns from the store in three steps that survive a crash between any two: `pending` lists what
-may be trained on, `claim` records which interactions a round used, and once the server has accepted the
-round's reply `confirm` marks them consumed (or `release` frees them for a later round if it was not).
+may be trained on, `claim` records which interactions a round used (no other round sees them meanwhile), and
+once the server has accepted the round's reply `confirm` marks them consumed (or `release` frees them for a
+later round if it was not).
 An interaction a person deletes is gone with its attempts and claims: no later round sees it.
 
 Left out: encryption at rest (the file lives on the person's own device, under its permissions).
@@ -232,11 +233,13 @@ class InteractionStore:
     # ------------------------------------------------------------------------------------------------ rounds
 
     def pending(self) -> list[Interaction]:
-        """Interactions no round has consumed whose first attempt is judged: what a round may learn from."""
+        """What a round may learn from: interactions whose first attempt is judged, that no round consumed and no
+        unsettled round claimed (a claim waits for the server's word on its round)."""
         with self.lock:
             ids = [row[0] for row in self.connection.execute(
                 "SELECT i.id FROM interactions i JOIN attempts a ON a.interaction_id = i.id AND a.attempt = 0"
-                " WHERE i.consumed_round IS NULL AND a.verdict IS NOT NULL ORDER BY i.created_at, i.id"
+                " WHERE i.consumed_round IS NULL AND a.verdict IS NOT NULL"
+                " AND i.id NOT IN (SELECT interaction_id FROM claims) ORDER BY i.created_at, i.id"
             )]
         return self.get_many(ids)
 

@@ -84,6 +84,10 @@ class FlowerClients:
         console.print(f"round {round_index}: {len(accepted)} of {len(clients)} client replies aggregated")
         return RoundReplies(accepted, rejected)
 
+    def settle(self, round_index: int, replies: RoundReplies, global_state: dict[str, torch.Tensor]) -> None:
+        """Nothing yet: the SuperNodes' ClientApps hold nothing between rounds (devices that learn from their
+        people's verdicts are reached through `live.devices` and `spearfl.runtime.devices`)."""
+
     def accept(self, reply: Message | None, global_state, expected, has_node: bool) -> ClientResult:
         """The client's result as the server aggregates it, or InvalidReply saying why there is none."""
         if not has_node:

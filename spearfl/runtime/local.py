@@ -1,4 +1,5 @@
-"""Federated simulation on one machine: one base model, many clients taking turns, the server in-process.
+"""Federated simulation on one machine: one base model, many clients taking turns, the server in-process; or,
+with `live.devices`, the same server loop driving device services that learn from their people.
 
 The clients run one after another on the server's own model (only the LoRA weights are swapped), through
 the same client update and the same server loop (`spearfl.runtime.server`) that a Flower deployment uses.
@@ -17,6 +18,7 @@ from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
 from spearfl.runtime.client import upload
+from spearfl.runtime.devices import DeviceClients
 from spearfl.runtime.server import FederatedRun, RoundReplies, as_received
 from spearfl.runtime.setup import Federation
 
@@ -44,6 +46,9 @@ class InProcessClients:
             self.progress.remove_task(bar)
         return RoundReplies(results)
 
+    def settle(self, round_index: int, replies: RoundReplies, global_state) -> None:
+        """Nothing to tell: the clients live in this process and hold nothing between rounds."""
+
 
 def stop_on_terminate(signal_number, frame) -> None:
     """SIGTERM ends a run like Ctrl-C does, so its folder is marked interrupted."""
@@ -55,7 +60,8 @@ def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True
     `FederatedRun`."""
     if fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
-    run = FederatedRun(config, InProcessClients, context=context, show_progress=show_progress, base_evals=base_evals)
+    runner = DeviceClients if config.live.devices else InProcessClients  # people's devices, or simulated clients
+    run = FederatedRun(config, runner, context=context, show_progress=show_progress, base_evals=base_evals)
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         return run.run()
     previous = signal.signal(signal.SIGTERM, stop_on_terminate)

@@ -138,6 +138,9 @@ class ClientRunner(Protocol):
 
     def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies: ...
 
+    def settle(self, round_index: int, replies: RoundReplies, global_state: dict[str, torch.Tensor]) -> None:
+        """After the round is aggregated and checkpointed: tell the clients its outcome and the new global adapter."""
+
 
 # (server's context, federation, progress display or None) -> runner
 RunnerFactory = Callable[[ClientContext, Federation, Progress | None], ClientRunner]
@@ -248,7 +251,7 @@ class FederatedRun:
                 if round_index == 0:
                     row = {"round": 0, "lr": 0.0, "clients": []}
                 else:
-                    global_state, server_state, row = self.train_round(runner, round_index, global_state, server_state)
+                    global_state, server_state, row, replies = self.train_round(runner, round_index, global_state, server_state)
                     if row["lora_average_error"] is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
                         progress.update(rounds_bar, description=f"rounds (LoRA average error {row['lora_average_error']:.3f})")
                 if round_index % config.eval.every == 0 or round_index == config.server.rounds:
@@ -259,6 +262,8 @@ class FederatedRun:
                 self.folder.append_history(clean(row))
                 self.folder.save_checkpoint(round_index, global_state, server_state, info={"round": round_index})
                 self.folder.write_status("running", last_round=round_index)
+                if round_index > 0:
+                    runner.settle(round_index, replies, global_state)
                 progress.advance(rounds_bar)
         return self.finish()
 
@@ -282,7 +287,7 @@ class FederatedRun:
         }
         if replies.rejected:
             row["rejected"] = replies.rejected
-        return new_global, new_server_state, row
+        return new_global, new_server_state, row, replies
 
     def evaluate(self, heldout, global_state) -> dict:
         """Held-out metrics of the model as it stands (its adapter already set to `global_state`)."""

@@ -39,6 +39,11 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"data.dataset: unknown {dataset!r}; choose one of {sorted(DATASETS)} or jsonl:<path>")
     if config.feedback.hint not in HINT_STYLES:
         raise ConfigError(f"feedback.hint: unknown {config.feedback.hint!r}; choose one of {sorted(HINT_STYLES)}")
+    devices = config.live.devices
+    if devices and len(devices) != config.data.num_clients:
+        raise ConfigError(f"live.devices: {len(devices)} devices, but data.num_clients is {config.data.num_clients}")
+    if devices and config.algorithm != "spear":
+        raise ConfigError(f"algorithm: {config.algorithm!r} cannot learn from people's verdicts; live devices run spear")
 
 
 @dataclass

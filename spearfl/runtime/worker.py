@@ -57,19 +57,39 @@ def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
 
 def train_on_worker(address: str, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
     """Send one work order to the worker at host:port; returns (trained adapter, {"weight", "metrics"})."""
+    return exchange(address, "/train", arrays, {"request": request})
+
+
+def exchange(
+    address: str, path: str, arrays: dict[str, np.ndarray], header: dict, token: str | None = None,
+    timeout: float | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """POST a safetensors payload to host:port `path`, read one back (a client worker, or a device service's
+    /worker/... routes, with its bearer token). No timeout by default: a client round takes what it takes."""
     host, _, port = address.rpartition(":")
-    connection = http.client.HTTPConnection(host, int(port))  # no timeout: a client round takes what it takes
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"Content-Type": "application/octet-stream"} | ({"Authorization": f"Bearer {token}"} if token else {})
     try:
-        connection.request("POST", "/train", body=pack(arrays, {"request": request}))
+        connection.request("POST", path, body=pack(arrays, header), headers=headers)
         response = connection.getresponse()
         body = response.read()
     except OSError as error:
-        raise WorkerError(f"client worker at {address} unreachable ({error}); is `spearfl client-worker` running?") from None
+        raise WorkerError(f"client at {address} unreachable ({error}); is its worker or service running?") from None
     finally:
         connection.close()
     if response.status != 200:
-        raise WorkerError(f"client worker at {address} failed the round: {json.loads(body).get('error', body[:200])}")
+        raise WorkerError(f"client at {address} refused {path} ({response.status}): {error_text(body)}")
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        return {}, json.loads(body)
     return unpack(body)
+
+
+def error_text(body: bytes) -> str:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return body[:200].decode(errors="replace")
+    return str(value.get("error") or value.get("detail") or value) if isinstance(value, dict) else str(value)
 
 
 class WorkerHandler(BaseHTTPRequestHandler):

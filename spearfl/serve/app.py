@@ -11,6 +11,7 @@
     GET    /learning, /learning.png           first-try accuracy per adapter version, as numbers and as a plot
     POST   /v1/chat/completions               OpenAI-compatible (stream or not); the reply carries interaction_id
     GET    /docs                              OpenAPI documentation
+    POST   /worker/train, /worker/result      the server's work orders and its word on them (`spearfl.serve.rounds`)
 
 Every answer is stored with its prompt and generated token ids and the adapter version that wrote it. A hint
 that states an option is kept but not shown to the model (`spearfl.feedback.person`). With an access token
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated
 
+import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,9 +47,12 @@ from spearfl.data.store import (
     StoreError,
     UnknownInteraction,
 )
+from spearfl.errors import UserError
 from spearfl.feedback.person import gave_the_number, states_an_option
 from spearfl.feedback.providers import Feedback
+from spearfl.runtime.worker import pack, unpack
 from spearfl.serve.engine import AnswerEngine, Reply, request_seed
+from spearfl.serve.rounds import DeviceRounds
 
 HELD_BACK = "the hint names an option, so it is kept for the record but not shown to the model"
 GAVE_ANSWER = "the hint held the number you marked right, so this revision is not trained on as a win"
@@ -63,6 +69,7 @@ class Limits:
     max_hint_chars: int = 1000
     max_prompt_tokens: int = 1024
     max_person_chars: int = 100
+    max_adapter_bytes: int = 1 << 30  # a work order carries the global adapter
 
 
 @dataclass
@@ -76,6 +83,7 @@ class Service:
     model_name: str
     token: str | None = None
     limits: Limits = Limits()
+    rounds: DeviceRounds | None = None  # None: the service answers, but takes no part in rounds
 
     def question(self, text: str, options: list[str] | None) -> Example:
         """A person's question in the task format the device trains on (no gold: the person judges)."""
@@ -83,6 +91,11 @@ class Service:
 
     def task_prompt(self, example: Example) -> list[int]:
         return self.check_length(self.prompts.task(example))
+
+    def require_rounds(self) -> DeviceRounds:
+        if self.rounds is None:
+            raise HTTPException(404, "this service takes no part in federated rounds")
+        return self.rounds
 
     def check_length(self, prompt_ids: list[int]) -> list[int]:
         if len(prompt_ids) > self.limits.max_prompt_tokens:
@@ -145,7 +158,7 @@ def create_app(service: Service) -> FastAPI:
         description="Ask, judge, hint and revise; the device learns from your verdicts. Nothing leaves the device but the adapter.",
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes, adapter_limit=service.limits.max_adapter_bytes)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -259,7 +272,38 @@ def create_app(service: Service) -> FastAPI:
         done = await answer_once(service, prompt_ids, request_seed(completion_id), record)
         return JSONResponse(chat_completion(done, service, completion_id, created, len(prompt_ids)))
 
+    @app.post("/worker/train", include_in_schema=False)
+    async def worker_train(request: Request) -> Response:
+        rounds = service.require_rounds()
+        arrays, header = read_payload(await request.body())
+        try:
+            state, result = await asyncio.to_thread(rounds.train_arrays, arrays, header)
+        except (UserError, TypeError, KeyError, ValueError) as error:
+            raise HTTPException(400, f"bad work order: {error}") from None
+        return Response(pack(state, result), media_type="application/octet-stream")
+
+    @app.post("/worker/result", include_in_schema=False)
+    async def worker_result(request: Request) -> dict:
+        rounds = service.require_rounds()
+        arrays, header = read_payload(await request.body())
+        state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()} or None
+        try:
+            round_index, accepted, version = int(header["round"]), header.get("accepted"), header.get("version")
+            consumed = await asyncio.to_thread(rounds.settle, round_index, bool(accepted), state, version) if accepted is not None else 0
+            if accepted is None and state is not None:
+                await asyncio.to_thread(lambda: service.engine.install(state, int(version)).result())
+        except (KeyError, TypeError, ValueError) as error:
+            raise HTTPException(400, f"bad round result: {error}") from None
+        return {"round": round_index, "consumed": consumed, "adapter_version": service.engine.adapter_version}
+
     return app
+
+
+def read_payload(body: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    try:
+        return unpack(body)
+    except ValueError as error:
+        raise HTTPException(400, f"bad payload: {error}") from None
 
 
 OPEN_PATHS = {"/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
@@ -397,31 +441,33 @@ def plot_learning(rows: list[dict]) -> bytes:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413, whether it declares its length or streams."""
+    """ASGI middleware: a request body over the limit gets 413, whether it declares its length or streams.
+    Work orders (/worker/...) carry an adapter and have their own, larger limit."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, adapter_limit: int):
+        self.app, self.limit, self.adapter_limit = app, limit, adapter_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.adapter_limit if scope["path"].startswith("/worker/") else self.limit
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large(self.limit, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_large(limit, send)
         received = 0
 
         async def counting_receive():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
+            if received > limit:
                 raise BodyTooLarge
             return message
 
         try:
             return await self.app(scope, counting_receive, send)
         except BodyTooLarge:
-            return await too_large(self.limit, send)
+            return await too_large(limit, send)
 
 
 class BodyTooLarge(Exception):

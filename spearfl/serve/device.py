@@ -16,6 +16,7 @@ from spearfl.lm.models import set_adapter_state
 from spearfl.runtime.setup import build_context
 from spearfl.serve.app import Limits, Service
 from spearfl.serve.engine import AnswerEngine
+from spearfl.serve.rounds import DeviceRounds
 
 TOKEN_VARIABLE = "SPEARFL_TOKEN"
 
@@ -63,7 +64,10 @@ def build_service(
         generation.max_new_tokens, generation.temperature, generation.top_p, max_batch, text_prefix=context.prompts.prefix
     )
     engine = AnswerEngine(context.model, context.prompts.tokenizer, settings, adapter_version, max_batch=max_batch)
+    store = InteractionStore(store_path(config))
+    if config.live.retention_days is not None:
+        store.drop_older_than(config.live.retention_days * 86_400)
     return Service(
-        engine=engine, store=InteractionStore(store_path(config)), prompts=context.prompts, label_style=label_style(config),
-        model_name=config.model.name, token=token, limits=limits or Limits(),
+        engine=engine, store=store, prompts=context.prompts, label_style=label_style(config),
+        model_name=config.model.name, token=token, limits=limits or Limits(), rounds=DeviceRounds(context, store, engine),
     )

@@ -1,0 +1,93 @@
+"""The server's side of the live loop: each client is a device service (`spearfl serve`) reached over HTTP.
+
+Client i is the device at `live.devices[i]`. A round sends each chosen device the global adapter and its work
+order (`/worker/train`, the client worker's safetensors payload, with the bearer token of $SPEARFL_TOKEN when
+set); a device that cannot be reached or refuses is dropped from the round with its reason, like a Flower reply
+that fails its check. Once the round is aggregated and checkpointed, every device hears the outcome
+(`/worker/result`): whether its reply was accepted (then its interactions are consumed) and the new global
+adapter, which it answers with from then on. A device that misses the notice gets it with its next work order.
+
+Left out: the outcomes a device missed are kept in the server's memory only, so a server restarted between a
+round and the next notice leaves those claims open on the device (its interactions stay out of training until
+the device is told; nothing is lost and nothing trained twice).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from spearfl.algorithms.base import ClientContext, ClientResult
+from spearfl.config import config_to_dict
+from spearfl.federated.codec import wire_array
+from spearfl.runtime.server import RoundReplies, as_received
+from spearfl.runtime.setup import Federation
+from spearfl.runtime.worker import WorkerError, exchange
+
+TOKEN_VARIABLE = "SPEARFL_TOKEN"
+
+
+class DeviceClients:
+    """Runs each chosen client's round on its device service; tells every device each round's outcome."""
+
+    def __init__(self, context: ClientContext, federation: Federation, progress: Progress | None):
+        self.config = context.config
+        self.addresses = list(self.config.live.devices)
+        self.token = os.environ.get(TOKEN_VARIABLE) or None
+        self.missed: dict[int, dict[int, bool]] = {}  # client -> round -> accepted, for devices the notice missed
+
+    def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
+        arrays = {name: wire_array(tensor) for name, tensor in global_state.items()}
+        encoding = self.config.server.upload_encoding
+        replies = RoundReplies([])
+        for client in clients:
+            request = {"config": config_to_dict(self.config), "client_id": client, "round_index": round_index, "lr": lr}
+            header = {"request": request, "settled": {str(r): ok for r, ok in self.missed.get(client, {}).items()}}
+            try:
+                payload, result = exchange(self.addresses[client], "/worker/train", arrays, header, self.token)
+                tensors = checked_payload(payload, global_state, result)
+            except (WorkerError, ValueError, KeyError) as error:
+                replies.rejected.append({"client": client, "reason": str(error)})
+                continue
+            self.missed.pop(client, None)
+            received = ClientResult(state=global_state, weight=float(result["weight"]), metrics=result["metrics"])
+            replies.results.append((client, as_received(received, tensors, global_state, encoding)))
+        return replies
+
+    def settle(self, round_index: int, replies: RoundReplies, global_state: dict[str, torch.Tensor]) -> None:
+        """Every device hears the round's outcome and gets the new global adapter (version = round index)."""
+        accepted = {client for client, _ in replies.results}
+        rejected = {entry["client"] for entry in replies.rejected}
+        arrays = {name: wire_array(tensor) for name, tensor in global_state.items()}
+        for client, address in enumerate(self.addresses):
+            outcome = (client in accepted) if client in accepted | rejected else None  # None: not in this round
+            header = {"round": round_index, "accepted": outcome, "version": round_index}
+            try:
+                exchange(address, "/worker/result", arrays, header, self.token, timeout=60)
+            except WorkerError:
+                if outcome is not None:
+                    self.missed.setdefault(client, {})[round_index] = outcome
+
+
+def checked_payload(payload: dict[str, np.ndarray], global_state: dict[str, torch.Tensor], result: dict) -> dict[str, torch.Tensor]:
+    """The reply's payload as tensors, if it has the global adapter's names and shapes and finite values (none when
+    its weight is 0); ValueError naming what is wrong otherwise."""
+    weight = float(result["weight"])
+    if weight < 0 or not np.isfinite(weight):
+        raise ValueError(f"weight {weight} is not a finite number >= 0")
+    if weight == 0:
+        return {}
+    if payload.keys() != global_state.keys():
+        raise ValueError(f"adapter names differ from the global adapter's ({len(payload)} against {len(global_state)})")
+    state = {}
+    for name, array in payload.items():
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16) if array.dtype == np.uint16 else torch.from_numpy(array)
+        if tuple(tensor.shape) != tuple(global_state[name].shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(global_state[name].shape)}")
+        if not torch.isfinite(tensor.float()).all():
+            raise ValueError(f"{name}: values that are not finite")
+        state[name] = tensor
+    return state

@@ -1,0 +1,114 @@
+"""The live loop end to end on loopback: two device services, simulated people asking and judging through the HTTP API,
+and the server loop running rounds on the devices (`live.devices`): the rounds train on exactly the judged
+interactions, consume them once, and every device then answers with the new global adapter."""
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from helpers import end_to_end_assets, read_history, single_thread, write_run_config
+
+from spearfl.config import load_config
+from spearfl.data.sources import load_jsonl
+from spearfl.feedback.providers import make_oracle
+from spearfl.io import load_tensors
+from spearfl.runtime.local import run_local
+from spearfl.serve.app import create_app
+from spearfl.serve.device import build_service
+
+
+class RunningService:
+    """A device service on 127.0.0.1 in a thread of this process; `stop` ends it."""
+
+    def __init__(self, service):
+        self.service = service
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning", ws="none"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "the service did not start"
+        self.address = "127.0.0.1:%d" % self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.service.engine.close()
+        self.service.store.close()
+
+
+def ask_and_judge(address: str, examples, judge) -> list[str]:
+    """A simulated person asks each question, judges the answer like the oracle, hints nothing, judges one revision."""
+    ids = []
+    with httpx.Client(base_url=f"http://{address}", timeout=60) as client:
+        for example in examples:
+            done = stream_done(client, "/ask", {"question": example.question, "options": list(example.options), "person": "sim"})
+            ids.append(done["interaction_id"])
+            correct = judge(example, done["text"]).correct
+            client.post(f"/interactions/{done['interaction_id']}/verdict", json={"attempt": 0, "correct": correct}).raise_for_status()
+            if not correct:
+                revised = stream_done(client, f"/interactions/{done['interaction_id']}/revise", None)
+                verdict = {"attempt": 1, "correct": judge(example, revised["text"]).correct}
+                client.post(f"/interactions/{done['interaction_id']}/verdict", json=verdict).raise_for_status()
+    return ids
+
+
+def stream_done(client: httpx.Client, path: str, body) -> dict:
+    import json
+
+    with client.stream("POST", path, json=body) as response:
+        response.raise_for_status()
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    return json.loads(lines[-1][len("data: "):])
+
+
+@pytest.fixture
+def devices(tmp_path):
+    assets = end_to_end_assets()
+    config_path = write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run")
+    running = []
+    with single_thread():
+        for device in range(2):
+            device_config = load_config(config_path, [f"live.store={tmp_path / f'device{device}.sqlite'}"])
+            running.append(RunningService(build_service(device_config, max_batch=8)))
+        yield assets, config_path, running
+    for service in running:
+        service.stop()
+
+
+def test_rounds_train_on_the_judged_interactions_once_and_devices_answer_with_the_new_adapter(devices, tmp_path):
+    assets, config_path, running = devices
+    examples = load_jsonl(assets.dataset)
+    oracle = make_oracle("none", 1, False)
+    asked = [ask_and_judge(device.address, examples[6 * index : 6 * index + 6], oracle) for index, device in enumerate(running)]
+    addresses = ", ".join(f'"{device.address}"' for device in running)
+    config = load_config(config_path, [
+        "data.num_clients=2", "server.clients_per_round=2", "server.rounds=2", f"live.devices=[{addresses}]",
+        "live.min_interactions=2", "eval.methods=[loglik]",
+    ])
+    with single_thread():
+        run_local(config, show_progress=False)
+
+    history = read_history(tmp_path / "run")
+    first, second = history[1]["clients"], history[2]["clients"]
+    assert sorted(client["client"] for client in first) == [0, 1] and "rejected" not in history[1]
+    final = load_tensors(tmp_path / "run" / "adapters" / "round_0002.safetensors")
+    for client, device in enumerate(running):
+        stored = device.service.store.get_many(asked[client])
+        trained = next(row for row in first if row["client"] == client)
+        assert trained["metrics"]["pending"] == 6 and trained["metrics"]["generations"] == 0
+        # consumed by round 1 exactly when the round trained on them; round 2 found nothing new and weighs 0
+        assert {interaction.consumed_round for interaction in stored} == ({1} if trained["weight"] > 0 else {None})
+        again = next(row for row in second if row["client"] == client)
+        assert again["weight"] == 0 and again["metrics"]["pending"] == (0 if trained["weight"] > 0 else 6)
+        with httpx.Client(base_url=f"http://{device.address}", timeout=60) as client_http:
+            assert client_http.get("/health").json()["adapter_version"] == 2
+            answer = stream_done(client_http, "/ask", {"question": examples[0].question, "options": list(examples[0].options)})
+        assert answer["adapter_version"] == 2
+        serving = device.service.engine.adapter_state()
+        assert all(torch.equal(serving[name], final[name]) for name in final)
+    assert sum(row["weight"] for row in first) > 0, "no device had a judged win to learn from"
