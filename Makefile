@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
-.PHONY: setup demo test test-all flower-demo
+.PHONY: setup browser demo test test-all flower-demo
 
 setup:
 	bash scripts/setup.sh
@@ -7,10 +7,13 @@ setup:
 demo: setup
 	.venv/bin/spearfl run configs/demo.yaml
 
-test: setup
+browser:
+	bash scripts/browser.sh
+
+test: setup browser
 	.venv/bin/python -m pytest -q
 
-test-all: setup
+test-all: setup browser
 	.venv/bin/python -m pytest -q -m "slow or not slow"
 
 # The demo on Flower's simulation engine: 4 virtual SuperNodes, one client each (see README, "Run on Flower").

@@ -155,6 +155,51 @@ def serve(
         service.store.close()
 
 
+@app.command("simulate-users")
+def simulate_users(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the dataset and feedback the people use.")],
+    service: Annotated[
+        list[str], typer.Option(help="URL of a running `spearfl serve` (repeatable): service i gets client i's questions.")
+    ],
+    people: Annotated[int, typer.Option(min=1, help="Simulated people per service, asking concurrently.")] = 4,
+    questions: Annotated[int, typer.Option(min=1, help="Questions per service, dealt among its people.")] = 32,
+    token: Annotated[Optional[str], typer.Option(help="Access token of the services; default: $SPEARFL_TOKEN.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Drive running device services with simulated people: they ask, judge like the oracle, hint, and judge revisions."""
+    import os
+
+    config = load_checked(config_path, set_)
+    from spearfl.runtime.setup import client_feedback, prepare_data
+    from spearfl.serve.simulate import deal, simulate_people
+
+    federation = prepare_data(config)
+    if len(service) > len(federation.clients):
+        fail(f"{len(service)} services but the config partitions its dataset among {len(federation.clients)} clients")
+    judge = client_feedback(config)
+    table = Table(title=f"simulated people on {len(service)} service(s)")
+    for column in ("service", "asked", "first try right", "revisions right", "hints held back", "errors",
+                   "first token s (median / p95)", "request s (median / p95)"):
+        table.add_column(column)
+    for index, url in enumerate(service):
+        dealt = deal(federation.clients[index], people, questions, seed=config.seed + index)
+        tally = simulate_people(url, dealt, judge, config.spear.num_revisions, token or os.environ.get("SPEARFL_TOKEN"))
+        row = tally.summary()
+        table.add_row(
+            url, str(row["asked"]), f"{tally.first_right} ({row['first_try_accuracy'] or 0:.0%})",
+            f"{tally.revisions_right} of {tally.revisions}", str(row["hints_held_back"]), str(row["errors"]),
+            seconds_pair(row["first_token_s_median"], row["first_token_s_p95"]),
+            seconds_pair(row["request_s_median"], row["request_s_p95"]),
+        )
+        for error in tally.errors[:3]:
+            errors.print(f"{url}: {error}")
+    console.print(table)
+
+
+def seconds_pair(median: float | None, p95: float | None) -> str:
+    return "-" if median is None else f"{median:.2f} / {p95:.2f}"
+
+
 @app.command("eval")
 def evaluate_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the model and dataset.")],

@@ -109,10 +109,12 @@ def prompt_format_for(config: RunConfig, tokenizer) -> PromptFormat:
 def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
     """What a client update needs around a loaded model: prompt format, feedback provider, config, device."""
     device = next(peft_model.parameters()).device
-    prompt_format = prompt_format_for(config, tokenizer)
-    feedback = make_oracle(
-        config.feedback.hint, config.feedback.max_hint_sentences, config.feedback.remind_format, prompt_format.last_answer
-    )
-    return ClientContext(peft_model, prompt_format, feedback, config, device)
+    return ClientContext(peft_model, prompt_format_for(config, tokenizer), client_feedback(config), config, device)
+
+
+def client_feedback(config: RunConfig):
+    """The simulated user of this config: the oracle with its hint style, reminders and answer parsing."""
+    feedback = config.feedback
+    return make_oracle(feedback.hint, feedback.max_hint_sentences, feedback.remind_format, last_answer=config.prompt.reasoning)
 
 

@@ -18,6 +18,7 @@ from spearfl.io import load_tensors
 from spearfl.runtime.local import run_local
 from spearfl.serve.app import create_app
 from spearfl.serve.device import build_service
+from spearfl.serve.simulate import deal, simulate_people
 
 
 class RunningService:
@@ -32,29 +33,13 @@ class RunningService:
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.05)
         assert self.server.started, "the service did not start"
-        self.address = "127.0.0.1:%d" % self.server.servers[0].sockets[0].getsockname()[1]
+        self.address = f"127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.service.engine.close()
         self.service.store.close()
-
-
-def ask_and_judge(address: str, examples, judge) -> list[str]:
-    """A simulated person asks each question, judges the answer like the oracle, hints nothing, judges one revision."""
-    ids = []
-    with httpx.Client(base_url=f"http://{address}", timeout=60) as client:
-        for example in examples:
-            done = stream_done(client, "/ask", {"question": example.question, "options": list(example.options), "person": "sim"})
-            ids.append(done["interaction_id"])
-            correct = judge(example, done["text"]).correct
-            client.post(f"/interactions/{done['interaction_id']}/verdict", json={"attempt": 0, "correct": correct}).raise_for_status()
-            if not correct:
-                revised = stream_done(client, f"/interactions/{done['interaction_id']}/revise", None)
-                verdict = {"attempt": 1, "correct": judge(example, revised["text"]).correct}
-                client.post(f"/interactions/{done['interaction_id']}/verdict", json=verdict).raise_for_status()
-    return ids
 
 
 def stream_done(client: httpx.Client, path: str, body) -> dict:
@@ -84,7 +69,14 @@ def test_rounds_train_on_the_judged_interactions_once_and_devices_answer_with_th
     assets, config_path, running = devices
     examples = load_jsonl(assets.dataset)
     oracle = make_oracle("none", 1, False)
-    asked = [ask_and_judge(device.address, examples[6 * index : 6 * index + 6], oracle) for index, device in enumerate(running)]
+    for index, device in enumerate(running):  # three people a device, two questions each, asking at once
+        tally = simulate_people(f"http://{device.address}", deal(examples[6 * index : 6 * index + 6], 3, 6, seed=index), oracle, 1)
+        assert tally.asked == 6 and tally.errors == [] and len(tally.total_seconds) == 6 + tally.revisions
+        stored = device.service.store.recent()
+        assert len(stored) == 6 and all(i.attempts[-1].verdict is not None for i in stored)
+        assert sum(i.first.verdict for i in stored) == tally.first_right
+        assert sum(len(i.attempts) - 1 for i in stored) == tally.revisions
+    asked = [[interaction.id for interaction in device.service.store.recent()] for device in running]
     addresses = ", ".join(f'"{device.address}"' for device in running)
     config = load_config(config_path, [
         "data.num_clients=2", "server.clients_per_round=2", "server.rounds=2", f"live.devices=[{addresses}]",

@@ -1,0 +1,71 @@
+"""The service's page in headless Chromium (Playwright's Python package driving Debian's chromium): a person asks, marks
+the answer wrong with a hint, watches the revision stream, marks it right; a round then consumes exactly that
+interaction and the page shows the new adapter version."""
+
+import shutil
+
+import pytest
+from helpers import end_to_end_assets, single_thread, write_run_config
+from test_live_rounds import RunningService
+
+from spearfl.config import load_config
+from spearfl.runtime.local import run_local
+from spearfl.serve.device import build_service
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which("chromium"), "Debian's chromium is missing: `make setup` installs it (apt-get install chromium)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+def test_ask_judge_hint_revise_then_a_round_and_the_new_version(browser, tmp_path):
+    assets = end_to_end_assets()
+    config_path = write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run")
+    with single_thread():
+        device = RunningService(build_service(load_config(config_path, [f"live.store={tmp_path / 'device.sqlite'}"]), max_batch=4))
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
+            page.goto(f"http://{device.address}/")
+            page.wait_for_selector("#version:text('0')")
+            page.fill("#question", "Which of these is a colour?")
+            page.fill("#options", "red\ndog\npen")
+            page.click("#ask")
+            first = page.locator("section.attempt").nth(0)
+            first.locator(".meta", has_text="adapter version 0").wait_for(timeout=60_000)
+            assert first.locator(".answer").inner_text().strip()
+            first.locator(".hint").fill("Think of what you see in a rainbow.")
+            first.locator(".verdict-wrong").click()
+            revision = page.locator("section.attempt").nth(1)
+            revision.locator(".meta", has_text="adapter version 0").wait_for(timeout=60_000)
+            revision.locator(".verdict-right").click()
+            revision.locator(".meta", has_text="judged right").wait_for(timeout=30_000)
+
+            stored = device.service.store.recent()
+            assert len(stored) == 1 and [a.verdict for a in stored[0].attempts] == [False, True]
+            assert stored[0].first.hint == "Think of what you see in a rainbow." and not stored[0].first.hint_withheld
+            assert page.locator("#mine tbody tr").count() == 1
+
+            config = load_config(config_path, [
+                "data.num_clients=1", "server.clients_per_round=1", "server.rounds=1", f'live.devices=["{device.address}"]',
+                "live.min_interactions=1", "eval.methods=[loglik]",
+            ])
+            run_local(config, show_progress=False)
+            assert device.service.store.get(stored[0].id).consumed_round == 1
+            page.reload()
+            page.wait_for_selector("#version:text('1')")
+            assert page.locator("#learning tbody tr").count() == 1  # the one answer judged, by version 0
+        finally:
+            device.stop()
