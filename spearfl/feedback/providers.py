@@ -9,6 +9,7 @@ and the drop is recorded on the Feedback so that rounds can count it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,11 +62,22 @@ def make_oracle(
     remind_format: an answer that cannot be parsed also gets `format_reminder`, which names no option.
     last_answer: the last declared answer is judged (chain-of-thought prompts), not the first.
     """
+    return make_provider(
+        lambda example, text: is_correct(example, text, last_answer), hint_style, max_hint_sentences, remind_format, last_answer
+    )
+
+
+def make_provider(
+    verdict: Callable[[Example, str], bool], hint_style: str, max_hint_sentences: int, remind_format: bool,
+    last_answer: bool = False,
+) -> FeedbackProvider:
+    """A user whose verdict comes from `verdict(example, completion_text)` (the dataset's scoring, a verifier, a
+    judge model); hints, the leak filter and the format reminder as the oracle gives them."""
     hint_function = hint_function_for(hint_style)
     is_filtered = hint_style not in LEAKY_HINT_STYLES
 
     def oracle(example: Example, completion_text: str) -> Feedback:
-        if is_correct(example, completion_text, last_answer):
+        if verdict(example, completion_text):
             return Feedback(correct=True, hint=None, style=hint_style)
         hint = hint_function(example, max_hint_sentences)
         dropped = hint is not None and is_filtered and leaks_answer(example, hint)

@@ -8,6 +8,8 @@ on exactly the pool the local simulation would give it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +17,15 @@ import torch
 
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext
-from spearfl.config import ConfigError, RunConfig
+from spearfl.config import ConfigError, ModelConfig, RunConfig
 from spearfl.data import DATASETS, load_examples
 from spearfl.data.prompts import ChatTemplateMissing, PromptFormat, uses_chat_template
 from spearfl.data.schema import Example
 from spearfl.data.sources import JSONL_PREFIX
 from spearfl.data.split import dirichlet_partition, split_pool_heldout
+from spearfl.feedback import verifiers
 from spearfl.feedback.hints import HINT_STYLES
-from spearfl.feedback.providers import make_oracle
+from spearfl.feedback.providers import make_oracle, make_provider
 from spearfl.lm.models import attach_lora, checkpoint_lora_layers, load_base_model
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed
 
@@ -39,6 +42,8 @@ def check_config(config: RunConfig) -> None:
         raise ConfigError(f"data.dataset: unknown {dataset!r}; choose one of {sorted(DATASETS)} or jsonl:<path>")
     if config.feedback.hint not in HINT_STYLES:
         raise ConfigError(f"feedback.hint: unknown {config.feedback.hint!r}; choose one of {sorted(HINT_STYLES)}")
+    if config.feedback.provider not in ("oracle", "judge"):
+        verdict_for(config)  # a bad pattern or an unknown function stops the run before any work
     devices = config.live.devices
     if devices and len(devices) != config.data.num_clients:
         raise ConfigError(f"live.devices: {len(devices)} devices, but data.num_clients is {config.data.num_clients}")
@@ -113,8 +118,39 @@ def client_context(config: RunConfig, peft_model, tokenizer) -> ClientContext:
 
 
 def client_feedback(config: RunConfig):
-    """The simulated user of this config: the oracle with its hint style, reminders and answer parsing."""
+    """The simulated user of this config: its verdicts from `feedback.provider`, with the hint style, reminders
+    and answer parsing of the oracle."""
     feedback = config.feedback
-    return make_oracle(feedback.hint, feedback.max_hint_sentences, feedback.remind_format, last_answer=config.prompt.reasoning)
+    if feedback.provider == "oracle":
+        return make_oracle(feedback.hint, feedback.max_hint_sentences, feedback.remind_format, last_answer=config.prompt.reasoning)
+    return make_provider(verdict_for(config), feedback.hint, feedback.max_hint_sentences, feedback.remind_format, config.prompt.reasoning)
 
 
+def verdict_for(config: RunConfig):
+    """The verdict function of a provider other than the oracle; ConfigError when it cannot be built."""
+    feedback = config.feedback
+    if feedback.provider == "judge":
+        judge_model = config.model.model_copy(update={"name": feedback.judge_model})
+        return loaded_judge(judge_model.model_dump_json(), feedback.rubric, config.prompt.chat_template)
+    try:
+        return {
+            "numeric": lambda: verifiers.numeric(feedback.tolerance),
+            "exact": lambda: verifiers.exact,
+            "regex": lambda: verifiers.regex(feedback.pattern),
+            "python": lambda: verifiers.python_function(feedback.function),
+        }[feedback.provider]()
+    except (ValueError, TypeError, re.error) as error:
+        raise ConfigError(f"feedback.{'function' if feedback.provider == 'python' else 'pattern'}: {error}") from None
+
+
+
+
+@functools.lru_cache(maxsize=2)
+def loaded_judge(model_json: str, rubric: str | None, chat_template: str):
+    """The judge model (its ModelConfig as JSON), loaded once per process however many client contexts ask."""
+    from spearfl.feedback.judge import (
+        Judge,  # a second model: loaded only when a config asks for a judge
+    )
+
+    model, tokenizer = load_base_model(ModelConfig.model_validate_json(model_json))
+    return Judge(model, tokenizer, rubric, chat_template)
