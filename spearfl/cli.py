@@ -200,6 +200,30 @@ def seconds_pair(median: float | None, p95: float | None) -> str:
     return "-" if median is None else f"{median:.2f} / {p95:.2f}"
 
 
+@app.command()
+def judge(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the answering model and dataset.")],
+    judge_model: Annotated[Optional[str], typer.Option(help="Judge model (default: the config's feedback.judge_model, else its model).")] = None,
+    questions: Annotated[int, typer.Option(min=1, help="Held-out questions to answer and judge.")] = 200,
+    set_: SetOption = None,
+) -> None:
+    """How far an LLM judge's verdicts agree with the oracle's on the config's held-out questions."""
+    config = load_checked(config_path, set_)
+    from spearfl.tools.judge import judge_agreement
+
+    name = judge_model or config.feedback.judge_model or config.model.name
+    result, _ = judge_agreement(config, name, questions, config.feedback.rubric)
+    table = Table(title=f"judge {name} against the oracle, {result.total} answers of {config.model.name} on {config.data.dataset}")
+    table.add_column("")
+    table.add_column("judge: right", justify="right")
+    table.add_column("judge: wrong", justify="right")
+    table.add_row("oracle: right", str(result.both_right), str(result.oracle_only_right))
+    table.add_row("oracle: wrong", str(result.judge_only_right), str(result.both_wrong))
+    console.print(table)
+    kappa = "undefined" if result.kappa is None else f"{result.kappa:.3f}"
+    console.print(f"agreement {result.rate:.3f}, Cohen's kappa {kappa}")
+
+
 @app.command("eval")
 def evaluate_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the model and dataset.")],

@@ -81,3 +81,30 @@ def test_the_judge_says_yes_where_the_model_finds_yes_likelier(tokenizer):
     assert "Reference answer: Saturn" in shown and "Answer given: Mars" in shown
     asked = Example(uid="p", question="Which planet has rings?", options=("Mars", "Saturn"), label_style="text", asked=True)
     assert "Reference answer" not in tokenizer.decode(judge.prompt(asked, "Answer: Mars"))
+
+
+def test_agreement_counts_and_kappa_by_hand():
+    from spearfl.tools.judge import agreement
+
+    result = agreement([True, True, True, False, False, False], [True, True, False, False, False, True])
+    assert (result.both_right, result.both_wrong, result.judge_only_right, result.oracle_only_right) == (2, 2, 1, 1)
+    # observed 4/6; chance 0.5 * 0.5 + 0.5 * 0.5 = 0.5; kappa = (2/3 - 1/2) / (1/2) = 1/3
+    assert result.rate == pytest.approx(4 / 6) and result.kappa == pytest.approx(1 / 3)
+    assert agreement([True, True], [True, True]).kappa is None  # both always say right: chance agreement is 1
+
+
+def test_judge_agreement_answers_and_judges_the_held_out_questions(tmp_path):
+    from helpers import end_to_end_assets, write_run_config
+
+    from spearfl.data.scoring import is_correct
+    from spearfl.runtime.setup import prepare_data
+    from spearfl.tools.judge import judge_agreement
+
+    assets = end_to_end_assets()
+    config = load_config(write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run"))
+    with single_thread():
+        result, rows = judge_agreement(config, str(assets.model_dir), 6)
+    heldout = prepare_data(config).heldout[:6]
+    assert result.total == len(rows) == 6 and [row["uid"] for row in rows] == [e.uid for e in heldout]
+    assert [row["oracle"] for row in rows] == [is_correct(e, row["answer"]) for e, row in zip(heldout, rows)]
+    assert result.both_right + result.oracle_only_right == sum(row["oracle"] for row in rows)
