@@ -221,6 +221,10 @@ class LiveConfig(Section):
     retention_days: float | None = Field(None, gt=0)  # None: keep every interaction until its person deletes it
     # The server's side: client i is the device service at devices[i] ("host:port"); empty: clients are simulated.
     devices: list[str] = []
+    # None: each round starts at once, its clients drawn from all devices. A number: a round starts once
+    # server.clients_per_round devices have min_interactions pending (its clients drawn from those), or when
+    # this many seconds have passed since the last round ended, whichever comes first.
+    round_period_seconds: float | None = Field(None, gt=0)
 
 
 class RunConfig(Section):

@@ -243,6 +243,15 @@ class InteractionStore:
             )]
         return self.get_many(ids)
 
+    def count_pending(self) -> int:
+        """How many interactions `pending` would return."""
+        with self.lock:
+            return self.connection.execute(
+                "SELECT COUNT(*) FROM interactions i JOIN attempts a ON a.interaction_id = i.id AND a.attempt = 0"
+                " WHERE i.consumed_round IS NULL AND a.verdict IS NOT NULL"
+                " AND i.id NOT IN (SELECT interaction_id FROM claims)"
+            ).fetchone()[0]
+
     def claim(self, round_index: int, interaction_ids: list[str]) -> None:
         """Record that round `round_index` trains on these interactions (replacing an earlier claim of it)."""
         with self.transaction() as db:

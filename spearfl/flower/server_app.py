@@ -33,7 +33,7 @@ from spearfl.flower.records import (
     work_content,
 )
 from spearfl.lm.models import quiet_library_output
-from spearfl.runtime.server import FederatedRun, RoundReplies, console
+from spearfl.runtime.server import FederatedRun, RoundReplies, choose_clients, console
 from spearfl.runtime.setup import check_config
 
 APP_FOLDER = Path(__file__).resolve().parents[2]
@@ -58,6 +58,9 @@ class FlowerClients:
         self.reply_timeout = reply_timeout
         self.connect_timeout = connect_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
+
+    def choose(self, round_index: int) -> list[int]:
+        return choose_clients(self.config, round_index)
 
     def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
         self.find_nodes(clients, wait=not self.nodes)

@@ -14,7 +14,10 @@ the device is told; nothing is lost and nothing trained twice).
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -23,11 +26,13 @@ from rich.progress import Progress
 from spearfl.algorithms.base import ClientContext, ClientResult
 from spearfl.config import config_to_dict
 from spearfl.federated.codec import wire_array
-from spearfl.runtime.server import RoundReplies, as_received
+from spearfl.runtime.server import RoundReplies, as_received, choose_clients
 from spearfl.runtime.setup import Federation
 from spearfl.runtime.worker import WorkerError, exchange
+from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
 
 TOKEN_VARIABLE = "SPEARFL_TOKEN"
+POLL_SECONDS = 1.0  # how often a waiting server asks the devices how many interactions they hold
 
 
 class DeviceClients:
@@ -38,6 +43,27 @@ class DeviceClients:
         self.addresses = list(self.config.live.devices)
         self.token = os.environ.get(TOKEN_VARIABLE) or None
         self.missed: dict[int, dict[int, bool]] = {}  # client -> round -> accepted, for devices the notice missed
+
+    def choose(self, round_index: int) -> list[int]:
+        """The round's devices: with `live.round_period_seconds`, wait until `clients_per_round` devices have
+        `min_interactions` pending (or the period is over) and draw from the ready ones first."""
+        config, period = self.config, self.config.live.round_period_seconds
+        if period is None:
+            return choose_clients(config, round_index)
+        wanted, deadline = config.server.clients_per_round, time.monotonic() + period
+        while True:
+            ready = [client for client, count in enumerate(self.pending_counts()) if count >= config.live.min_interactions]
+            if len(ready) >= wanted or time.monotonic() >= deadline:
+                break
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        rng = numpy_generator(derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "client-selection"))
+        others = [client for client in range(len(self.addresses)) if client not in ready]
+        ranked = [ready[i] for i in rng.permutation(len(ready))] + [others[i] for i in rng.permutation(len(others))]
+        return sorted(ranked[:wanted])
+
+    def pending_counts(self) -> list[int]:
+        """Each device's pending interactions (/health); 0 for a device that does not answer."""
+        return [device_pending(address, self.token) for address in self.addresses]
 
     def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
         arrays = {name: wire_array(tensor) for name, tensor in global_state.items()}
@@ -70,6 +96,20 @@ class DeviceClients:
             except WorkerError:
                 if outcome is not None:
                     self.missed.setdefault(client, {})[round_index] = outcome
+
+
+def device_pending(address: str, token: str | None, timeout: float = 10.0) -> int:
+    """Pending interactions a device service reports on /health; 0 when it cannot be reached."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection.request("GET", "/health", headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = connection.getresponse()
+        return int(json.loads(response.read()).get("pending", 0)) if response.status == 200 else 0
+    except (OSError, ValueError):
+        return 0
+    finally:
+        connection.close()
 
 
 def checked_payload(payload: dict[str, np.ndarray], global_state: dict[str, torch.Tensor], result: dict) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
 from spearfl.runtime.client import upload
 from spearfl.runtime.devices import DeviceClients
-from spearfl.runtime.server import FederatedRun, RoundReplies, as_received
+from spearfl.runtime.server import FederatedRun, RoundReplies, as_received, choose_clients
 from spearfl.runtime.setup import Federation
 
 
@@ -31,6 +31,9 @@ class InProcessClients:
         self.federation = federation
         self.progress = progress
         self.update = ALGORITHMS[context.config.algorithm]
+
+    def choose(self, round_index: int) -> list[int]:
+        return choose_clients(self.context.config, round_index)
 
     def train(self, round_index: int, clients: list[int], global_state, lr: float) -> RoundReplies:
         bar = self.progress.add_task(f"round {round_index} clients", total=len(clients)) if self.progress else None

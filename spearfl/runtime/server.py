@@ -136,6 +136,9 @@ class RoundReplies:
 class ClientRunner(Protocol):
     """Runs one round's client updates wherever the clients live, and returns their results."""
 
+    def choose(self, round_index: int) -> list[int]:
+        """The clients of this round (`choose_clients`, unless where they live decides who is ready)."""
+
     def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies: ...
 
     def settle(self, round_index: int, replies: RoundReplies, global_state: dict[str, torch.Tensor]) -> None:
@@ -272,7 +275,7 @@ class FederatedRun:
         lr = learning_rate(
             round_index, config.server.rounds, config.optimizer.lr, config.optimizer.warmup_rounds, config.optimizer.min_lr_ratio
         )
-        replies = runner.train(round_index, choose_clients(config, round_index), global_state, lr)
+        replies = runner.train(round_index, runner.choose(round_index), global_state, lr)
         for rejected in replies.rejected:
             console.print(f"[yellow]round {round_index}: dropped the reply of client {rejected['client']}: {rejected['reason']}[/yellow]")
         results = replies.results

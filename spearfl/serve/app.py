@@ -183,7 +183,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "adapter_version": service.engine.adapter_version, "model": service.model_name,
-                "token_required": service.token is not None}
+                "token_required": service.token is not None, "pending": service.store.count_pending()}
 
     @app.post("/ask", summary="Ask a question; the answer streams as server-sent events (token..., done)")
     async def ask(body: AskBody) -> StreamingResponse:

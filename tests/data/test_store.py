@@ -77,6 +77,7 @@ def test_a_round_consumes_only_what_it_claimed_and_only_once_confirmed(store):
     store.claim(2, ids[:2])
     assert store.claimed_rounds() == [2]
     assert [i.id for i in store.pending()] == [ids[2]]  # claimed: no other round sees them until round 2 settles
+    assert store.count_pending() == 1
     assert store.confirm(2) == 2
     assert [i.id for i in store.pending()] == [ids[2]]
     assert store.get(ids[0]).consumed_round == 2 and store.claimed_rounds() == []

@@ -104,3 +104,28 @@ def test_rounds_train_on_the_judged_interactions_once_and_devices_answer_with_th
         serving = device.service.engine.adapter_state()
         assert all(torch.equal(serving[name], final[name]) for name in final)
     assert sum(row["weight"] for row in first) > 0, "no device had a judged win to learn from"
+
+
+def test_with_a_period_a_round_waits_for_ready_devices_and_draws_from_them(monkeypatch):
+    from helpers import make_config
+
+    from spearfl.runtime.devices import DeviceClients
+
+    def runner_with(period, counts):
+        config = make_config(
+            "data.num_clients=4", "server.clients_per_round=2", 'live.devices=["a:1", "b:2", "c:3", "d:4"]',
+            "live.min_interactions=3", f"live.round_period_seconds={period}",
+        )
+        runner = DeviceClients(type("Context", (), {"config": config})(), None, None)
+        polls = iter(counts)
+        monkeypatch.setattr(runner, "pending_counts", lambda: next(polls))
+        return runner, polls
+
+    monkeypatch.setattr("spearfl.runtime.devices.POLL_SECONDS", 0.01)
+    runner, polls = runner_with(30, [[0, 5, 0, 1], [0, 5, 0, 2], [4, 5, 0, 3], [9, 9, 9, 9]])
+    chosen = runner.choose(1)  # the second ready device comes on the third poll
+    assert len(chosen) == 2 and set(chosen) <= {0, 1, 3} and next(polls) == [9, 9, 9, 9]
+    runner, _ = runner_with(0.05, iter(lambda: [0, 5, 0, 1], None))  # never two ready: the period runs out
+    started = time.monotonic()
+    chosen = runner.choose(1)
+    assert 1 in chosen and len(chosen) == 2 and time.monotonic() - started >= 0.05
