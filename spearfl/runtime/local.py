@@ -19,7 +19,12 @@ from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
 from spearfl.runtime.client import upload
 from spearfl.runtime.devices import DeviceClients
-from spearfl.runtime.server import FederatedRun, RoundReplies, as_received, choose_clients
+from spearfl.runtime.server import (
+    FederatedRun,
+    RoundReplies,
+    as_received,
+    choose_clients,
+)
 from spearfl.runtime.setup import Federation
 
 

@@ -5,9 +5,9 @@ import doctest
 import pytest
 from helpers import completion_logprobs, single_thread, tiny_lora_model
 
-import spearfl.feedback.verifiers as verifiers
 from spearfl.config import ConfigError, load_config
 from spearfl.data.schema import Example
+from spearfl.feedback import verifiers
 from spearfl.feedback.judge import Judge
 from spearfl.feedback.providers import make_provider
 from spearfl.runtime.setup import check_config, client_feedback
