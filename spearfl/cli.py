@@ -200,6 +200,49 @@ def seconds_pair(median: float | None, p95: float | None) -> str:
     return "-" if median is None else f"{median:.2f} / {p95:.2f}"
 
 
+@app.command("serve-bench")
+def serve_bench_command(
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Config naming the model and task (default: configs/demo.yaml's defaults).")
+    ] = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated numbers of people asking at once.")] = "1,4,16",
+    requests: Annotated[int, typer.Option(min=1, help="Questions each person asks.")] = 4,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the figures to this JSON file.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Measure the device service on this machine: latency and tokens/s per request at each concurrency (batched and
+    one at a time), store writes per second, and the time from a round's end to answers from the new adapter."""
+    config = load_checked(config_path, set_)
+    from spearfl.io import atomic_write_json
+    from spearfl.serve.bench import serve_bench
+
+    try:
+        levels = [int(part) for part in concurrency.split(",")]
+    except ValueError:
+        fail(f"--concurrency: comma-separated whole numbers, got {concurrency!r}")
+    figures = serve_bench(config, levels, requests)
+    table = Table(title=f"device service, {config.model.name}, {torch_threads()} threads")
+    for column in ("people at once", "batching", "requests", "first token s (median / p95)", "tokens/s per request (median / p95)", "total tokens/s"):
+        table.add_column(column, justify="right")
+    for row in figures["load"]:
+        table.add_row(
+            str(row["concurrency"]), "on" if row["max_batch"] > 1 else "off", str(row["requests"]),
+            seconds_pair(row["first_token_s_median"], row["first_token_s_p95"]),
+            f"{row['tokens_per_s_median']:.1f} / {row['tokens_per_s_p95']:.1f}", f"{row['total_tokens_per_s']:.1f}",
+        )
+    console.print(table)
+    console.print(f"store: {figures['store_writes_per_s']:.0f} interactions added and judged per second (4 writer threads)")
+    console.print("round end to an answer from the new adapter: " + ", ".join(f"{value:.2f} s" for value in figures["adapter_switch_s"]))
+    if output is not None:
+        atomic_write_json(output, figures)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 @app.command()
 def judge(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the answering model and dataset.")],

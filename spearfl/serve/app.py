@@ -348,8 +348,8 @@ def event_stream(service: Service, prompt_ids: list[int], seed: int, record) -> 
 
     async def stream():
         prefix = service.prompts.prefix
-        if prefix:
-            yield sse("token", {"text": prefix})
+        if prefix:  # the reply's opening the prompt already wrote (prompt.answer_prefix): shown, not generated
+            yield sse("token", {"text": prefix, "prefix": True})
         async for kind, value in events(service, prompt_ids, seed):
             if kind == "token":
                 yield sse("token", {"text": value})

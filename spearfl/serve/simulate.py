@@ -67,7 +67,7 @@ def stream(client: httpx.Client, path: str, body: dict | None, tally: Tally) -> 
                 event = line[len("event: "):]
             elif line.startswith("data: "):
                 data = json.loads(line[len("data: "):])
-                if event == "token" and first is None:
+                if event == "token" and first is None and not data.get("prefix"):  # the first generated token
                     first = time.perf_counter() - started
                 elif event == "done":
                     done = data

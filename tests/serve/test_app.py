@@ -29,9 +29,9 @@ def one_thread():
         yield
 
 
-def make_service(tokenizer, tmp_path, token=None, limits=None, max_new_tokens=6, batch_window=0.02):
+def make_service(tokenizer, tmp_path, token=None, limits=None, max_new_tokens=6, batch_window=0.02, *overrides):
     model = tiny_lora_model(tokenizer)
-    context = make_context(model, tokenizer, make_config())
+    context = make_context(model, tokenizer, make_config(*overrides))
     settings = SamplingSettings(max_new_tokens, 1.0, 1.0, 8, text_prefix=context.prompts.prefix)
     engine = AnswerEngine(model, tokenizer, settings, adapter_version=0, max_batch=8, batch_window=batch_window)
     store = InteractionStore(tmp_path / "interactions.sqlite")
@@ -253,5 +253,17 @@ def test_concurrent_requests_decode_as_one_batch(tokenizer, tmp_path, monkeypatc
             thread.join(timeout=60)
     assert len(results) == 4 and len({r["interaction_id"] for r in results}) == 4
     assert sizes == [4]
+    service.engine.close()
+    service.store.close()
+
+
+def test_an_answer_prefix_streams_first_marked_as_written_by_the_prompt(tokenizer, tmp_path):
+    service = make_service(tokenizer, tmp_path, None, None, 6, 0.02, "prompt.answer_prefix=true")
+    with TestClient(create_app(service)) as client:
+        events, done = ask(client)
+    assert events[0] == ("token", {"text": "Answer:", "prefix": True})
+    assert all("prefix" not in data for name, data in events[1:] if name == "token")
+    assert "".join(data["text"] for name, data in events if name == "token") == done["text"]
+    assert service.store.get(done["interaction_id"]).first.text.startswith("Answer:")
     service.engine.close()
     service.store.close()
