@@ -190,7 +190,9 @@ class RltfSdConfig(Section):
 
 
 class ServerConfig(Section):
-    rounds: int = Field(50, ge=1)  # the reference's 50 (100 on ARC, as those presets set)
+    # the reference's 50 (100 on ARC, as those presets set); None: until stopped (live devices only), at a
+    # constant rate after the warm-up, since no cosine has an end to decay towards
+    rounds: int | None = Field(50, ge=1)
     clients_per_round: int = Field(3, ge=1)  # the reference's
     strategy: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
     server_lr: float = Field(1e-3, gt=0)  # FedAdam/FedYogi only; their first step moves each weight by about this much

@@ -17,9 +17,14 @@ import math
 
 
 def learning_rate(
-    round_index: int, num_rounds: int, base_lr: float, warmup_rounds: int, min_lr_ratio: float
+    round_index: int, num_rounds: int | None, base_lr: float, warmup_rounds: int, min_lr_ratio: float
 ) -> float:
-    """Learning rate for training round `round_index` (1-based) of `num_rounds`."""
+    """Learning rate for training round `round_index` (1-based) of `num_rounds`; None: rounds until stopped,
+    base_lr after the warm-up (a cosine needs an end)."""
+    if num_rounds is None:
+        if round_index < 1 or warmup_rounds < 0:
+            raise ValueError(f"round_index must be >= 1 and warmup_rounds >= 0, got {round_index}, {warmup_rounds}")
+        return base_lr * min(1.0, round_index / warmup_rounds) if warmup_rounds else base_lr
     if not 1 <= round_index <= num_rounds:
         raise ValueError(f"round_index must be in 1..{num_rounds}, got {round_index}")
     if not 0 <= warmup_rounds <= num_rounds:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -220,6 +221,11 @@ class FederatedRun:
         try:
             summary = self.run_rounds(checkpoint, start_round)
         except KeyboardInterrupt:
+            if self.config.server.rounds is None and self.folder.read_history():  # the way an open-ended run ends
+                self.write_results()
+                self.folder.write_status("interrupted", last_round=self.last_saved_round(), message="stopped; run again to continue")
+                console.print(f"stopped after round {self.last_saved_round()}: {self.folder.path} has its summary; run again to continue")
+                return self.folder.read_summary()
             self.folder.write_status("interrupted", last_round=self.last_saved_round(), message="stopped by Ctrl-C")
             console.print(f"[yellow]interrupted: {self.folder.path} is incomplete; run again to resume[/yellow]")
             raise
@@ -249,15 +255,16 @@ class FederatedRun:
         with self.progress() as progress:
             self.context.progress = progress if self.show_progress else None
             runner = self.make_runner(self.context, federation, self.context.progress)
-            rounds_bar = progress.add_task("rounds", total=config.server.rounds + 1, completed=start_round)
-            for round_index in range(start_round, config.server.rounds + 1):
+            last = config.server.rounds  # None: until stopped
+            rounds_bar = progress.add_task("rounds", total=None if last is None else last + 1, completed=start_round)
+            for round_index in itertools.count(start_round) if last is None else range(start_round, last + 1):
                 if round_index == 0:
                     row = {"round": 0, "lr": 0.0, "clients": []}
                 else:
                     global_state, server_state, row, replies = self.train_round(runner, round_index, global_state, server_state)
                     if row["lora_average_error"] is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
                         progress.update(rounds_bar, description=f"rounds (LoRA average error {row['lora_average_error']:.3f})")
-                if round_index % config.eval.every == 0 or round_index == config.server.rounds:
+                if round_index % config.eval.every == 0 or round_index == last:
                     set_adapter_state(model, global_state)
                     row["eval"] = clean(self.evaluate(federation.heldout, global_state))
                     self.folder.save_adapter(round_index, global_state)
@@ -311,6 +318,15 @@ class FederatedRun:
 
     def finish(self) -> dict:
         """Write summary and plot, mark the folder complete, print the table."""
+        self.write_results()
+        self.folder.write_status("complete", last_round=self.config.server.rounds)
+        summary = self.folder.read_summary()
+        if self.show_progress:
+            console.print(summary_table(summary))
+        return summary
+
+    def write_results(self) -> None:
+        """summary.json (first and last held-out figures, totals) and the plot, from the history so far."""
         history = self.folder.read_history()
         evals = [row for row in history if "eval" in row]
         online = [row["online"] for row in history if "online" in row]
@@ -318,7 +334,7 @@ class FederatedRun:
             "algorithm": self.config.algorithm,
             "dataset": self.config.data.dataset,
             "seed": self.config.seed,
-            "rounds": self.config.server.rounds,
+            "rounds": history[-1]["round"],
             "generated_tokens": sum(o["generated_tokens"] for o in online),
             "trained_tokens": sum(o["trained_tokens"] for o in online),
             "upload_bytes": sum(o["upload_bytes"] for o in online),
@@ -327,11 +343,6 @@ class FederatedRun:
         }
         self.folder.write_summary(evals[0]["eval"], evals[-1]["eval"], extra)
         plot_accuracy(history, self.folder.plot_path)
-        self.folder.write_status("complete", last_round=self.config.server.rounds)
-        summary = self.folder.read_summary()
-        if self.show_progress:
-            console.print(summary_table(summary))
-        return summary
 
     def progress(self) -> Progress:
         return Progress(

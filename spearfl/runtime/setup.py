@@ -45,6 +45,8 @@ def check_config(config: RunConfig) -> None:
     if config.feedback.provider not in ("oracle", "judge"):
         verdict_for(config)  # a bad pattern or an unknown function stops the run before any work
     devices = config.live.devices
+    if config.server.rounds is None and not devices:
+        raise ConfigError("server.rounds: null (until stopped) is for live devices; set live.devices or a number of rounds")
     if devices and len(devices) != config.data.num_clients:
         raise ConfigError(f"live.devices: {len(devices)} devices, but data.num_clients is {config.data.num_clients}")
     if devices and config.algorithm != "spear":
