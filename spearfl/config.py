@@ -227,6 +227,9 @@ class LiveConfig(Section):
     # server.clients_per_round devices have min_interactions pending (its clients drawn from those), or when
     # this many seconds have passed since the last round ended, whichever comes first.
     round_period_seconds: float | None = Field(None, gt=0)
+    # On Flower: the SuperNodes relay to device services (node config `service`); the server then tells every node
+    # each round's outcome and the new global adapter, and work orders carry outcomes a device missed.
+    on_flower: bool = False
 
 
 class RunConfig(Section):

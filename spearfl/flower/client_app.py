@@ -7,6 +7,8 @@ Node config (`flower-supernode --node-config`; the simulation engine sets the fi
                   loaded across rounds (in a deployment Flower starts a new ClientApp process for every message)
   examples        str, optional: path of this device's own JSONL examples, used instead of its partition of the
                   configured dataset
+  service         str, optional: host:port of this device's `spearfl serve`, whose people's judged interactions the
+                  rounds train on (a live run, `live.on_flower`); its access token comes from $SPEARFL_TOKEN
 Without a worker the update runs in this process on a model cached for the life of the process: the
 simulation engine keeps its processes for the whole run, so there the model loads once per process.
 """
@@ -14,12 +16,15 @@ simulation engine keeps its processes for the whole run, so there the model load
 from __future__ import annotations
 
 import functools
+import os
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from spearfl.flower.records import node_content, read_work, reply_content
-from spearfl.runtime.worker import train_on_worker
+from spearfl.flower.records import node_content, read_outcome, read_work, reply_content
+from spearfl.runtime.worker import exchange, train_on_worker
+
+TOKEN_VARIABLE = "SPEARFL_TOKEN"
 
 app = ClientApp()
 
@@ -33,8 +38,13 @@ def partition_id(context: Context) -> int:
 
 @app.query()
 def describe(message: Message, context: Context) -> Message:
-    """Tell the server which client this node is."""
-    return Message(node_content(partition_id(context)), reply_to=message)
+    """Tell the server which client this node is; or relay a round's outcome to this node's device service."""
+    outcome = read_outcome(message.content)
+    if outcome is None:
+        return Message(node_content(partition_id(context)), reply_to=message)
+    if "service" in context.node_config:
+        exchange(str(context.node_config["service"]), "/worker/result", *outcome, token=os.environ.get(TOKEN_VARIABLE))
+    return Message(RecordDict(), reply_to=message)
 
 
 @app.train()
@@ -47,9 +57,13 @@ def train(message: Message, context: Context) -> Message:
     num_clients = request["config"]["data"]["num_clients"]
     if "num-partitions" in node and int(node["num-partitions"]) != num_clients:
         raise ValueError(f"node config num-partitions={node['num-partitions']} but the run has data.num_clients={num_clients}")
+    settled = request.pop("settled", {})  # round outcomes a live device has not heard yet
     if "examples" in node:
         request["examples_path"] = str(node["examples"])
-    if "worker" in node:
+    if "service" in node:
+        header = {"request": request, "settled": settled}
+        state, result = exchange(str(node["service"]), "/worker/train", arrays, header, token=os.environ.get(TOKEN_VARIABLE))
+    elif "worker" in node:
         state, result = train_on_worker(str(node["worker"]), arrays, request)
     else:
         state, result = in_process_host().train_arrays(arrays, request)

@@ -8,9 +8,12 @@ Back:
     "adapter"  ArrayRecord   the upload payload (spearfl.federated.codec): the trained LoRA state in float32, or its
                              update in bfloat16 sent as bit patterns (uint16); absent when the weight is 0
 Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
+Round outcomes (message type "query", live runs): "adapter" the new global adapter, "outcome" ConfigRecord
+    {"round", "outcome": accepted | rejected | none, "version"}, relayed to the node's device service.
 
 A reply is aggregated only if it passes `read_reply`: the expected keys, shapes and dtype, finite values,
-a finite weight between 0 and the number of completions the client sampled, and every counter the server
+a finite weight between 0 and the number of prompts of the client's round (a weight counts prompts trained on),
+and every counter the server
 names as required (`spearfl.algorithms.base.REPORTED_METRICS`). Arrays travel as Flower's numpy arrays (never pickled: numpy loads them with
 allow_pickle=False). Imports no torch, so the per-message ClientApp process starts fast.
 """
@@ -26,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from spearfl.federated.codec import WIRE_DTYPES, wire_values
 
-ADAPTER, WORK, METRICS, NODE = "adapter", "work", "metrics", "node"
+ADAPTER, WORK, METRICS, NODE, OUTCOME = "adapter", "work", "metrics", "node", "outcome"
 WEIGHT = "weight"
 
 # (shape, dtype name) of each adapter tensor the server expects back
@@ -105,8 +108,8 @@ def read_reply(content: RecordDict, expected: Layout, required_metrics: tuple[st
     bad = [key for key in required_metrics if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key])]
     if bad:
         raise InvalidReply(f"metrics not finite numbers: {bad}")
-    if weight > metrics["generations"]:
-        raise InvalidReply(f"weight {weight} exceeds the {metrics['generations']} completions the client sampled")
+    if weight > metrics["prompts"]:
+        raise InvalidReply(f"weight {weight} exceeds the {metrics['prompts']} prompts of the client's round")
     if weight == 0:
         return Reply(None, 0.0, metrics, 0)
     if ADAPTER not in content.array_records:
@@ -141,3 +144,22 @@ def node_content(partition_id: int) -> RecordDict:
 
 def read_node(content: RecordDict) -> int:
     return int(content.config_records[NODE]["partition-id"])
+
+
+def outcome_content(arrays: dict[str, np.ndarray], round_index: int, accepted: bool | None) -> RecordDict:
+    """A round's outcome for one node (its reply accepted, rejected, or it was not in the round) and the new adapter."""
+    outcome = "none" if accepted is None else "accepted" if accepted else "rejected"
+    return RecordDict({
+        ADAPTER: adapter_record(arrays),
+        OUTCOME: ConfigRecord({"round": round_index, "outcome": outcome, "version": round_index}),
+    })
+
+
+def read_outcome(content: RecordDict) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(new adapter, {"round", "accepted", "version"}) of an outcome message; None for any other query."""
+    if OUTCOME not in content.config_records:
+        return None
+    record = content.config_records[OUTCOME]
+    accepted = {"accepted": True, "rejected": False, "none": None}[str(record["outcome"])]
+    header = {"round": int(record["round"]), "accepted": accepted, "version": int(record["version"])}
+    return record_arrays(content.array_records[ADAPTER]), header

@@ -28,6 +28,7 @@ from spearfl.federated.codec import decode_upload
 from spearfl.flower.records import (
     InvalidReply,
     layout_of,
+    outcome_content,
     read_node,
     read_reply,
     work_content,
@@ -58,6 +59,7 @@ class FlowerClients:
         self.reply_timeout = reply_timeout
         self.connect_timeout = connect_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
+        self.missed: dict[int, dict[int, bool]] = {}  # live runs: client -> round -> accepted, not yet heard by it
 
     def choose(self, round_index: int) -> list[int]:
         return choose_clients(self.config, round_index)
@@ -69,7 +71,8 @@ class FlowerClients:
         reachable = [client for client in clients if client in self.nodes]
         messages = [
             Message(
-                work_content(arrays, {"config": config, "client_id": client, "round_index": round_index, "lr": lr}),
+                work_content(arrays, {"config": config, "client_id": client, "round_index": round_index, "lr": lr}
+                             | self.settled_for(client)),
                 dst_node_id=self.nodes[client],
                 message_type=MessageType.TRAIN,
                 group_id=str(round_index),
@@ -87,9 +90,30 @@ class FlowerClients:
         console.print(f"round {round_index}: {len(accepted)} of {len(clients)} client replies aggregated")
         return RoundReplies(accepted, rejected)
 
+    def settled_for(self, client: int) -> dict:
+        """Live runs: the outcomes of this client's earlier rounds that its device has not heard, for its work order."""
+        if not self.config.live.on_flower:
+            return {}
+        return {"settled": {str(r): accepted for r, accepted in self.missed.pop(client, {}).items()}}
+
     def settle(self, round_index: int, replies: RoundReplies, global_state: dict[str, torch.Tensor]) -> None:
-        """Nothing yet: the SuperNodes' ClientApps hold nothing between rounds (devices that learn from their
-        people's verdicts are reached through `live.devices` and `spearfl.runtime.devices`)."""
+        """Live runs (`live.on_flower`): every node hears the round's outcome with the new global adapter, which its
+        ClientApp relays to the device service; an outcome that does not arrive rides on the next work order."""
+        if not self.config.live.on_flower:
+            return
+        accepted = {client for client, _ in replies.results}
+        rejected = {entry["client"] for entry in replies.rejected}
+        arrays = {name: tensor.numpy() for name, tensor in global_state.items()}
+        clients = sorted(self.nodes)
+        outcomes = {client: (client in accepted) if client in accepted | rejected else None for client in clients}
+        messages = [
+            Message(outcome_content(arrays, round_index, outcomes[client]), dst_node_id=self.nodes[client],
+                    message_type=MessageType.QUERY, group_id=f"outcome-{round_index}")
+            for client in clients
+        ]
+        for client, reply in zip(clients, self.exchange(messages, self.reply_timeout)):
+            if (reply is None or reply.has_error()) and outcomes[client] is not None:
+                self.missed.setdefault(client, {})[round_index] = outcomes[client]
 
     def accept(self, reply: Message | None, global_state, expected, has_node: bool) -> ClientResult:
         """The client's result as the server aggregates it, or InvalidReply saying why there is none."""

@@ -118,6 +118,8 @@ def checked_payload(payload: dict[str, np.ndarray], global_state: dict[str, torc
     weight = float(result["weight"])
     if weight < 0 or not np.isfinite(weight):
         raise ValueError(f"weight {weight} is not a finite number >= 0")
+    if weight > result["metrics"]["prompts"]:
+        raise ValueError(f"weight {weight} exceeds the {result['metrics']['prompts']} prompts of the client's round")
     if weight == 0:
         return {}
     if payload.keys() != global_state.keys():

@@ -45,11 +45,11 @@ def check_config(config: RunConfig) -> None:
     if config.feedback.provider not in ("oracle", "judge"):
         verdict_for(config)  # a bad pattern or an unknown function stops the run before any work
     devices = config.live.devices
-    if config.server.rounds is None and not devices:
+    if config.server.rounds is None and not (devices or config.live.on_flower):
         raise ConfigError("server.rounds: null (until stopped) is for live devices; set live.devices or a number of rounds")
     if devices and len(devices) != config.data.num_clients:
         raise ConfigError(f"live.devices: {len(devices)} devices, but data.num_clients is {config.data.num_clients}")
-    if devices and config.algorithm != "spear":
+    if (devices or config.live.on_flower) and config.algorithm != "spear":
         raise ConfigError(f"algorithm: {config.algorithm!r} cannot learn from people's verdicts; live devices run spear")
 
 

@@ -20,40 +20,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 
 from spearfl.config import RunConfig
 from spearfl.data.store import Attempt, InteractionStore
 from spearfl.runtime.setup import build_context, client_feedback, prepare_data
 from spearfl.runtime.worker import exchange
-from spearfl.serve.app import create_app
-from spearfl.serve.device import build_service
+from spearfl.serve.device import ServiceThread, build_service
 from spearfl.serve.simulate import deal, simulate_people
-
-
-class Served:
-    """A service on 127.0.0.1 in a thread of this process."""
-
-    def __init__(self, service):
-        self.service = service
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning", ws="none"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.service.engine.close()
-        self.service.store.close()
 
 
 def load_figures(config: RunConfig, context, concurrency: int, requests: int, max_batch: int, folder: Path) -> dict:
     """c people asking at once against a fresh service: per-request latency and rate, and the total decode rate."""
     store_config = config.model_copy(update={"live": config.live.model_copy(update={"store": str(folder / f"load-{concurrency}-{max_batch}.sqlite")})})
-    served = Served(build_service(store_config, context=context, max_batch=max_batch))
+    served = ServiceThread(build_service(store_config, context=context, max_batch=max_batch))
     try:
         questions = deal(prepare_data(config).heldout, concurrency, concurrency * requests, seed=concurrency)
         started = time.perf_counter()
@@ -97,7 +76,7 @@ def store_writes_per_second(folder: Path, seconds: float = 3.0, writers: int = 4
 def adapter_switch_seconds(config: RunConfig, context, folder: Path, repeats: int = 3) -> list[float]:
     """From the round-end notice carrying a new adapter to the first answer written by it."""
     store_config = config.model_copy(update={"live": config.live.model_copy(update={"store": str(folder / "switch.sqlite")})})
-    served = Served(build_service(store_config, context=context))
+    served = ServiceThread(build_service(store_config, context=context))
     example = prepare_data(config).heldout[0]
     timings = []
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
+import time
 from pathlib import Path
 
 from spearfl.config import RunConfig
@@ -14,7 +16,7 @@ from spearfl.io import load_tensors
 from spearfl.lm.generation import SamplingSettings
 from spearfl.lm.models import set_adapter_state
 from spearfl.runtime.setup import build_context
-from spearfl.serve.app import Limits, Service
+from spearfl.serve.app import Limits, Service, create_app
 from spearfl.serve.engine import AnswerEngine
 from spearfl.serve.rounds import DeviceRounds
 
@@ -71,3 +73,28 @@ def build_service(
         engine=engine, store=store, prompts=context.prompts, label_style=label_style(config),
         model_name=config.model.name, token=token, limits=limits or Limits(), rounds=DeviceRounds(context, store, engine),
     )
+
+
+class ServiceThread:
+    """A service listening on 127.0.0.1 (a free port) in a thread of this process, for benchmarks and tests;
+    `stop` ends the server, the engine and the store."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", startup_seconds: float = 30.0):
+        import uvicorn
+
+        self.service = service
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=0, log_level="warning", ws="none"))
+        self.thread = threading.Thread(target=self.server.run, name="spearfl-service", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + startup_seconds
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the service did not start")
+            time.sleep(0.05)
+        self.address = f"{host}:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.service.engine.close()
+        self.service.store.close()

@@ -57,6 +57,13 @@ def test_work_and_reply_round_trip_keep_arrays_and_metrics():
     assert reply.payload_bytes == 4 * 12
 
 
+def test_a_round_that_generated_nothing_may_weigh_its_prompts():
+    """A live device trains on answers its people already judged: no completion sampled, every prompt trained on."""
+    result = good_result(weight=4.0)
+    result["metrics"]["generations"] = 0
+    assert read_reply(reply_content(adapter(), result), layout_of(adapter()), REPORTED_METRICS).weight == 4.0
+
+
 def test_a_weight_zero_reply_needs_no_adapter():
     reply = read_reply(reply_content({}, good_result(weight=0.0)), layout_of(adapter()), REPORTED_METRICS)
     assert reply.payload is None and reply.weight == 0.0 and reply.metrics["prompts"] == 4 and reply.payload_bytes == 0
@@ -96,7 +103,7 @@ def spoiled(change) -> RecordDict:
         (lambda arrays, result: result["metrics"].update(seconds=float("inf")), "not finite numbers: ['seconds']"),
         (lambda arrays, result: result.update(weight=-1.0), "weight must be a finite number >= 0"),
         (lambda arrays, result: result.update(weight=float("nan")), "weight must be a finite number >= 0"),
-        (lambda arrays, result: result.update(weight=5.0), "exceeds the 4 completions"),
+        (lambda arrays, result: result.update(weight=5.0), "exceeds the 4 prompts"),
         (lambda arrays, result: arrays.clear(), "but no adapter"),
     ],
 )

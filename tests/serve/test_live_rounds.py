@@ -2,13 +2,11 @@
 and the server loop running rounds on the devices (`live.devices`): the rounds train on exactly the judged
 interactions, consume them once, and every device then answers with the new global adapter."""
 
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from helpers import end_to_end_assets, read_history, single_thread, write_run_config
 
 from spearfl.config import load_config
@@ -16,30 +14,8 @@ from spearfl.data.sources import load_jsonl
 from spearfl.feedback.providers import make_oracle
 from spearfl.io import load_tensors
 from spearfl.runtime.local import run_local
-from spearfl.serve.app import create_app
-from spearfl.serve.device import build_service
+from spearfl.serve.device import ServiceThread, build_service
 from spearfl.serve.simulate import deal, simulate_people
-
-
-class RunningService:
-    """A device service on 127.0.0.1 in a thread of this process; `stop` ends it."""
-
-    def __init__(self, service):
-        self.service = service
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning", ws="none"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started, "the service did not start"
-        self.address = f"127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.service.engine.close()
-        self.service.store.close()
 
 
 def stream_done(client: httpx.Client, path: str, body) -> dict:
@@ -59,7 +35,7 @@ def devices(tmp_path):
     with single_thread():
         for device in range(2):
             device_config = load_config(config_path, [f"live.store={tmp_path / f'device{device}.sqlite'}"])
-            running.append(RunningService(build_service(device_config, max_batch=8)))
+            running.append(ServiceThread(build_service(device_config, max_batch=8)))
         yield assets, config_path, running
     for service in running:
         service.stop()

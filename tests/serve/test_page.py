@@ -6,11 +6,10 @@ import shutil
 
 import pytest
 from helpers import end_to_end_assets, single_thread, write_run_config
-from test_live_rounds import RunningService
 
 from spearfl.config import load_config
 from spearfl.runtime.local import run_local
-from spearfl.serve.device import build_service
+from spearfl.serve.device import ServiceThread, build_service
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -35,7 +34,7 @@ def test_ask_judge_hint_revise_then_a_round_and_the_new_version(browser, tmp_pat
     assets = end_to_end_assets()
     config_path = write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run")
     with single_thread():
-        device = RunningService(build_service(load_config(config_path, [f"live.store={tmp_path / 'device.sqlite'}"]), max_batch=4))
+        device = ServiceThread(build_service(load_config(config_path, [f"live.store={tmp_path / 'device.sqlite'}"]), max_batch=4))
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
             page.goto(f"http://{device.address}/")
@@ -56,7 +55,7 @@ def test_ask_judge_hint_revise_then_a_round_and_the_new_version(browser, tmp_pat
             stored = device.service.store.recent()
             assert len(stored) == 1 and [a.verdict for a in stored[0].attempts] == [False, True]
             assert stored[0].first.hint == "Think of what you see in a rainbow." and not stored[0].first.hint_withheld
-            assert page.locator("#mine tbody tr").count() == 1
+            page.wait_for_function("document.querySelectorAll('#mine tbody tr').length === 1")  # the list refreshes
 
             config = load_config(config_path, [
                 "data.num_clients=1", "server.clients_per_round=1", "server.rounds=1", f'live.devices=["{device.address}"]',
@@ -66,6 +65,6 @@ def test_ask_judge_hint_revise_then_a_round_and_the_new_version(browser, tmp_pat
             assert device.service.store.get(stored[0].id).consumed_round == 1
             page.reload()
             page.wait_for_selector("#version:text('1')")
-            assert page.locator("#learning tbody tr").count() == 1  # the one answer judged, by version 0
+            page.wait_for_function("document.querySelectorAll('#learning tbody tr').length === 1")  # judged: version 0
         finally:
             device.stop()
