@@ -12,12 +12,16 @@ has no bfloat16, so a bfloat16 payload travels as its bit patterns (uint16): `wi
 
 The server always aggregates float32 states, so every strategy (FedAvg, FedAdam, FedYogi) works on any
 encoding; the local runtime applies the same encode / decode pair, so its results are those of a deployment.
+Every reply passes `check_reply` before aggregation, whichever transport brought it (Flower's records, a device
+service's payload): the expected keys, shapes and wire dtype, finite values, a finite weight between 0 and the
+prompts of the client's round (a weight counts prompts trained on), and every counter the server requires.
 Left out on purpose: the download (the global adapter goes out in float32), sparsification, and quantisers
 with error feedback.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,3 +77,63 @@ def wire_values(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array
+
+
+# (shape, dtype name) of each adapter tensor the server expects back
+Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+class InvalidReply(ValueError):
+    """A client's reply that must not be aggregated; the message says what is wrong with it."""
+
+
+def layout_of(arrays: dict[str, np.ndarray], encoding: str = "float32") -> Layout:
+    """What a reply's payload must look like for an adapter of these arrays sent with this upload encoding."""
+    return {name: (tuple(array.shape), WIRE_DTYPES[encoding]) for name, array in arrays.items()}
+
+
+def check_counts(weight, metrics: dict, required_metrics: tuple[str, ...]) -> float:
+    """The reply's weight, if it and the required metrics are finite numbers and the weight is within 0..prompts."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise InvalidReply(f"weight must be a finite number >= 0, got {weight!r}")
+    missing = [key for key in required_metrics if key not in metrics]
+    if missing:
+        raise InvalidReply(f"metrics missing {missing}")
+    bad = [key for key in required_metrics if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key])]
+    if bad:
+        raise InvalidReply(f"metrics not finite numbers: {bad}")
+    if "prompts" in metrics and weight > metrics["prompts"]:
+        raise InvalidReply(f"weight {weight} exceeds the {metrics['prompts']} prompts of the client's round")
+    return float(weight)
+
+
+def check_keys(names, expected: Layout) -> None:
+    missing, unexpected = sorted(expected.keys() - set(names)), sorted(set(names) - expected.keys())
+    if missing or unexpected:
+        raise InvalidReply(f"adapter keys differ: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+
+
+def check_arrays(arrays: dict[str, np.ndarray], expected: Layout) -> None:
+    """The payload has exactly the expected keys, shapes and wire dtype, and only finite values."""
+    check_keys(arrays, expected)
+    for name, (shape, dtype) in expected.items():
+        array = arrays[name]
+        if array.shape != shape or str(array.dtype) != dtype:
+            raise InvalidReply(f"{name}: {array.dtype} {array.shape}, expected {dtype} {shape}")
+        not_finite = int((~np.isfinite(wire_values(array))).sum())
+        if not_finite:
+            raise InvalidReply(f"{name}: {not_finite} values are not finite")
+
+
+def check_reply(
+    arrays: dict[str, np.ndarray], weight, metrics: dict, expected: Layout, required_metrics: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray] | None, float]:
+    """(the payload's arrays, or None for weight 0; the weight) of a reply that may be aggregated; InvalidReply
+    naming what is wrong otherwise."""
+    weight = check_counts(weight, metrics, required_metrics)
+    if weight == 0:
+        return None, 0.0
+    if not arrays:
+        raise InvalidReply(f"weight {weight} but no adapter")
+    check_arrays(arrays, expected)
+    return arrays, weight

@@ -11,29 +11,30 @@ Discovery (message type "query"): the reply's ConfigRecord "node" says which cli
 Round outcomes (message type "query", live runs): "adapter" the new global adapter, "outcome" ConfigRecord
     {"round", "outcome": accepted | rejected | none, "version"}, relayed to the node's device service.
 
-A reply is aggregated only if it passes `read_reply`: the expected keys, shapes and dtype, finite values,
-a finite weight between 0 and the number of prompts of the client's round (a weight counts prompts trained on),
-and every counter the server
-names as required (`spearfl.algorithms.base.REPORTED_METRICS`). Arrays travel as Flower's numpy arrays (never pickled: numpy loads them with
+A reply is aggregated only if it passes `read_reply`, which checks each array's declared shape and dtype before
+decoding it and then applies `spearfl.federated.codec.check_reply` (as the device-service transport does). Arrays travel as Flower's numpy arrays (never pickled: numpy loads them with
 allow_pickle=False). Imports no torch, so the per-message ClientApp process starts fast.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from spearfl.federated.codec import WIRE_DTYPES, wire_values
+from spearfl.federated.codec import (  # noqa: F401 - InvalidReply and layout_of are part of this module's interface
+    InvalidReply,
+    Layout,
+    check_keys,
+    check_reply,
+    layout_of,
+    wire_values,
+)
 
 ADAPTER, WORK, METRICS, NODE, OUTCOME = "adapter", "work", "metrics", "node", "outcome"
 WEIGHT = "weight"
-
-# (shape, dtype name) of each adapter tensor the server expects back
-Layout = dict[str, tuple[tuple[int, ...], str]]
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,6 @@ class Reply:
     weight: float
     metrics: dict
     payload_bytes: int
-
-
-class InvalidReply(ValueError):
-    """A client's reply that must not be aggregated; the message says what is wrong with it."""
 
 
 def adapter_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -86,13 +83,8 @@ def reply_content(arrays: dict[str, np.ndarray], result: dict) -> RecordDict:
     return RecordDict(records)
 
 
-def layout_of(arrays: dict[str, np.ndarray], encoding: str = "float32") -> Layout:
-    """What a reply's payload must look like for an adapter of these arrays sent with this upload encoding."""
-    return {name: (tuple(array.shape), WIRE_DTYPES[encoding]) for name, array in arrays.items()}
-
-
 def read_reply(content: RecordDict, expected: Layout, required_metrics: tuple[str, ...]) -> Reply:
-    """The reply's payload, weight and metrics; InvalidReply names what is wrong with it.
+    """The reply's payload, weight and metrics; InvalidReply names what is wrong with it (`check_reply`).
 
     required_metrics: the counters every reply must carry, finite (the server's history reads them).
     """
@@ -100,29 +92,16 @@ def read_reply(content: RecordDict, expected: Layout, required_metrics: tuple[st
         raise InvalidReply("no metrics record")
     metrics = dict(content.metric_records[METRICS])
     weight = metrics.pop(WEIGHT, None)
-    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise InvalidReply(f"weight must be a finite number >= 0, got {weight!r}")
-    missing = [key for key in required_metrics if key not in metrics]
-    if missing:
-        raise InvalidReply(f"metrics missing {missing}")
-    bad = [key for key in required_metrics if not isinstance(metrics[key], (int, float)) or not math.isfinite(metrics[key])]
-    if bad:
-        raise InvalidReply(f"metrics not finite numbers: {bad}")
-    if weight > metrics["prompts"]:
-        raise InvalidReply(f"weight {weight} exceeds the {metrics['prompts']} prompts of the client's round")
-    if weight == 0:
+    arrays = declared_arrays(content.array_records[ADAPTER], expected) if ADAPTER in content.array_records else {}
+    arrays, weight = check_reply(arrays, weight, metrics, expected, required_metrics)
+    if arrays is None:
         return Reply(None, 0.0, metrics, 0)
-    if ADAPTER not in content.array_records:
-        raise InvalidReply(f"weight {weight} but no adapter")
-    arrays = check_adapter(content.array_records[ADAPTER], expected)
-    return Reply({name: wire_values(array) for name, array in arrays.items()}, float(weight), metrics, sum(a.nbytes for a in arrays.values()))
+    return Reply({name: wire_values(array) for name, array in arrays.items()}, weight, metrics, sum(a.nbytes for a in arrays.values()))
 
 
-def check_adapter(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
-    """The payload's wire arrays, if they have exactly the expected keys, shapes and dtype and only finite values."""
-    missing, unexpected = sorted(expected.keys() - record.keys()), sorted(record.keys() - expected.keys())
-    if missing or unexpected:
-        raise InvalidReply(f"adapter keys differ: {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+def declared_arrays(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:
+    """The record's arrays, decoded only once each one's declared shape and dtype are the expected ones."""
+    check_keys(record.keys(), expected)
     arrays = {}
     for name, (shape, dtype) in expected.items():
         declared = record[name]
@@ -131,9 +110,6 @@ def check_adapter(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray
         array = declared.numpy()
         if array.shape != shape or str(array.dtype) != dtype:
             raise InvalidReply(f"{name}: data decodes to {array.dtype} {array.shape}, not the declared {dtype} {shape}")
-        not_finite = int((~np.isfinite(wire_values(array))).sum())
-        if not_finite:
-            raise InvalidReply(f"{name}: {not_finite} values are not finite")
         arrays[name] = array
     return arrays
 

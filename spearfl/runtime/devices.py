@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from spearfl.algorithms.base import ClientContext, ClientResult
+from spearfl.algorithms.base import REPORTED_METRICS, ClientContext, ClientResult
 from spearfl.config import config_to_dict
-from spearfl.federated.codec import wire_array
+from spearfl.federated.codec import check_reply, layout_of, wire_array
 from spearfl.runtime.server import RoundReplies, as_received, choose_clients
 from spearfl.runtime.setup import Federation
 from spearfl.runtime.worker import WorkerError, exchange
@@ -74,7 +74,7 @@ class DeviceClients:
             header = {"request": request, "settled": {str(r): ok for r, ok in self.missed.get(client, {}).items()}}
             try:
                 payload, result = exchange(self.addresses[client], "/worker/train", arrays, header, self.token)
-                tensors = checked_payload(payload, global_state, result)
+                tensors = checked_payload(payload, global_state, result, encoding)
             except (WorkerError, ValueError, KeyError) as error:
                 replies.rejected.append({"client": client, "reason": str(error)})
                 continue
@@ -112,24 +112,15 @@ def device_pending(address: str, token: str | None, timeout: float = 10.0) -> in
         connection.close()
 
 
-def checked_payload(payload: dict[str, np.ndarray], global_state: dict[str, torch.Tensor], result: dict) -> dict[str, torch.Tensor]:
-    """The reply's payload as tensors, if it has the global adapter's names and shapes and finite values (none when
-    its weight is 0); ValueError naming what is wrong otherwise."""
-    weight = float(result["weight"])
-    if weight < 0 or not np.isfinite(weight):
-        raise ValueError(f"weight {weight} is not a finite number >= 0")
-    if weight > result["metrics"]["prompts"]:
-        raise ValueError(f"weight {weight} exceeds the {result['metrics']['prompts']} prompts of the client's round")
-    if weight == 0:
+def checked_payload(
+    payload: dict[str, np.ndarray], global_state: dict[str, torch.Tensor], result: dict, encoding: str
+) -> dict[str, torch.Tensor]:
+    """The reply's payload as tensors if it passes `check_reply` (none when its weight is 0); InvalidReply otherwise."""
+    expected = layout_of({name: tensor.numpy() for name, tensor in global_state.items()}, encoding)
+    arrays, _ = check_reply(payload, result.get("weight"), result.get("metrics", {}), expected, REPORTED_METRICS)
+    if arrays is None:
         return {}
-    if payload.keys() != global_state.keys():
-        raise ValueError(f"adapter names differ from the global adapter's ({len(payload)} against {len(global_state)})")
-    state = {}
-    for name, array in payload.items():
-        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16) if array.dtype == np.uint16 else torch.from_numpy(array)
-        if tuple(tensor.shape) != tuple(global_state[name].shape):
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(global_state[name].shape)}")
-        if not torch.isfinite(tensor.float()).all():
-            raise ValueError(f"{name}: values that are not finite")
-        state[name] = tensor
-    return state
+    return {
+        name: torch.from_numpy(array.view(np.int16)).view(torch.bfloat16) if array.dtype == np.uint16 else torch.from_numpy(array)
+        for name, array in arrays.items()
+    }

@@ -105,3 +105,26 @@ def test_with_a_period_a_round_waits_for_ready_devices_and_draws_from_them(monke
     started = time.monotonic()
     chosen = runner.choose(1)
     assert 1 in chosen and len(chosen) == 2 and time.monotonic() - started >= 0.05
+
+
+def test_a_device_reply_that_fails_the_checks_is_dropped_with_its_reason(monkeypatch):
+    import numpy as np
+    from helpers import make_config
+
+    import spearfl.runtime.devices as devices
+    from spearfl.algorithms.base import REPORTED_METRICS
+
+    config = make_config("data.num_clients=2", "server.clients_per_round=2", 'live.devices=["a:1", "b:2"]')
+    runner = devices.DeviceClients(type("Context", (), {"config": config})(), None, None)
+    global_state = {"x.lora_A.weight": torch.zeros(2, 3), "x.lora_B.weight": torch.zeros(3, 2)}
+    metrics = dict.fromkeys(REPORTED_METRICS, 4)
+    replies = {
+        "a:1": ({"x.lora_A.weight": np.full((2, 3), np.nan, np.float32), "x.lora_B.weight": np.ones((3, 2), np.float32)},
+                {"weight": 2.0, "metrics": metrics}),
+        "b:2": ({"x.lora_A.weight": np.ones((2, 3), np.float32), "x.lora_B.weight": np.ones((3, 2), np.float32)},
+                {"weight": 2.0, "metrics": metrics}),
+    }
+    monkeypatch.setattr(devices, "exchange", lambda address, path, arrays, header, token=None, timeout=None: replies[address])
+    result = runner.train(1, [0, 1], global_state, 0.01)
+    assert result.rejected == [{"client": 0, "reason": "x.lora_A.weight: 6 values are not finite"}]
+    assert [client for client, _ in result.results] == [1] and result.results[0][1].weight == 2.0
