@@ -24,11 +24,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated
 
@@ -38,8 +35,6 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spearfl.data.prompts import PromptFormat
-from spearfl.data.schema import Example
 from spearfl.data.store import (
     Attempt,
     Interaction,
@@ -51,56 +46,14 @@ from spearfl.errors import UserError
 from spearfl.feedback.person import gave_the_number, states_an_option
 from spearfl.feedback.providers import Feedback
 from spearfl.runtime.worker import pack, unpack
-from spearfl.serve.engine import AnswerEngine, Reply, request_seed
-from spearfl.serve.rounds import DeviceRounds
+from spearfl.serve.engine import Reply, request_seed
+from spearfl.serve.limits import BodyLimit, Limits
+from spearfl.serve.openai import ChatBody, chat_completion, chat_stream
+from spearfl.serve.service import Service
+from spearfl.serve.streaming import answer_once, event_stream
 
 HELD_BACK = "the hint names an option, so it is kept for the record but not shown to the model"
 GAVE_ANSWER = "the hint held the number you marked right, so this revision is not trained on as a win"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may hold; beyond it the service answers 413 or 422 and stores nothing."""
-
-    max_body_bytes: int = 64 * 1024
-    max_question_chars: int = 4000
-    max_option_chars: int = 500
-    max_options: int = 26
-    max_hint_chars: int = 1000
-    max_prompt_tokens: int = 1024
-    max_person_chars: int = 100
-    max_adapter_bytes: int = 1 << 30  # a work order carries the global adapter
-
-
-@dataclass
-class Service:
-    """What the routes share: the engine, the store, the prompt format, the settings."""
-
-    engine: AnswerEngine
-    store: InteractionStore
-    prompts: PromptFormat
-    label_style: str
-    model_name: str
-    token: str | None = None
-    limits: Limits = Limits()
-    rounds: DeviceRounds | None = None  # None: the service answers, but takes no part in rounds
-
-    def question(self, text: str, options: list[str] | None) -> Example:
-        """A person's question in the task format the device trains on (no gold: the person judges)."""
-        return Example(uid="person", question=text, options=tuple(options or ()), label_style=self.label_style, asked=True)
-
-    def task_prompt(self, example: Example) -> list[int]:
-        return self.check_length(self.prompts.task(example))
-
-    def require_rounds(self) -> DeviceRounds:
-        if self.rounds is None:
-            raise HTTPException(404, "this service takes no part in federated rounds")
-        return self.rounds
-
-    def check_length(self, prompt_ids: list[int]) -> list[int]:
-        if len(prompt_ids) > self.limits.max_prompt_tokens:
-            raise HTTPException(422, f"the prompt is {len(prompt_ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
-        return prompt_ids
 
 
 # ---------------------------------------------------------------------------------------------- request bodies
@@ -129,24 +82,6 @@ class VerdictBody(Strict):
     attempt: int = Field(ge=0)
     correct: bool
     hint: str | None = Field(None, max_length=Limits.max_hint_chars)
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str = Field(max_length=Limits.max_question_chars)
-
-
-class ChatBody(BaseModel):
-    """OpenAI's chat completion request; fields spearfl does not use (temperature, ...) are accepted and ignored:
-    the device answers with its own sampling settings, the ones it trains on."""
-
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
-    stream: bool = False
-    options: list[Annotated[str, Field(min_length=1, max_length=Limits.max_option_chars)]] | None = Field(
-        None, min_length=2, max_length=Limits.max_options
-    )  # spearfl's own: the question's options, for a multiple-choice question
-    user: str = Field("", max_length=Limits.max_person_chars)
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -190,10 +125,7 @@ def create_app(service: Service) -> FastAPI:
         example = service.question(body.question, body.options)
         prompt_ids = service.task_prompt(example)
 
-        def record(reply: Reply) -> dict:
-            interaction_id = service.store.add(body.question, attempt_of(reply, service), body.options, body.person)
-            return done_event(reply, service, interaction_id, attempt=0)
-
+        record = first_answer_recorder(service, body.question, body.options, body.person)
         return event_stream(service, prompt_ids, request_seed(uuid.uuid4().hex, 0), record)
 
     @app.post("/interactions/{interaction_id}/verdict", summary="Judge an attempt, with an optional hint")
@@ -263,10 +195,7 @@ def create_app(service: Service) -> FastAPI:
         prompt_ids = service.task_prompt(example)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def record(reply: Reply) -> dict:
-            interaction_id = service.store.add(questions[-1], attempt_of(reply, service), body.options, body.user)
-            return done_event(reply, service, interaction_id, attempt=0)
-
+        record = first_answer_recorder(service, questions[-1], body.options, body.user)
         if body.stream:
             return chat_stream(service, prompt_ids, record, completion_id, created)
         done = await answer_once(service, prompt_ids, request_seed(completion_id), record)
@@ -288,10 +217,9 @@ def create_app(service: Service) -> FastAPI:
         arrays, header = read_payload(await request.body())
         state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()} or None
         try:
-            round_index, accepted, version = int(header["round"]), header.get("accepted"), header.get("version")
-            consumed = await asyncio.to_thread(rounds.settle, round_index, bool(accepted), state, version) if accepted is not None else 0
-            if accepted is None and state is not None:
-                await asyncio.to_thread(lambda: service.engine.install(state, int(version)).result())
+            round_index, accepted = int(header["round"]), header.get("accepted")
+            version = int(header["version"]) if state is not None else None
+            consumed = await asyncio.to_thread(rounds.settle, round_index, accepted, state, version)
         except (KeyError, TypeError, ValueError) as error:
             raise HTTPException(400, f"bad round result: {error}") from None
         return {"round": round_index, "consumed": consumed, "adapter_version": service.engine.adapter_version}
@@ -312,6 +240,16 @@ OPEN_PATHS = {"/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def first_answer_recorder(service: Service, question: str, options: list[str] | None, person: str):
+    """What stores a new interaction once its first answer is done, and says what the `done` event carries."""
+
+    def record(reply: Reply) -> dict:
+        interaction_id = service.store.add(question, attempt_of(reply, service), options, person)
+        return done_event(reply, service, interaction_id, attempt=0)
+
+    return record
+
+
 def attempt_of(reply: Reply, service: Service) -> Attempt:
     completion = reply.completion
     return Attempt(reply.prompt_ids, service.prompts.answer_text(completion.text), completion.token_ids,
@@ -322,90 +260,6 @@ def done_event(reply: Reply, service: Service, interaction_id: str, attempt: int
     return {"interaction_id": interaction_id, "attempt": attempt, "text": service.prompts.answer_text(reply.completion.text),
             "adapter_version": reply.adapter_version, "finished_by": reply.completion.finished_by,
             "completion_tokens": len(reply.completion.token_ids)}
-
-
-def events(service: Service, prompt_ids: list[int], seed: int) -> AsyncIterator[tuple[str, object]]:
-    """The engine's events for one request, as an async iterator on the caller's event loop."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    service.engine.submit(prompt_ids, seed, lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)))
-
-    async def iterate():
-        while True:
-            kind, value = await queue.get()
-            yield kind, value
-            if kind != "token":
-                return
-
-    return iterate()
-
-
-def sse(event: str, data: object) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-def event_stream(service: Service, prompt_ids: list[int], seed: int, record) -> StreamingResponse:
-    """Server-sent events: `token` {text} as the answer grows, then `done` (what `record` stored) or `error`."""
-
-    async def stream():
-        prefix = service.prompts.prefix
-        if prefix:  # the reply's opening the prompt already wrote (prompt.answer_prefix): shown, not generated
-            yield sse("token", {"text": prefix, "prefix": True})
-        async for kind, value in events(service, prompt_ids, seed):
-            if kind == "token":
-                yield sse("token", {"text": value})
-            elif kind == "done":
-                try:
-                    yield sse("done", await asyncio.to_thread(record, value))
-                except StoreError as error:
-                    yield sse("error", {"detail": str(error)})
-            else:
-                yield sse("error", {"detail": value})
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-async def answer_once(service: Service, prompt_ids: list[int], seed: int, record) -> dict:
-    async for kind, value in events(service, prompt_ids, seed):
-        if kind == "done":
-            return await asyncio.to_thread(record, value)
-        if kind == "error":
-            raise HTTPException(500, value)
-    raise HTTPException(500, "the answer ended without a result")
-
-
-def chat_completion(done: dict, service: Service, completion_id: str, created: int, prompt_tokens: int) -> dict:
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": service.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done["text"]},
-                     "finish_reason": "length" if done["finished_by"] == "length" else "stop"}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done["completion_tokens"],
-                  "total_tokens": prompt_tokens + done["completion_tokens"]},
-        "interaction_id": done["interaction_id"], "adapter_version": done["adapter_version"],
-    }
-
-
-def chat_stream(service: Service, prompt_ids: list[int], record, completion_id: str, created: int) -> StreamingResponse:
-    """OpenAI's streaming format: `data: {chunk}` lines, the last chunk with interaction_id, then `data: [DONE]`."""
-
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body)}\n\n"
-
-    async def stream():
-        yield chunk({"role": "assistant", "content": service.prompts.prefix})
-        async for kind, value in events(service, prompt_ids, request_seed(completion_id)):
-            if kind == "token":
-                yield chunk({"content": value})
-            elif kind == "done":
-                done = await asyncio.to_thread(record, value)
-                finish = "length" if done["finished_by"] == "length" else "stop"
-                yield chunk({}, finish, interaction_id=done["interaction_id"], adapter_version=done["adapter_version"])
-            else:
-                yield f"data: {json.dumps({'error': {'message': value}})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 def interaction_view(interaction: Interaction) -> dict:
@@ -439,43 +293,4 @@ def plot_learning(rows: list[dict]) -> bytes:
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
-
-class BodyLimit:
-    """ASGI middleware: a request body over the limit gets 413, whether it declares its length or streams.
-    Work orders (/worker/...) carry an adapter and have their own, larger limit."""
-
-    def __init__(self, app, limit: int, adapter_limit: int):
-        self.app, self.limit, self.adapter_limit = app, limit, adapter_limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.adapter_limit if scope["path"].startswith("/worker/") else self.limit
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await too_large(limit, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise BodyTooLarge
-            return message
-
-        try:
-            return await self.app(scope, counting_receive, send)
-        except BodyTooLarge:
-            return await too_large(limit, send)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def too_large(limit: int, send) -> None:
-    body = json.dumps({"detail": f"request body over the {limit}-byte limit"}).encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
 

@@ -16,9 +16,11 @@ from spearfl.io import load_tensors
 from spearfl.lm.generation import SamplingSettings
 from spearfl.lm.models import set_adapter_state
 from spearfl.runtime.setup import build_context
-from spearfl.serve.app import Limits, Service, create_app
+from spearfl.serve.app import create_app
 from spearfl.serve.engine import AnswerEngine
+from spearfl.serve.limits import Limits
 from spearfl.serve.rounds import DeviceRounds
+from spearfl.serve.service import Service
 
 TOKEN_VARIABLE = "SPEARFL_TOKEN"
 

@@ -85,12 +85,14 @@ class DeviceRounds:
         result.metrics |= {"stale_skipped": len(pending) - len(fresh), "pending": len(pending)}
         return result
 
-    def settle(self, round_index: int, accepted: bool, state: dict[str, torch.Tensor] | None = None,
+    def settle(self, round_index: int, accepted: bool | None, state: dict[str, torch.Tensor] | None = None,
                version: int | None = None) -> int:
-        """The server's word on a round: its claims consumed (accepted) or released; a new global adapter installed.
-        Returns how many interactions it consumed."""
-        consumed = self.store.confirm(round_index) if accepted else 0
-        if not accepted:
+        """The server's word on a round: its claims consumed (accepted) or released (rejected; None: this device
+        was not in the round); a new global adapter installed. Returns how many interactions it consumed."""
+        consumed = 0
+        if accepted is True:
+            consumed = self.store.confirm(round_index)
+        elif accepted is False:
             self.store.release(round_index)
         if state is not None:
             self.engine.install(state, version).result()

@@ -15,9 +15,11 @@ from spearfl.data.store import InteractionStore
 from spearfl.errors import UserError
 from spearfl.lm.generation import SamplingSettings
 from spearfl.lm.models import get_adapter_state
-from spearfl.serve.app import Limits, Service, create_app
+from spearfl.serve.app import create_app
 from spearfl.serve.device import access_token
 from spearfl.serve.engine import AnswerEngine
+from spearfl.serve.limits import Limits
+from spearfl.serve.service import Service
 
 OPTIONS = ["apple", "rock", "car"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
