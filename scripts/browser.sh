@@ -8,8 +8,9 @@ if [ "$(id -u)" = 0 ]; then
 elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
     apt=(sudo apt-get)
 else
-    echo "chromium is missing and this user cannot install it: run 'apt-get install chromium' as root" >&2
-    exit 1
+    # The other suites still run; the browser test then fails saying what is missing.
+    echo "warning: chromium is missing and this user cannot install it: run 'apt-get install chromium' as root" >&2
+    exit 0
 fi
 echo "installing Debian's chromium for the browser tests (once)"
 "${apt[@]}" update -q
