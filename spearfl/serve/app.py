@@ -281,11 +281,15 @@ def learning_rows(store: InteractionStore) -> list[dict]:
 
 def plot_learning(rows: list[dict]) -> bytes:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(5, 3), dpi=100)
     axes = figure.add_subplot()
     if rows:
-        axes.plot([row["version"] for row in rows], [row["first_try_accuracy"] for row in rows], marker="o")
+        versions = [row["version"] for row in rows]
+        axes.plot(versions, [row["first_try_accuracy"] for row in rows], marker="o")
+        axes.set_xlim(min(versions) - 0.5, max(versions) + 0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # versions are rounds
     axes.set(xlabel="adapter version (round)", ylabel="first-try accuracy", ylim=(0, 1), title="answers judged right")
     axes.grid(alpha=0.3)
     figure.tight_layout()
