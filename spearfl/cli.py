@@ -243,6 +243,23 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+@app.command("live-demo")
+def live_demo_command(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="The simulation to run through the live path.")],
+    people: Annotated[int, typer.Option(min=1, help="Simulated people per device, asking at once.")] = 4,
+    base_port: Annotated[int, typer.Option(min=1, max=65000, help="Device i listens on 127.0.0.1:BASE_PORT + i.")] = 8101,
+    set_: SetOption = None,
+) -> None:
+    """Run a simulation's rounds through the live path: one device service per client in this process, simulated people
+    asking each chosen device its round's questions over HTTP, the server driving the devices; resumable."""
+    config = load_checked(config_path, set_)
+    from spearfl.serve.live_demo import live_demo
+
+    summary = live_demo(config, people, base_port)
+    before, after = summary["before"], summary["after"]
+    console.print(f"held-out accuracy through the live path: before {before['accuracy']:.3f} -> after {after['accuracy']:.3f}")
+
+
 @app.command()
 def judge(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Config naming the answering model and dataset.")],

@@ -78,14 +78,14 @@ def build_service(
 
 
 class ServiceThread:
-    """A service listening on 127.0.0.1 (a free port) in a thread of this process, for benchmarks and tests;
+    """A service listening on 127.0.0.1 (port 0: a free one) in a thread of this process, for demos, benchmarks and tests;
     `stop` ends the server, the engine and the store."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", startup_seconds: float = 30.0):
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, startup_seconds: float = 30.0):
         import uvicorn
 
         self.service = service
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=0, log_level="warning", ws="none"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", ws="none"))
         self.thread = threading.Thread(target=self.server.run, name="spearfl-service", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + startup_seconds
