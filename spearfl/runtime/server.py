@@ -104,12 +104,9 @@ def adapter_is_identity(state: dict[str, torch.Tensor]) -> bool:
 
 def base_eval_key(config: RunConfig, heldout) -> str:
     """What the base model's held-out figures depend on: the model, the prompt, the eval settings, the questions."""
-    payload = {
-        "model": config_to_dict(config)["model"],
-        "prompt": config_to_dict(config)["prompt"],
-        "eval": config_to_dict(config)["eval"],
-        "heldout": [dataclasses.asdict(example) for example in heldout],
-    }
+    settings = config_to_dict(config)
+    payload = {key: settings[key] for key in ("model", "prompt", "eval")}
+    payload["heldout"] = [dataclasses.asdict(example) for example in heldout]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
