@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,3 +396,10 @@ def first_calls_beside_spear(monkeypatch, tokenizer, module, labels: tuple[str, 
         algorithm.client_update(context, work)
         calls.append(generation.calls[0])
     return calls
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

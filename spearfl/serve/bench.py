@@ -12,14 +12,12 @@ A service with the config's model starts on 127.0.0.1 (in this process, its stor
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from spearfl.config import RunConfig
 from spearfl.data.store import Attempt, InteractionStore
@@ -40,12 +38,10 @@ def load_figures(config: RunConfig, context, concurrency: int, requests: int, ma
         wall = time.perf_counter() - started
     finally:
         served.stop()
-    rates = [tokens / seconds for tokens, seconds in zip(tally.tokens, tally.total_seconds)]
-    return {
+    summary = tally.summary()
+    figures = {key: summary[key] for key in ("first_token_s_median", "first_token_s_p95", "tokens_per_s_median", "tokens_per_s_p95")}
+    return figures | {
         "concurrency": concurrency, "max_batch": max_batch, "requests": len(tally.total_seconds), "errors": len(tally.errors),
-        "first_token_s_median": statistics.median(tally.first_token_seconds),
-        "first_token_s_p95": float(np.quantile(tally.first_token_seconds, 0.95)),
-        "tokens_per_s_median": statistics.median(rates), "tokens_per_s_p95": float(np.quantile(rates, 0.95)),
         "total_tokens_per_s": sum(tally.tokens) / wall,
     }
 

@@ -21,7 +21,7 @@ from spearfl.runtime.server import FederatedRun, choose_clients
 from spearfl.runtime.setup import build_context, client_feedback
 from spearfl.seeds import derive_seed
 from spearfl.serve.device import ServiceThread, build_service
-from spearfl.serve.simulate import simulate_people
+from spearfl.serve.simulate import round_robin, simulate_people
 
 
 def people_first(people: int):
@@ -40,7 +40,7 @@ def people_first(people: int):
                 questions = sample_examples(
                     self.federation.clients[client], config.client.prompts_per_round, derive_seed(config.seed, round_index, client, "prompts")
                 )
-                dealt = [questions[person::people] for person in range(min(people, len(questions)))]
+                dealt = round_robin(questions, people)
                 tally = simulate_people(f"http://{self.addresses[client]}", dealt, self.judge, config.spear.num_revisions, self.token)
                 if tally.errors:
                     raise RuntimeError(f"device {client}: {tally.errors[0]}")

@@ -51,6 +51,7 @@ class Tally:
             "first_token_s_median": quantile(self.first_token_seconds, 0.5), "first_token_s_p95": quantile(self.first_token_seconds, 0.95),
             "request_s_median": quantile(self.total_seconds, 0.5), "request_s_p95": quantile(self.total_seconds, 0.95),
             "tokens_per_s_median": statistics.median(decode) if decode else None,
+            "tokens_per_s_p95": quantile(decode, 0.95),
         }
 
 
@@ -135,4 +136,9 @@ def deal(examples: list[Example], num_people: int, num_questions: int, seed: int
     """`num_questions` examples drawn (with replacement once the pool runs out) and dealt round-robin to the people."""
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(len(examples)) for _ in range(-(-num_questions // len(examples)))])[:num_questions]
-    return [[examples[int(index)] for index in order[person::num_people]] for person in range(num_people)]
+    return round_robin([examples[int(index)] for index in order], num_people)
+
+
+def round_robin(questions: list[Example], num_people: int) -> list[list[Example]]:
+    """Question k to person k mod num_people; no person without a question."""
+    return [questions[person::num_people] for person in range(min(num_people, len(questions)))]

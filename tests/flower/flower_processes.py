@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from helpers import free_port
 
 BIN = Path(sys.executable).parent  # flwr starts flower-superexec and friends by name from PATH
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def flower_environment(home: Path) -> dict[str, str]:

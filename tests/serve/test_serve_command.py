@@ -4,22 +4,15 @@ when its process is terminated by id; beyond loopback it refuses to start withou
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-from helpers import end_to_end_assets, write_run_config
+from helpers import end_to_end_assets, free_port, write_run_config
 from typer.testing import CliRunner
 
 from spearfl.cli import app
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_serving_beyond_loopback_without_a_token_is_refused(tmp_path, monkeypatch):
