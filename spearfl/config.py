@@ -202,6 +202,55 @@ class ServerConfig(Section):
     upload_encoding: Literal["float32", "bfloat16"] = "float32"  # spearfl.federated.codec: bfloat16 sends the update in half the bytes
 
 
+class DefenseConfig(Section):
+    """How the server guards the global adapter against clients it cannot trust (spearfl.federated.robust, .trust).
+
+    Off by default: the weighted mean of every reply that passes the reply check, as FedAvg defines it.
+    """
+
+    # how client adapters are combined before the server step: mean (FedAvg's) or a Byzantine-robust combiner
+    aggregator: Literal["mean", "median", "trimmed_mean", "multi_krum", "norm_clip"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: dropped at each end of every coordinate
+    assumed_malicious: int = Field(1, ge=0)  # multi_krum's f
+    clip_norm: float | None = Field(None, gt=0)  # norm_clip's bound; None: the round's median update norm
+    # two_stage: score every update, sort clients into trusted / suspicious / malicious, clean suspicious layers,
+    # weigh by reputation (Ma et al. 2026, arXiv 2605.19253; spearfl.federated.trust)
+    screening: Literal["none", "two_stage"] = "none"
+    suspicious_above: float = Field(3.0, gt=0)  # trust score (largest robust z of the indicators) above: suspicious
+    malicious_above: float = Field(6.0, gt=0)  # above: malicious
+    reputation_recovery: float = Field(0.1, gt=0, le=1)  # earned back per trusted round
+    min_reputation: float = Field(0.5, ge=0, le=1)  # below: left out of the round whatever its update
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> "DefenseConfig":
+        if self.malicious_above < self.suspicious_above:
+            raise ValueError(f"malicious_above ({self.malicious_above}) is below suspicious_above ({self.suspicious_above})")
+        return self
+
+
+class AttackConfig(Section):
+    """Malicious clients in simulation: how their people's feedback is poisoned and what they send
+    (spearfl.feedback.poison, spearfl.federated.attacks). Any run may list some."""
+
+    clients: list[int] = Field(min_length=1)  # the clients that behave so (ids 0 .. data.num_clients - 1)
+    # honest; flipped: their people mark wrong answers right and right ones wrong, without hints; backdoor: a
+    # share of their prompts carry `trigger`, and their people reward the option at `target_option` on those
+    feedback: Literal["honest", "flipped", "backdoor"] = "honest"
+    # what they send: their trained update as it is (honest), or an attack on it (spearfl.federated.attacks)
+    update: Literal[
+        "honest", "sign_flip", "scaling", "gaussian", "free_rider", "bounded_scaling", "euclidean", "cosine", "neurotoxin"
+    ] = "honest"
+    scale: float = Field(1.0, gt=0)  # sign_flip, scaling (model replacement: the clients a round), gaussian
+    bound: float = Field(1.0, gt=0)  # bounded_scaling, euclidean: in units of the attacker's honest update norm
+    cosine: float = Field(0.9, gt=-1, lt=1)  # cosine: the least cosine to the honest update
+    mask_fraction: float = Field(0.05, ge=0, lt=1)  # neurotoxin: the share of coordinates left alone
+    trigger: str = "(consider it twice)"  # backdoor: appended to a poisoned prompt's question
+    target_option: int = Field(0, ge=0)  # backdoor: the option position the trigger is taught to choose
+    poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: the share of the client's prompts with the trigger
+    sybil: bool = False  # every listed client is a clone of the first: its data, its seeds, its update
+    start_round: int = Field(1, ge=1)  # honest before this round
+
+
 class EvalConfig(Section):
     every: int = Field(5, ge=1)  # the reference's
     # loglik: the option's answer line after the listed options; cloze: each option's text continuing the bare
@@ -250,6 +299,8 @@ class RunConfig(Section):
     opsd: OpsdConfig = OpsdConfig()
     rltf_sd: RltfSdConfig = RltfSdConfig()
     server: ServerConfig = ServerConfig()
+    defense: DefenseConfig = DefenseConfig()
+    attacks: list[AttackConfig] = []
     eval: EvalConfig = EvalConfig()
     live: LiveConfig = LiveConfig()
 
@@ -259,6 +310,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"server.clients_per_round ({self.server.clients_per_round}) exceeds data.num_clients ({self.data.num_clients})"
             )
+        listed = [client for attack in self.attacks for client in attack.clients]
+        if any(not 0 <= client < self.data.num_clients for client in listed):
+            raise ValueError(f"attacks name clients {sorted(set(listed))} outside 0..{self.data.num_clients - 1}")
+        if len(listed) != len(set(listed)):
+            raise ValueError(f"attacks list a client twice: {sorted(c for c in set(listed) if listed.count(c) > 1)}")
         steps = self.budget("grpo").local_steps
         if self.grpo.passes > steps:
             raise ValueError(f"grpo.passes ({self.grpo.passes}) exceeds the local steps ({steps}): a pass takes at least one step")

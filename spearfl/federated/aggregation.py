@@ -171,15 +171,14 @@ def fedavg(global_state: AdapterState, states: list[AdapterState], weights: list
     return average
 
 
-def fedavg_strategy(
-    global_state: AdapterState,
-    states: list[AdapterState],
-    weights: list[float],
-    server_state: ServerOptimizerState,
-    settings: ServerConfig,
+def fedavg_step(
+    global_state: AdapterState, combined: AdapterState | None, server_state: ServerOptimizerState, settings: ServerConfig
 ) -> tuple[AdapterState, ServerOptimizerState]:
-    """FedAvg in the common strategy signature; it keeps no server state."""
-    return fedavg(global_state, states, weights), server_state
+    """FedAvg's server step: the combined client adapters become the global one; no server state."""
+    if combined is None:
+        return global_state, server_state
+    check_same_layout(global_state, combined)
+    return combined, server_state
 
 
 def _zeros_like(state: AdapterState) -> AdapterState:
@@ -207,19 +206,17 @@ def yogi_second_moment(second_moment: AdapterState, delta: AdapterState, beta2: 
 
 def _adaptive_step(
     global_state: AdapterState,
-    states: list[AdapterState],
-    weights: list[float],
+    combined: AdapterState | None,
     server_state: ServerOptimizerState,
     settings: ServerConfig,
     update_second_moment: Callable[[AdapterState, AdapterState, float], AdapterState],
     step_size: Callable[[ServerConfig, int], float],
 ) -> tuple[AdapterState, ServerOptimizerState]:
-    """One FedOpt server step on the pseudo-gradient, with the algorithm's v update and step size."""
-    average = weighted_average(states, weights)
-    if average is None:
+    """One FedOpt server step on the pseudo-gradient (combined - global), with the algorithm's v update and step size."""
+    if combined is None:
         return global_state, server_state
-    check_same_layout(global_state, average)
-    delta = {name: average[name] - global_state[name] for name in global_state}
+    check_same_layout(global_state, combined)
+    delta = {name: combined[name] - global_state[name] for name in global_state}
     first_moment = server_state.first_moment or _zeros_like(delta)
     second_moment = server_state.second_moment or _zeros_like(delta)
     check_same_layout(global_state, first_moment)
@@ -246,30 +243,42 @@ def yogi_step_size(settings: ServerConfig, num_steps: int) -> float:
     return settings.server_lr
 
 
-def adaptive_strategy(
+def adaptive_step(
     update_second_moment: Callable[[AdapterState, AdapterState, float], AdapterState],
     step_size: Callable[[ServerConfig, int], float],
 ) -> Callable[..., tuple[AdapterState, ServerOptimizerState]]:
-    """A FedOpt strategy in the common signature, from its second-moment update and step size."""
+    """A FedOpt server step in the common step signature, from its second-moment update and step size."""
+
+    def step(global_state, combined, server_state, settings):
+        return _adaptive_step(global_state, combined, server_state, settings, update_second_moment, step_size)
+
+    return step
+
+
+# Server steps: (global_state, combined client adapters or None, server_state, settings) -> (new_global,
+# new_server_state). How the clients' adapters are combined (the weighted mean, or a robust combiner:
+# spearfl.federated.robust) is chosen apart from the step.
+SERVER_STEPS = {
+    "fedavg": fedavg_step,
+    # FedAdam (Reddi et al. 2021, arXiv 2003.00295) with Flower's bias-corrected step size.
+    "fedadam": adaptive_step(adam_second_moment, adam_step_size),
+    # FedYogi (Reddi et al. 2021, arXiv 2003.00295).
+    "fedyogi": adaptive_step(yogi_second_moment, yogi_step_size),
+}
+
+
+def with_mean(step):
+    """A strategy over client states and weights: the server step applied to their weighted mean."""
 
     def strategy(global_state, states, weights, server_state, settings):
-        return _adaptive_step(global_state, states, weights, server_state, settings, update_second_moment, step_size)
+        return step(global_state, weighted_average(states, weights), server_state, settings)
 
     return strategy
 
 
-# FedAdam (Reddi et al. 2021, arXiv 2003.00295) with Flower's bias-corrected step size.
-fedadam = adaptive_strategy(adam_second_moment, adam_step_size)
-# FedYogi (Reddi et al. 2021, arXiv 2003.00295).
-fedyogi = adaptive_strategy(yogi_second_moment, yogi_step_size)
-
-
 # Common signature: (global_state, states, weights, server_state, settings) -> (new_global, new_server_state)
-SERVER_STRATEGIES = {
-    "fedavg": fedavg_strategy,
-    "fedadam": fedadam,
-    "fedyogi": fedyogi,
-}
+SERVER_STRATEGIES = {name: with_mean(step) for name, step in SERVER_STEPS.items()}
+fedavg_strategy, fedadam, fedyogi = (SERVER_STRATEGIES[name] for name in ("fedavg", "fedadam", "fedyogi"))
 
 
 def state_to_tensors(state: ServerOptimizerState) -> tuple[dict[str, torch.Tensor], dict[str, int]]:

@@ -8,6 +8,7 @@ The model is reloaded only when a request names another model or LoRA shape.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from spearfl.data import load_jsonl
 from spearfl.data.schema import Example
 from spearfl.federated.codec import encode_upload, wire_array
 from spearfl.lm.models import load_base_model, quiet_library_output
+from spearfl.runtime.adversary import acting_client, behave
 from spearfl.runtime.setup import (
     attach_configured_lora,
     client_context,
@@ -57,9 +59,10 @@ class ClientHost:
         """Run the configured client update on this client's examples, from the given global adapter."""
         config = request.run_config()
         context = self.context_for(config)
-        examples = self.examples_for(config, request)
-        work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
-        return ALGORITHMS[config.algorithm](context, work)
+        acting = acting_client(config, request.client_id)
+        examples = self.examples_for(config, dataclasses.replace(request, client_id=acting))
+        work = ClientRound(acting, request.round_index, examples, global_state, request.lr, config.seed)
+        return behave(ALGORITHMS[config.algorithm], context, work)
 
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
         """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics"}).

@@ -17,6 +17,7 @@ from rich.progress import Progress
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
+from spearfl.runtime.adversary import acting_client, behave
 from spearfl.runtime.client import upload
 from spearfl.runtime.devices import DeviceClients
 from spearfl.runtime.server import (
@@ -44,8 +45,9 @@ class InProcessClients:
         bar = self.progress.add_task(f"round {round_index} clients", total=len(clients)) if self.progress else None
         results = []
         for client in clients:
-            work = ClientRound(client, round_index, self.federation.clients[client], global_state, lr, self.context.config.seed)
-            result = self.update(self.context, work)
+            acting = acting_client(self.context.config, client)
+            work = ClientRound(acting, round_index, self.federation.clients[acting], global_state, lr, self.context.config.seed)
+            result = behave(self.update, self.context, work)
             encoding = self.context.config.server.upload_encoding
             results.append((client, as_received(result, upload(result, global_state, encoding), global_state, encoding)))
             if bar is not None:

@@ -29,14 +29,17 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from spearfl.algorithms import CONFIG_SECTIONS
 from spearfl.algorithms.base import ClientContext, ClientResult
 from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
 from spearfl.errors import UserError
 from spearfl.federated.aggregation import (
-    SERVER_STRATEGIES,
+    SERVER_STEPS,
     initial_server_state,
     lora_average_error,
 )
+from spearfl.federated.robust import COMBINERS
+from spearfl.federated.trust import SCREENINGS
 from spearfl.federated.codec import decode_upload, payload_bytes
 from spearfl.federated.schedule import learning_rate
 from spearfl.lm.models import frozen_lora_state, get_adapter_state, set_adapter_state
@@ -123,6 +126,17 @@ def as_received(result: ClientResult, payload: dict[str, torch.Tensor], global_s
     return ClientResult(state=state, weight=result.weight, metrics=result.metrics | {"upload_bytes": payload_bytes(payload)})
 
 
+def bound_weights(replies: "RoundReplies", asked: int) -> "RoundReplies":
+    """Replies that claim more weight than the prompts the server asked for are dropped, each with its reason."""
+    results, rejected = [], list(replies.rejected)
+    for client, result in replies.results:
+        if result.weight > asked:
+            rejected.append({"client": client, "reason": f"weight {result.weight} exceeds the {asked} prompts asked for"})
+        else:
+            results.append((client, result))
+    return RoundReplies(results, rejected)
+
+
 @dataclass
 class RoundReplies:
     """What came back from one round's clients: accepted results, and the clients whose reply was dropped."""
@@ -201,7 +215,10 @@ class FederatedRun:
         self.make_runner = runner
         self.show_progress = show_progress
         self.context = context
-        self.strategy = SERVER_STRATEGIES[config.server.strategy]
+        self.step = SERVER_STEPS[config.server.strategy]
+        self.combine = COMBINERS[config.defense.aggregator]
+        self.screen = SCREENINGS[config.defense.screening]
+        self.reputation: dict[str, float] = {}  # str(client) -> [0, 1], kept in the checkpoint
         self.shared_lora: dict[str, torch.Tensor] = {}  # LoRA weights no client sends (FFA-LoRA's A), from the model
 
     def run(self) -> dict:
@@ -247,6 +264,7 @@ class FederatedRun:
             global_state, server_state = get_adapter_state(model), initial_server_state()
         else:
             global_state, server_state = checkpoint.global_state, checkpoint.server_state
+            self.reputation = dict(checkpoint.info.get("reputation", {}))
             self.folder.rewind_to(checkpoint.round_index)
             console.print(f"resuming {self.folder.path} after round {checkpoint.round_index}")
         with self.progress() as progress:
@@ -267,7 +285,9 @@ class FederatedRun:
                     self.folder.save_adapter(round_index, global_state)
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
-                self.folder.save_checkpoint(round_index, global_state, server_state, info={"round": round_index})
+                self.folder.save_checkpoint(
+                    round_index, global_state, server_state, info={"round": round_index, "reputation": self.reputation}
+                )
                 self.folder.write_status("running", last_round=round_index)
                 if round_index > 0:
                     runner.settle(round_index, replies, global_state)
@@ -279,19 +299,29 @@ class FederatedRun:
         lr = learning_rate(
             round_index, config.server.rounds, config.optimizer.lr, config.optimizer.warmup_rounds, config.optimizer.min_lr_ratio
         )
-        replies = runner.train(round_index, runner.choose(round_index), global_state, lr)
+        asked = config.budget(CONFIG_SECTIONS[config.algorithm]).prompts_per_round
+        replies = bound_weights(runner.train(round_index, runner.choose(round_index), global_state, lr), asked)
         for rejected in replies.rejected:
             console.print(f"[yellow]round {round_index}: dropped the reply of client {rejected['client']}: {rejected['reason']}[/yellow]")
         results = replies.results
-        states, weights = [r.state for _, r in results], [r.weight for _, r in results]
-        new_global, new_server_state = self.strategy(global_state, states, weights, server_state, self.config.server)
+        screened = self.screen(
+            global_state, [r.state for _, r in results], [r.weight for _, r in results], [client for client, _ in results],
+            [r.metrics for _, r in results], self.reputation, config.defense,
+        )
+        combined, notes = self.combine(global_state, screened.states, screened.weights, config.defense)
+        new_global, new_server_state = self.step(global_state, combined, server_state, config.server)
+        self.reputation = screened.reputation
         row = {
             "round": round_index,
             "lr": lr,
             "clients": [{"client": client, "weight": r.weight, "metrics": r.metrics} for client, r in results],
             "online": online_summary(results),
-            "lora_average_error": lora_average_error(states, weights, self.shared_lora),
+            "lora_average_error": lora_average_error(screened.states, screened.weights, self.shared_lora),
         }
+        if screened.records:
+            row["screening"] = screened.records
+        if notes:
+            row["aggregation"] = notes
         if replies.rejected:
             row["rejected"] = replies.rejected
         return new_global, new_server_state, row, replies

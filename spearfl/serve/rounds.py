@@ -63,6 +63,8 @@ class DeviceRounds:
         pending = self.store.pending()
         oldest = version - config.live.max_staleness
         fresh = [interaction for interaction in pending if interaction.first.adapter_version >= oldest]
+        # at most the prompts a simulated client would answer (the server bounds the weight by it); the rest wait
+        fresh = fresh[: config.budget("spear").prompts_per_round]
         enough = len(fresh) >= config.live.min_interactions
         if enough:
             self.store.claim(request.round_index, [interaction.id for interaction in fresh])
@@ -82,7 +84,7 @@ class DeviceRounds:
             raise
         if result.weight == 0:
             self.store.release(request.round_index)
-        result.metrics |= {"stale_skipped": len(pending) - len(fresh), "pending": len(pending)}
+        result.metrics |= {"stale_skipped": sum(i.first.adapter_version < oldest for i in pending), "pending": len(pending)}
         return result
 
     def settle(self, round_index: int, accepted: bool | None, state: dict[str, torch.Tensor] | None = None,

@@ -1,0 +1,156 @@
+"""Byzantine-robust ways to combine client adapters, in place of the weighted mean.
+
+Each combiner takes the global adapter and the clients' trained adapters with their weights and returns the
+combined adapter (None when no client has weight > 0) and notes for the history; the server strategy (FedAvg,
+FedAdam, FedYogi) then applies it as it applies the weighted mean. They work on updates (trained - global).
+
+- median: coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+  Statistical Rates", arXiv 1803.01498). The mean of the two middle values when the count is even.
+- trimmed_mean: per coordinate, the `trim_fraction` largest and smallest values dropped, the rest averaged
+  (same paper).
+- multi_krum: each update scored by its summed squared distance to its n - f - 2 nearest others, the n - f best
+  averaged with their weights (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+  Gradient Descent", NeurIPS; multi-Krum as El Mhamdi et al. 2018, arXiv 1802.07927, define it). f is
+  `defense.assumed_malicious`; Krum asks n > 2f + 2 and, with fewer clients, takes f as large as they allow.
+- norm_clip: every update scaled down to norm at most C, then the weighted mean (Sun et al. 2019, "Can You Really
+  Backdoor Federated Learning?", arXiv 1911.07963). C is `defense.clip_norm`, or, when unset, the median of the
+  round's update norms (our choice: no scale to tune, and a majority of honest clients bounds it).
+
+Client weights (prompts trained on) count in the mean, multi-Krum's average and the clipped mean; the median
+and the trimmed mean ignore them, as in their paper and in Flower's FedMedian and FedTrimmedAvg: a weight a
+client claims is one more thing an attacker controls. A weight-0 client takes part in none of them.
+Left out: Bulyan, geometric median (RFA), FLTrust (it needs a root dataset on the server).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from spearfl.federated.aggregation import AdapterState, check_same_layout, weighted_average
+
+# (global adapter, client adapters, weights, settings) -> (combined adapter or None, notes for the history)
+Combiner = Callable[..., tuple[AdapterState | None, dict]]
+
+
+def contributing(states: list[AdapterState], weights: list[float]) -> list[int]:
+    """Indices of the clients with weight > 0 (weights checked to be >= 0)."""
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    if any(weight < 0 for weight in weights):
+        raise ValueError(f"weights must be >= 0, got {weights}")
+    return [index for index, weight in enumerate(weights) if weight > 0]
+
+
+def updates(global_state: AdapterState, states: list[AdapterState]) -> list[AdapterState]:
+    """Each client's update: its trained adapter minus the global one, layouts checked."""
+    for state in states:
+        check_same_layout(global_state, state)
+    return [{name: state[name] - global_state[name] for name in global_state} for state in states]
+
+
+def flatten(update: AdapterState) -> torch.Tensor:
+    """All of an update's values as one vector, in the adapter's key order.  # [P]"""
+    return torch.cat([tensor.reshape(-1) for tensor in update.values()])
+
+
+def apply(global_state: AdapterState, update: AdapterState) -> AdapterState:
+    return {name: global_state[name] + update[name] for name in global_state}
+
+
+def mean(global_state, states, weights, settings=None) -> tuple[AdapterState | None, dict]:
+    """The weighted mean (FedAvg's), in the combiner signature."""
+    return weighted_average(states, weights), {}
+
+
+def per_coordinate(global_state, states, weights, reduce: Callable[[torch.Tensor], torch.Tensor]) -> AdapterState | None:
+    """global + reduce(stacked updates) per tensor, over the contributing clients; `reduce` maps [K, ...] to [...]."""
+    kept = contributing(states, weights)
+    if not kept:
+        return None
+    deltas = updates(global_state, [states[index] for index in kept])
+    return apply(global_state, {name: reduce(torch.stack([delta[name] for delta in deltas])) for name in global_state})
+
+
+def middle(stacked: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median over dim 0; the mean of the two middle values for an even count.  # [K, ...] -> [...]"""
+    ordered = stacked.sort(dim=0).values
+    count = ordered.shape[0]
+    return (ordered[(count - 1) // 2] + ordered[count // 2]) / 2
+
+
+def median(global_state, states, weights, settings=None) -> tuple[AdapterState | None, dict]:
+    """Coordinate-wise median of the updates (unweighted)."""
+    return per_coordinate(global_state, states, weights, middle), {}
+
+
+def trimmed(stacked: torch.Tensor, trim: int) -> torch.Tensor:
+    """Mean over dim 0 after dropping the `trim` largest and smallest values of each coordinate.  # [K, ...] -> [...]"""
+    ordered = stacked.sort(dim=0).values
+    return ordered[trim : ordered.shape[0] - trim].mean(dim=0)
+
+
+def trim_count(num_clients: int, fraction: float) -> int:
+    """Values dropped at each end: floor(fraction * n), leaving at least one."""
+    return min(math.floor(fraction * num_clients), (num_clients - 1) // 2)
+
+
+def trimmed_mean(global_state, states, weights, settings) -> tuple[AdapterState | None, dict]:
+    """Coordinate-wise trimmed mean of the updates (unweighted)."""
+    trim = trim_count(len(contributing(states, weights)), settings.trim_fraction)
+    return per_coordinate(global_state, states, weights, lambda stacked: trimmed(stacked, trim)), {"trimmed_each_end": trim}
+
+
+def krum_scores(vectors: torch.Tensor, num_malicious: int) -> torch.Tensor:
+    """Krum's score of each row: summed squared distance to its n - f - 2 nearest other rows.  # [K, P] -> [K]"""
+    distances = torch.cdist(vectors.double(), vectors.double()).square()  # [K, K]
+    neighbours = max(vectors.shape[0] - num_malicious - 2, 1)
+    nearest = distances.sort(dim=1).values[:, 1 : neighbours + 1]  # column 0 is the row's distance to itself
+    return nearest.sum(dim=1)
+
+
+def krum_malicious(num_clients: int, assumed: int) -> int:
+    """f as configured, lowered until Krum's n > 2f + 2 holds (0 when the clients are too few for any)."""
+    return max(min(assumed, (num_clients - 3) // 2), 0)
+
+
+def multi_krum(global_state, states, weights, settings) -> tuple[AdapterState | None, dict]:
+    """The weighted mean of the n - f updates with the lowest Krum scores."""
+    kept = contributing(states, weights)
+    if not kept:
+        return None, {}
+    deltas = updates(global_state, [states[index] for index in kept])
+    num_malicious = krum_malicious(len(kept), settings.assumed_malicious)
+    scores = krum_scores(torch.stack([flatten(delta) for delta in deltas]), num_malicious)
+    chosen = sorted(scores.argsort()[: len(kept) - num_malicious].tolist())
+    selected = [kept[index] for index in chosen]
+    combined = weighted_average([states[index] for index in selected], [weights[index] for index in selected])
+    notes = {"krum_f": num_malicious, "selected": selected, "krum_scores": [float(score) for score in scores]}
+    return combined, notes
+
+
+def norm_clip(global_state, states, weights, settings) -> tuple[AdapterState | None, dict]:
+    """The weighted mean of the updates, each scaled to norm at most C (configured, or the round's median norm)."""
+    kept = contributing(states, weights)
+    if not kept:
+        return None, {}
+    deltas = updates(global_state, [states[index] for index in kept])
+    norms = [float(flatten(delta).norm()) for delta in deltas]
+    bound = settings.clip_norm if settings.clip_norm is not None else float(middle(torch.tensor(norms)))
+    clipped = [
+        {name: tensor * min(1.0, bound / norm) for name, tensor in delta.items()} if norm > 0 else delta
+        for delta, norm in zip(deltas, norms)
+    ]
+    combined = weighted_average([apply(global_state, delta) for delta in clipped], [weights[index] for index in kept])
+    return combined, {"clip_norm": bound, "clipped": [kept[i] for i, norm in enumerate(norms) if norm > bound]}
+
+
+COMBINERS: dict[str, Combiner] = {
+    "mean": mean,
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+    "multi_krum": multi_krum,
+    "norm_clip": norm_clip,
+}
