@@ -228,6 +228,20 @@ class DefenseConfig(Section):
         return self
 
 
+class PrivacyConfig(Section):
+    """Client-level differential privacy (spearfl.federated.privacy): clipping and Gaussian noise, accounted."""
+
+    # central: the server clips each update and noises their mean (DP-FedAvg); local: each device does so before
+    # sending, so the server need not be trusted
+    mode: Literal["none", "central", "local"] = "none"
+    clip_norm: float = Field(1.0, gt=0)  # C: the demo's SPEAR updates have norms near 1 (docs/security.md)
+    noise_multiplier: float = Field(1.0, gt=0)  # z: the noise's standard deviation in units of C
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float | None = Field(None, gt=0)  # the run stops after the last round within it
+    # run_seed: noise repeats with the run (exact resume); os: unpredictable noise for deployments
+    noise_source: Literal["run_seed", "os"] = "run_seed"
+
+
 class AttackConfig(Section):
     """Malicious clients in simulation: how their people's feedback is poisoned and what they send
     (spearfl.feedback.poison, spearfl.federated.attacks). Any run may list some."""
@@ -300,6 +314,7 @@ class RunConfig(Section):
     rltf_sd: RltfSdConfig = RltfSdConfig()
     server: ServerConfig = ServerConfig()
     defense: DefenseConfig = DefenseConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     attacks: list[AttackConfig] = []
     eval: EvalConfig = EvalConfig()
     live: LiveConfig = LiveConfig()
@@ -315,6 +330,8 @@ class RunConfig(Section):
             raise ValueError(f"attacks name clients {sorted(set(listed))} outside 0..{self.data.num_clients - 1}")
         if len(listed) != len(set(listed)):
             raise ValueError(f"attacks list a client twice: {sorted(c for c in set(listed) if listed.count(c) > 1)}")
+        if self.privacy.mode == "central" and self.defense.aggregator != "mean":
+            raise ValueError(f"privacy.mode central bounds each client's share of the mean; defense.aggregator {self.defense.aggregator!r} has no such bound")
         steps = self.budget("grpo").local_steps
         if self.grpo.passes > steps:
             raise ValueError(f"grpo.passes ({self.grpo.passes}) exceeds the local steps ({steps}): a pass takes at least one step")

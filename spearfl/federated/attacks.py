@@ -27,18 +27,9 @@ import math
 
 import torch
 
-from spearfl.federated.robust import AdapterState, flatten
+from spearfl.federated.robust import AdapterState, flatten, unflatten
 
 TINY = 1e-12
-
-
-def unflatten(vector: torch.Tensor, like: AdapterState) -> AdapterState:
-    """A flat vector back into tensors of `like`'s names and shapes.  # [P] -> state"""
-    state, offset = {}, 0
-    for name, tensor in like.items():
-        state[name] = vector[offset : offset + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
-        offset += tensor.numel()
-    return state
 
 
 def sign_flip(poisoned, honest, settings, generator) -> AdapterState:

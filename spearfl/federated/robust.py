@@ -52,8 +52,22 @@ def updates(global_state: AdapterState, states: list[AdapterState]) -> list[Adap
 
 
 def flatten(update: AdapterState) -> torch.Tensor:
-    """All of an update's values as one vector, in the adapter's key order.  # [P]"""
-    return torch.cat([tensor.reshape(-1) for tensor in update.values()])
+    """All of an update's values as one vector, tensors in the order of their names.  # [P]
+
+    Sorted names, not the dict's order: an adapter loaded from safetensors lists its tensors sorted, one fresh from
+    training in the model's order, and whatever is drawn or summed over the vector must not depend on which.
+    """
+    return torch.cat([update[name].reshape(-1) for name in sorted(update)])
+
+
+def unflatten(vector: torch.Tensor, like: AdapterState) -> AdapterState:
+    """A vector from `flatten` back into tensors of `like`'s names, shapes and dtypes.  # [P] -> state"""
+    state, offset = {}, 0
+    for name in sorted(like):
+        tensor = like[name]
+        state[name] = vector[offset : offset + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
+        offset += tensor.numel()
+    return {name: state[name] for name in like}
 
 
 def apply(global_state: AdapterState, update: AdapterState) -> AdapterState:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spearfl.federated.robust import AdapterState, flatten, middle, updates
+from spearfl.federated.robust import AdapterState, flatten, middle, unflatten, updates
 
 MAD_TO_SIGMA = 1.4826  # MAD x 1.4826 estimates a normal distribution's standard deviation
 # floors of each indicator's scale: below these differences no honest round should be told apart
@@ -80,7 +80,7 @@ def robust_z(values: torch.Tensor, direction: str, floor: float) -> torch.Tensor
 def layer_scores(deltas: list[AdapterState], reference: AdapterState) -> dict[str, torch.Tensor]:
     """Per decoder layer, each client's robust z of log ||update - reference|| over the clients.  # layer -> [K]"""
     groups: dict[str, list[str]] = {}
-    for name in reference:
+    for name in sorted(reference):
         groups.setdefault(layer_of(name), []).append(name)
     scores = {}
     for layer, names in groups.items():
@@ -95,10 +95,7 @@ def indicators(deltas: list[AdapterState], weights: list[float], metrics: list[d
     """(indicator -> [K] robust z, layer -> [K] robust z, the reference update) of the contributing clients."""
     vectors = torch.stack([flatten(delta) for delta in deltas]).double()  # [K, P]
     reference_vector = middle(vectors)  # [P]
-    reference, offset = {}, 0
-    for name, tensor in deltas[0].items():
-        reference[name] = reference_vector[offset : offset + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
-        offset += tensor.numel()
+    reference = unflatten(reference_vector, deltas[0])
     norms = vectors.norm(dim=1)  # [K]
     cosine = (vectors @ reference_vector) / (norms * reference_vector.norm()).clamp(min=TINY)
     layers = layer_scores(deltas, reference)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from spearfl.algorithms import ALGORITHMS
-from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound
+from spearfl.algorithms.base import ClientContext, ClientResult, ClientRound, ClientUpdate
 from spearfl.config import RunConfig, validate
 from spearfl.data import load_jsonl
 from spearfl.data.schema import Example
 from spearfl.federated.codec import encode_upload, wire_array
+from spearfl.federated.privacy import noise_generator, noised_locally
 from spearfl.lm.models import load_base_model, quiet_library_output
 from spearfl.runtime.adversary import acting_client, behave
 from spearfl.runtime.setup import (
@@ -62,7 +63,7 @@ class ClientHost:
         acting = acting_client(config, request.client_id)
         examples = self.examples_for(config, dataclasses.replace(request, client_id=acting))
         work = ClientRound(acting, request.round_index, examples, global_state, request.lr, config.seed)
-        return behave(ALGORITHMS[config.algorithm], context, work)
+        return run_client(ALGORITHMS[config.algorithm], context, work)
 
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
         """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics"}).
@@ -98,6 +99,20 @@ class ClientHost:
             else:
                 self.examples[key] = prepare_data(config).clients[request.client_id]
         return self.examples[key]
+
+
+def privatized(result: ClientResult, work: ClientRound, settings) -> ClientResult:
+    """Under local differential privacy, the result with its update clipped and noised on the device."""
+    if settings.mode != "local" or result.weight == 0:
+        return result
+    state = noised_locally(result.state, work.global_state, settings, noise_generator(settings, work.seed("local-dp")))
+    return ClientResult(state, result.weight, result.metrics)
+
+
+def run_client(update: ClientUpdate, context: ClientContext, work: ClientRound) -> ClientResult:
+    """A client's round as the device runs it: its update (or, in simulation, what its attack makes of it), then
+    local differential privacy where configured."""
+    return privatized(behave(update, context, work), work, context.config.privacy)
 
 
 def upload(result: ClientResult, global_state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:

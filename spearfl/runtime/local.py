@@ -17,8 +17,8 @@ from rich.progress import Progress
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import RunConfig
-from spearfl.runtime.adversary import acting_client, behave
-from spearfl.runtime.client import upload
+from spearfl.runtime.adversary import acting_client
+from spearfl.runtime.client import run_client, upload
 from spearfl.runtime.devices import DeviceClients
 from spearfl.runtime.server import (
     FederatedRun,
@@ -47,7 +47,7 @@ class InProcessClients:
         for client in clients:
             acting = acting_client(self.context.config, client)
             work = ClientRound(acting, round_index, self.federation.clients[acting], global_state, lr, self.context.config.seed)
-            result = behave(self.update, self.context, work)
+            result = run_client(self.update, self.context, work)
             encoding = self.context.config.server.upload_encoding
             results.append((client, as_received(result, upload(result, global_state, encoding), global_state, encoding)))
             if bar is not None:

@@ -38,6 +38,7 @@ from spearfl.federated.aggregation import (
     initial_server_state,
     lora_average_error,
 )
+from spearfl.federated.privacy import affordable_rounds, central_mean, epsilon_after, noise_generator
 from spearfl.federated.robust import COMBINERS
 from spearfl.federated.trust import SCREENINGS
 from spearfl.federated.codec import decode_upload, payload_bytes
@@ -219,6 +220,8 @@ class FederatedRun:
         self.combine = COMBINERS[config.defense.aggregator]
         self.screen = SCREENINGS[config.defense.screening]
         self.reputation: dict[str, float] = {}  # str(client) -> [0, 1], kept in the checkpoint
+        self.private_rounds = 0  # rounds the privacy accountant has composed, kept in the checkpoint
+        self.last_round = self.planned_last_round()
         self.shared_lora: dict[str, torch.Tensor] = {}  # LoRA weights no client sends (FFA-LoRA's A), from the model
 
     def run(self) -> dict:
@@ -265,12 +268,13 @@ class FederatedRun:
         else:
             global_state, server_state = checkpoint.global_state, checkpoint.server_state
             self.reputation = dict(checkpoint.info.get("reputation", {}))
+            self.private_rounds = checkpoint.info.get("privacy", {}).get("rounds", 0)
             self.folder.rewind_to(checkpoint.round_index)
             console.print(f"resuming {self.folder.path} after round {checkpoint.round_index}")
         with self.progress() as progress:
             self.context.progress = progress if self.show_progress else None
             runner = self.make_runner(self.context, federation, self.context.progress)
-            last = config.server.rounds  # None: until stopped
+            last = self.last_round  # None: until stopped
             rounds_bar = progress.add_task("rounds", total=None if last is None else last + 1, completed=start_round)
             for round_index in itertools.count(start_round) if last is None else range(start_round, last + 1):
                 if round_index == 0:
@@ -286,7 +290,7 @@ class FederatedRun:
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
                 self.folder.save_checkpoint(
-                    round_index, global_state, server_state, info={"round": round_index, "reputation": self.reputation}
+                    round_index, global_state, server_state, info=self.checkpoint_info(round_index)
                 )
                 self.folder.write_status("running", last_round=round_index)
                 if round_index > 0:
@@ -300,7 +304,8 @@ class FederatedRun:
             round_index, config.server.rounds, config.optimizer.lr, config.optimizer.warmup_rounds, config.optimizer.min_lr_ratio
         )
         asked = config.budget(CONFIG_SECTIONS[config.algorithm]).prompts_per_round
-        replies = bound_weights(runner.train(round_index, runner.choose(round_index), global_state, lr), asked)
+        chosen = runner.choose(round_index)
+        replies = bound_weights(runner.train(round_index, chosen, global_state, lr), asked)
         for rejected in replies.rejected:
             console.print(f"[yellow]round {round_index}: dropped the reply of client {rejected['client']}: {rejected['reason']}[/yellow]")
         results = replies.results
@@ -308,7 +313,12 @@ class FederatedRun:
             global_state, [r.state for _, r in results], [r.weight for _, r in results], [client for client, _ in results],
             [r.metrics for _, r in results], self.reputation, config.defense,
         )
-        combined, notes = self.combine(global_state, screened.states, screened.weights, config.defense)
+        if config.privacy.mode == "central":
+            factors = [screened / result.weight if result.weight > 0 else 0.0 for screened, (_, result) in zip(screened.weights, results)]
+            generator = noise_generator(config.privacy, derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "dp-noise"))
+            combined, notes = central_mean(global_state, screened.states, factors, len(chosen), config.privacy, generator)
+        else:
+            combined, notes = self.combine(global_state, screened.states, screened.weights, config.defense)
         new_global, new_server_state = self.step(global_state, combined, server_state, config.server)
         self.reputation = screened.reputation
         row = {
@@ -322,9 +332,38 @@ class FederatedRun:
             row["screening"] = screened.records
         if notes:
             row["aggregation"] = notes
+        if config.privacy.mode != "none":
+            self.private_rounds += 1
+            row["privacy"] = {"epsilon": self.epsilon(self.private_rounds), "delta": config.privacy.delta}
         if replies.rejected:
             row["rejected"] = replies.rejected
         return new_global, new_server_state, row, replies
+
+    def planned_last_round(self) -> int | None:
+        """The configured last round, or the last one the privacy budget affords, if earlier."""
+        settings, rounds = self.config.privacy, self.config.server.rounds
+        if settings.mode == "none" or settings.epsilon_budget is None:
+            return rounds
+        affordable = affordable_rounds(settings, self.config.data.num_clients, self.config.server.clients_per_round, rounds or 10**6)
+        if affordable == 0:
+            raise UserError(
+                f"privacy.epsilon_budget {settings.epsilon_budget} affords no round: one round spends epsilon "
+                f"{self.epsilon(1):.3g}; raise the budget or privacy.noise_multiplier"
+            )
+        if rounds is None or affordable < rounds:
+            console.print(f"the privacy budget (epsilon {settings.epsilon_budget}) affords {affordable} rounds: the run stops after round {affordable}")
+        return affordable if rounds is None else min(rounds, affordable)
+
+    def epsilon(self, num_rounds: int) -> float:
+        config = self.config
+        return epsilon_after(num_rounds, config.privacy, config.data.num_clients, config.server.clients_per_round)
+
+    def checkpoint_info(self, round_index: int) -> dict:
+        """What a resumed run needs beside the adapters: the reputation and the privacy accountant's rounds."""
+        info = {"round": round_index, "reputation": self.reputation}
+        if self.config.privacy.mode != "none":
+            info["privacy"] = {"rounds": self.private_rounds, "epsilon": self.epsilon(self.private_rounds)}
+        return info
 
     def evaluate(self, heldout, global_state) -> dict:
         """Held-out metrics of the model as it stands (its adapter already set to `global_state`)."""
@@ -346,7 +385,9 @@ class FederatedRun:
     def finish(self) -> dict:
         """Write summary and plot, mark the folder complete, print the table."""
         self.write_results()
-        self.folder.write_status("complete", last_round=self.config.server.rounds)
+        stopped_early = self.last_round != self.config.server.rounds
+        message = f"the privacy budget (epsilon {self.config.privacy.epsilon_budget}) was spent" if stopped_early else ""
+        self.folder.write_status("complete", last_round=self.last_round, message=message)
         summary = self.folder.read_summary()
         if self.show_progress:
             console.print(summary_table(summary))
@@ -368,6 +409,9 @@ class FederatedRun:
             "client_seconds": sum(o["client_seconds"] for o in online),
             "peak_memory_mb": max((o["peak_memory_mb"] for o in online if o["peak_memory_mb"] is not None), default=None),
         }
+        private = [row["privacy"] for row in history if "privacy" in row]
+        if private:
+            extra["privacy"] = private[-1]  # (epsilon, delta) of the whole run
         self.folder.write_summary(evals[0]["eval"], evals[-1]["eval"], extra)
         plot_accuracy(history, self.folder.plot_path)
 

@@ -24,7 +24,7 @@ from spearfl.data.store import InteractionStore
 from spearfl.errors import UserError
 from spearfl.federated.codec import wire_array
 from spearfl.lm.models import set_adapter_state
-from spearfl.runtime.client import TrainRequest, upload
+from spearfl.runtime.client import TrainRequest, privatized, upload
 from spearfl.serve.engine import AnswerEngine
 
 LIVE_ALGORITHMS = ("spear",)
@@ -72,7 +72,7 @@ class DeviceRounds:
         work = ClientRound(request.client_id, request.round_index, [], global_state, request.lr, config.seed)
 
         def train_then_serve() -> ClientResult:
-            result = live_client_update(context, work, fresh)
+            result = privatized(live_client_update(context, work, fresh), work, config.privacy)
             set_adapter_state(self.context.model, global_state)  # answer with the newest global adapter
             self.engine.adapter_version = version
             return result
