@@ -93,3 +93,14 @@ def test_a_work_order_for_another_model_or_algorithm_is_refused(device):
         with pytest.raises(UserError, match=words):
             rounds.train_arrays(arrays, {"request": header["request"] | {"config": bad}})
     assert rounds.store.claimed_rounds() == []
+
+
+def test_a_round_takes_at_most_its_prompts_oldest_first(device):
+    rounds, config, ids = device
+    config = config.model_copy(update={"client": config.client.model_copy(update={"prompts_per_round": 2})})
+    with single_thread():
+        _, result = rounds.train_arrays(*work_order(config, 5, rounds.context.model))
+    assert result["weight"] == 2 and result["metrics"]["stale_skipped"] == 2
+    assert rounds.settle(5, accepted=True) == 2
+    consumed = {i.id: i.consumed_round for i in rounds.store.recent()}
+    assert [consumed[i] for i in ids[3]] == [5, 5] and consumed[ids[4][0]] is None  # version 4's waits for the next
