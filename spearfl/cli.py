@@ -441,7 +441,10 @@ def bench(
 @app.command("client-worker")
 def client_worker(
     port: Annotated[int, typer.Option(help="Port to listen on; give it to the SuperNode as --node-config \"worker='127.0.0.1:PORT'\".")] = 7301,
-    host: Annotated[str, typer.Option(help="Interface to listen on; keep the loopback, the worker has no authentication.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to listen on; beyond 127.0.0.1 an access token is required.")] = "127.0.0.1",
+    token: Annotated[
+        Optional[str], typer.Option(help="Access token the ClientApp must send (Authorization: Bearer ...); default: $SPEARFL_TOKEN.")
+    ] = None,
 ) -> None:
     """Keep one device's base model loaded across Flower rounds, for its SuperNode's ClientApp (see README).
 
@@ -451,10 +454,11 @@ def client_worker(
     import logging
 
     from spearfl.runtime.worker import serve
+    from spearfl.serve.device import access_token
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     try:
-        serve(host, port)
+        serve(host, port, access_token(host, token))
     except OSError as error:
         fail(f"cannot listen on {host}:{port}: {error}")
 

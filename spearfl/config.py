@@ -293,6 +293,9 @@ class LiveConfig(Section):
     # On Flower: the SuperNodes relay to device services (node config `service`); the server then tells every node
     # each round's outcome and the new global adapter, and work orders carry outcomes a device missed.
     on_flower: bool = False
+    # The server's wait for a device's reply to a work order; a device that takes longer is dropped from the round
+    # (a straggler), the rest aggregated. None: no limit.
+    reply_timeout_seconds: float | None = Field(None, gt=0)
 
 
 class RunConfig(Section):

@@ -22,6 +22,7 @@ with error feedback.
 from __future__ import annotations
 
 import math
+import secrets
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -137,3 +138,25 @@ def check_reply(
         raise InvalidReply(f"weight {weight} but no adapter")
     check_arrays(arrays, expected)
     return arrays, weight
+
+
+class WorkOrders:
+    """The one-time nonces of the work orders a server sent: a reply counts only if it carries the nonce of the work
+    order it answers, once. A reply replayed from an earlier round, sent twice, or made for another client fails."""
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[int, int], str] = {}  # (round, client) -> nonce of the work order awaiting its reply
+
+    def issue(self, round_index: int, client: int) -> str:
+        nonce = secrets.token_hex(16)
+        self.open[(round_index, client)] = nonce
+        return nonce
+
+    def redeem(self, round_index: int, client: int, nonce) -> None:
+        """Close the work order; InvalidReply unless `nonce` is its own and it is still open."""
+        expected = self.open.get((round_index, client))
+        if expected is None:
+            raise InvalidReply(f"no open work order of round {round_index} for client {client} (a duplicate or stale reply)")
+        if not isinstance(nonce, str) or not secrets.compare_digest(nonce, expected):
+            raise InvalidReply(f"the reply's nonce is not that of client {client}'s round {round_index} work order (replayed or forged)")
+        del self.open[(round_index, client)]

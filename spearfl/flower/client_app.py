@@ -64,7 +64,7 @@ def train(message: Message, context: Context) -> Message:
         header = {"request": request, "settled": settled}
         state, result = exchange(str(node["service"]), "/worker/train", arrays, header, token=os.environ.get(TOKEN_VARIABLE))
     elif "worker" in node:
-        state, result = train_on_worker(str(node["worker"]), arrays, request)
+        state, result = train_on_worker(str(node["worker"]), arrays, request, token=os.environ.get(TOKEN_VARIABLE))
     else:
         state, result = in_process_host().train_arrays(arrays, request)
     return Message(reply_content(state, result), reply_to=message)

@@ -5,6 +5,7 @@ Out (server -> client, message type "train"):
     "work"     ConfigRecord  {"request": JSON of a `spearfl.runtime.client.TrainRequest`}
 Back:
     "metrics"  MetricRecord  the client's round metrics plus "weight" (0 = nothing to aggregate)
+    "order"    ConfigRecord  {"nonce": the work order's one-time nonce, echoed (spearfl.federated.codec.WorkOrders)}
     "adapter"  ArrayRecord   the upload payload (spearfl.federated.codec): the trained LoRA state in float32, or its
                              update in bfloat16 sent as bit patterns (uint16); absent when the weight is 0
 Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
@@ -33,7 +34,7 @@ from spearfl.federated.codec import (  # noqa: F401 - InvalidReply and layout_of
     wire_values,
 )
 
-ADAPTER, WORK, METRICS, NODE, OUTCOME = "adapter", "work", "metrics", "node", "outcome"
+ADAPTER, WORK, METRICS, NODE, OUTCOME, ORDER = "adapter", "work", "metrics", "node", "outcome", "order"
 WEIGHT = "weight"
 
 
@@ -45,6 +46,7 @@ class Reply:
     weight: float
     metrics: dict
     payload_bytes: int
+    nonce: str = ""
 
 
 def adapter_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -77,7 +79,7 @@ def metric_values(result: dict) -> dict[str, int | float]:
 
 
 def reply_content(arrays: dict[str, np.ndarray], result: dict) -> RecordDict:
-    records = {METRICS: MetricRecord(metric_values(result))}
+    records = {METRICS: MetricRecord(metric_values(result)), ORDER: ConfigRecord({"nonce": str(result.get("nonce", ""))})}
     if arrays:
         records[ADAPTER] = adapter_record(arrays)
     return RecordDict(records)
@@ -94,9 +96,11 @@ def read_reply(content: RecordDict, expected: Layout, required_metrics: tuple[st
     weight = metrics.pop(WEIGHT, None)
     arrays = declared_arrays(content.array_records[ADAPTER], expected) if ADAPTER in content.array_records else {}
     arrays, weight = check_reply(arrays, weight, metrics, expected, required_metrics)
+    nonce = str(content.config_records[ORDER].get("nonce", "")) if ORDER in content.config_records else ""
     if arrays is None:
-        return Reply(None, 0.0, metrics, 0)
-    return Reply({name: wire_values(array) for name, array in arrays.items()}, weight, metrics, sum(a.nbytes for a in arrays.values()))
+        return Reply(None, 0.0, metrics, 0, nonce)
+    values = {name: wire_values(array) for name, array in arrays.items()}
+    return Reply(values, weight, metrics, sum(a.nbytes for a in arrays.values()), nonce)
 
 
 def declared_arrays(record: ArrayRecord, expected: Layout) -> dict[str, np.ndarray]:

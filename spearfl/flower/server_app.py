@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from spearfl.algorithms.base import REPORTED_METRICS, ClientResult
 from spearfl.config import RunConfig, config_to_dict, load_config
-from spearfl.federated.codec import decode_upload
+from spearfl.federated.codec import WorkOrders, decode_upload
 from spearfl.flower.records import (
     InvalidReply,
     layout_of,
@@ -60,6 +60,7 @@ class FlowerClients:
         self.connect_timeout = connect_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.missed: dict[int, dict[int, bool]] = {}  # live runs: client -> round -> accepted, not yet heard by it
+        self.orders = WorkOrders()
 
     def choose(self, round_index: int) -> list[int]:
         return choose_clients(self.config, round_index)
@@ -71,8 +72,8 @@ class FlowerClients:
         reachable = [client for client in clients if client in self.nodes]
         messages = [
             Message(
-                work_content(arrays, {"config": config, "client_id": client, "round_index": round_index, "lr": lr}
-                             | self.settled_for(client)),
+                work_content(arrays, {"config": config, "client_id": client, "round_index": round_index, "lr": lr,
+                                      "nonce": self.orders.issue(round_index, client)} | self.settled_for(client)),
                 dst_node_id=self.nodes[client],
                 message_type=MessageType.TRAIN,
                 group_id=str(round_index),
@@ -84,7 +85,9 @@ class FlowerClients:
         accepted, rejected = [], []
         for client in clients:
             try:
-                accepted.append((client, self.accept(replies.get(client), global_state, expected, client in self.nodes)))
+                result, nonce = self.accept(replies.get(client), global_state, expected, client in self.nodes)
+                self.orders.redeem(round_index, client, nonce)
+                accepted.append((client, result))
             except InvalidReply as error:
                 rejected.append({"client": client, "reason": str(error)})
         console.print(f"round {round_index}: {len(accepted)} of {len(clients)} client replies aggregated")
@@ -115,8 +118,9 @@ class FlowerClients:
             if (reply is None or reply.has_error()) and outcomes[client] is not None:
                 self.missed.setdefault(client, {})[round_index] = outcomes[client]
 
-    def accept(self, reply: Message | None, global_state, expected, has_node: bool) -> ClientResult:
-        """The client's result as the server aggregates it, or InvalidReply saying why there is none."""
+    def accept(self, reply: Message | None, global_state, expected, has_node: bool) -> tuple[ClientResult, str]:
+        """The client's result as the server aggregates it and the nonce it carries, or InvalidReply saying why there
+        is none."""
         if not has_node:
             raise InvalidReply("no SuperNode of this client is connected")
         if reply is None:
@@ -126,10 +130,10 @@ class FlowerClients:
         received = read_reply(reply.content, expected, REPORTED_METRICS)
         metrics = received.metrics | {"upload_bytes": received.payload_bytes}
         if received.payload is None:
-            return ClientResult(state=global_state, weight=0.0, metrics=metrics)
+            return ClientResult(state=global_state, weight=0.0, metrics=metrics), received.nonce
         payload = {name: torch.from_numpy(values) for name, values in received.payload.items()}
         state = decode_upload(payload, global_state, self.config.server.upload_encoding)
-        return ClientResult(state=state, weight=received.weight, metrics=metrics)
+        return ClientResult(state=state, weight=received.weight, metrics=metrics), received.nonce
 
     def exchange(self, messages: list[Message], timeout: float) -> list[Message | None]:
         """Push the messages, pull their replies until all are in or the timeout passes; None for a missing one."""

@@ -40,6 +40,7 @@ class TrainRequest:
     round_index: int
     lr: float
     examples_path: str | None = None  # the device's own JSONL examples; None: its partition of the configured dataset
+    nonce: str = ""  # the server's one-time token for this work order; the reply carries it back
 
     def run_config(self) -> RunConfig:
         return validate(self.config, source="the run config sent by the server")
@@ -66,7 +67,7 @@ class ClientHost:
         return run_client(ALGORITHMS[config.algorithm], context, work)
 
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
-        """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics"}).
+        """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics", "nonce"}).
 
         The payload is the configured upload encoding of the trained adapter (spearfl.federated.codec), as numpy
         arrays (bfloat16 as its bit patterns, uint16); it is empty when the weight is 0.
@@ -75,7 +76,8 @@ class ClientHost:
         request = TrainRequest(**request)
         result = self.train(request, global_state)
         payload = upload(result, global_state, request.run_config().server.upload_encoding)
-        return {name: wire_array(tensor) for name, tensor in payload.items()}, {"weight": result.weight, "metrics": result.metrics}
+        reply = {"weight": result.weight, "metrics": result.metrics, "nonce": request.nonce}
+        return {name: wire_array(tensor) for name, tensor in payload.items()}, reply
 
     def context_for(self, config: RunConfig) -> ClientContext:
         """The client context for this config, loading the base model only if its settings changed."""

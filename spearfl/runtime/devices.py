@@ -25,7 +25,7 @@ from rich.progress import Progress
 
 from spearfl.algorithms.base import REPORTED_METRICS, ClientContext, ClientResult
 from spearfl.config import config_to_dict
-from spearfl.federated.codec import check_reply, layout_of, wire_array
+from spearfl.federated.codec import WorkOrders, check_reply, layout_of, wire_array
 from spearfl.runtime.server import RoundReplies, as_received, choose_clients
 from spearfl.runtime.setup import Federation
 from spearfl.runtime.worker import WorkerError, exchange
@@ -42,7 +42,9 @@ class DeviceClients:
         self.config = context.config
         self.addresses = list(self.config.live.devices)
         self.token = os.environ.get(TOKEN_VARIABLE) or None
+        self.timeout = self.config.live.reply_timeout_seconds  # a device that takes longer is dropped from the round
         self.missed: dict[int, dict[int, bool]] = {}  # client -> round -> accepted, for devices the notice missed
+        self.orders = WorkOrders()
 
     def choose(self, round_index: int) -> list[int]:
         """The round's devices: with `live.round_period_seconds`, wait until `clients_per_round` devices have
@@ -70,11 +72,13 @@ class DeviceClients:
         encoding = self.config.server.upload_encoding
         replies = RoundReplies([])
         for client in clients:
-            request = {"config": config_to_dict(self.config), "client_id": client, "round_index": round_index, "lr": lr}
+            request = {"config": config_to_dict(self.config), "client_id": client, "round_index": round_index, "lr": lr,
+                       "nonce": self.orders.issue(round_index, client)}
             header = {"request": request, "settled": {str(r): ok for r, ok in self.missed.get(client, {}).items()}}
             try:
-                payload, result = exchange(self.addresses[client], "/worker/train", arrays, header, self.token)
+                payload, result = exchange(self.addresses[client], "/worker/train", arrays, header, self.token, self.timeout)
                 tensors = checked_payload(payload, global_state, result, encoding)
+                self.orders.redeem(round_index, client, result.get("nonce"))
             except (WorkerError, ValueError, KeyError) as error:
                 replies.rejected.append({"client": client, "reason": str(error)})
                 continue

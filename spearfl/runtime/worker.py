@@ -6,17 +6,20 @@ there would be loaded again every round. `spearfl client-worker` runs beside the
 the answer. The payload both ways is one safetensors file: the adapter as tensors, the work order (or the
 weight and metrics) as JSON in its metadata. Nothing is pickled.
 
-    POST /train    global adapter + {"request": TrainRequest fields}  ->  trained adapter + {"weight", "metrics"}
+    POST /train    global adapter + {"request": TrainRequest fields}  ->  trained adapter + {"weight", "metrics", "nonce"}
     GET  /health   {"status": "ok", "models_loaded": how many times this worker has loaded a base model}
 
 This module imports neither torch nor Flower at the top, so the per-message ClientApp process that talks to
 the worker starts fast; the worker side imports the model code when it starts serving.
-Left out on purpose: authentication (the worker listens on 127.0.0.1 only, unless told otherwise) and
-serving several requests at once (one model, one client round at a time).
+With an access token ($SPEARFL_TOKEN or --token; required to listen beyond the loopback), /train needs
+`Authorization: Bearer <token>`. A body over `max_body_bytes` gets 413 before it is read, a payload that is not
+a spearfl safetensors file 400, and nothing in a payload is ever unpickled. Replies read back are bounded too.
+Left out on purpose: serving several requests at once (one model, one client round at a time).
 """
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
 import logging
@@ -27,10 +30,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import safetensors.numpy
 
+from spearfl.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "spearfl"
 HEADER_SIZE_BYTES = 8  # safetensors: little-endian u64 length of the JSON header, then the header
+MAX_BODY_BYTES = 1 << 30  # a work order or a reply carries one adapter; the paper setting's is 28 MB
 
 
 class WorkerError(RuntimeError):
@@ -43,21 +49,31 @@ def pack(arrays: dict[str, np.ndarray], header: dict) -> bytes:
 
 
 def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
-    """Inverse of `pack`: (tensors, header). Raises ValueError on anything else."""
+    """Inverse of `pack`: (tensors, header). Raises ValueError, naming the fault, on anything else."""
     if len(data) < HEADER_SIZE_BYTES:
         raise ValueError("payload too short to be a safetensors file")
     size = int.from_bytes(data[:HEADER_SIZE_BYTES], "little")
+    if size > len(data) - HEADER_SIZE_BYTES:
+        raise ValueError(f"safetensors header declares {size} bytes, the payload holds {len(data) - HEADER_SIZE_BYTES}")
     try:
         metadata = json.loads(data[HEADER_SIZE_BYTES : HEADER_SIZE_BYTES + size]).get("__metadata__") or {}
         header = json.loads(metadata[METADATA_KEY])
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"payload has no spearfl header: {error}") from None
-    return safetensors.numpy.load(data), header
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as error:
+        raise ValueError(f"payload has no spearfl header: {type(error).__name__}: {str(error)[:200]}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"the spearfl header is a {type(header).__name__}, not an object")
+    try:
+        arrays = safetensors.numpy.load(data)
+    except Exception as error:  # the Rust parser's SafetensorError derives from Exception only
+        raise ValueError(f"not a valid safetensors payload: {str(error)[:200]}") from None
+    return arrays, header
 
 
-def train_on_worker(address: str, arrays: dict[str, np.ndarray], request: dict) -> tuple[dict[str, np.ndarray], dict]:
-    """Send one work order to the worker at host:port; returns (trained adapter, {"weight", "metrics"})."""
-    return exchange(address, "/train", arrays, {"request": request})
+def train_on_worker(
+    address: str, arrays: dict[str, np.ndarray], request: dict, token: str | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Send one work order to the worker at host:port; returns (trained adapter, {"weight", "metrics", "nonce"})."""
+    return exchange(address, "/train", arrays, {"request": request}, token)
 
 
 def exchange(
@@ -72,16 +88,26 @@ def exchange(
     try:
         connection.request("POST", path, body=pack(arrays, header), headers=headers)
         response = connection.getresponse()
-        body = response.read()
+        declared = response.getheader("Content-Length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            raise WorkerError(f"client at {address} answered {path} with a body of {declared} bytes, over the {MAX_BODY_BYTES} limit")
+        body = response.read(MAX_BODY_BYTES + 1)
+        if len(body) > MAX_BODY_BYTES:
+            raise WorkerError(f"client at {address} answered {path} with over {MAX_BODY_BYTES} bytes")
+    except TimeoutError:
+        raise WorkerError(f"client at {address} sent no reply to {path} within {timeout:g} s (a straggler)") from None
     except OSError as error:
         raise WorkerError(f"client at {address} unreachable ({error}); is its worker or service running?") from None
     finally:
         connection.close()
     if response.status != 200:
         raise WorkerError(f"client at {address} refused {path} ({response.status}): {error_text(body)}")
-    if response.getheader("Content-Type", "").startswith("application/json"):
-        return {}, json.loads(body)
-    return unpack(body)
+    try:
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return {}, json.loads(body)
+        return unpack(body)
+    except (ValueError, RecursionError) as error:
+        raise WorkerError(f"client at {address} answered {path} with a malformed payload: {str(error)[:200]}") from None
 
 
 def error_text(body: bytes) -> str:
@@ -105,14 +131,30 @@ class WorkerHandler(BaseHTTPRequestHandler):
         if self.path != "/train":
             self.reply_json(404, {"error": f"no such path {self.path}"})
             return
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        try:
-            arrays, header = unpack(body)
-        except ValueError as error:
-            self.reply_json(400, {"error": str(error)})
+        token = self.server.token
+        if token is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+            self.reply_json(401, {"error": "missing or wrong access token (Authorization: Bearer <token>)"})
+            return
+        declared = self.headers.get("Content-Length", "")
+        if not declared.isdigit():
+            self.reply_json(411, {"error": "a work order needs a Content-Length"})
+            return
+        if int(declared) > self.server.max_body_bytes:
+            self.reply_json(413, {"error": f"request body over the {self.server.max_body_bytes}-byte limit"})
             return
         try:
-            state, result = self.server.host.train_arrays(arrays, header["request"])
+            arrays, header = unpack(self.rfile.read(int(declared)))
+            request = header["request"]
+            if not isinstance(request, dict):
+                raise ValueError(f"the work order is a {type(request).__name__}, not an object")
+        except (ValueError, KeyError) as error:
+            self.reply_json(400, {"error": f"bad work order: {error}"})
+            return
+        try:
+            state, result = self.server.host.train_arrays(arrays, request)
+        except (TypeError, ValueError, KeyError, UserError) as error:  # a work order it cannot run
+            self.reply_json(400, {"error": f"bad work order: {type(error).__name__}: {str(error)[:500]}"})
+            return
         except Exception as error:  # the round failed: tell the ClientApp why, keep serving
             logger.error("client round failed:\n%s", traceback.format_exc())
             self.reply_json(500, {"error": f"{type(error).__name__}: {error}"})
@@ -137,20 +179,20 @@ def stop_serving(signal_number, frame) -> None:
     raise KeyboardInterrupt(f"signal {signal_number}")
 
 
-def make_server(host: str, port: int, client_host) -> HTTPServer:
+def make_server(host: str, port: int, client_host, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> HTTPServer:
     """An HTTP server in front of `client_host` (anything with ClientHost.train_arrays); port 0 picks a free one."""
     server = HTTPServer((host, port), WorkerHandler)
-    server.host = client_host
+    server.host, server.token, server.max_body_bytes = client_host, token, max_body_bytes
     return server
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, token: str | None = None) -> None:
     """Serve client rounds until SIGTERM or Ctrl-C; the model loads with the first round."""
     from spearfl.runtime.client import (
         ClientHost,  # the model code, imported only where it runs
     )
 
-    server = make_server(host, port, ClientHost())
+    server = make_server(host, port, ClientHost(), token)
     signal.signal(signal.SIGTERM, stop_serving)
     logger.warning("spearfl client worker listening on http://%s:%d", *server.server_address[:2])
     try:

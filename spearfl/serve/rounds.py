@@ -38,7 +38,7 @@ class DeviceRounds:
         self.lock = threading.Lock()  # one round at a time
 
     def train_arrays(self, arrays: dict[str, np.ndarray], header: dict) -> tuple[dict[str, np.ndarray], dict]:
-        """One work order in the client worker's wire format: (upload payload, {"weight", "metrics"})."""
+        """One work order in the client worker's wire format: (upload payload, {"weight", "metrics", "nonce"})."""
         request = TrainRequest(**header["request"])
         config = request.run_config()
         self.check_compatible(config)
@@ -48,7 +48,8 @@ class DeviceRounds:
         with self.lock:
             result = self.train(config, request, global_state)
         payload = upload(result, global_state, config.server.upload_encoding)
-        return {name: wire_array(tensor) for name, tensor in payload.items()}, {"weight": result.weight, "metrics": result.metrics}
+        reply = {"weight": result.weight, "metrics": result.metrics, "nonce": request.nonce}
+        return {name: wire_array(tensor) for name, tensor in payload.items()}, reply
 
     def check_compatible(self, config: RunConfig) -> None:
         """The server's run must use this device's model and adapter shape, and an algorithm that learns live."""

@@ -50,3 +50,22 @@ def test_a_round_with_bfloat16_uploads_counts_half_the_bytes_and_aggregates_the_
         assert row_half["weight"] == row_full["weight"]
         assert row_half["metrics"]["upload_bytes"] * 2 == row_full["metrics"]["upload_bytes"]
     assert half["online"]["upload_bytes"] > 0
+
+
+def test_a_work_order_takes_its_own_reply_once():
+    from spearfl.federated.codec import InvalidReply, WorkOrders
+
+    orders = WorkOrders()
+    first, other = orders.issue(1, 0), orders.issue(1, 1)
+    with pytest.raises(InvalidReply, match="replayed or forged"):
+        orders.redeem(1, 0, other)  # another client's nonce
+    with pytest.raises(InvalidReply, match="replayed or forged"):
+        orders.redeem(1, 0, None)
+    orders.redeem(1, 0, first)
+    with pytest.raises(InvalidReply, match="duplicate or stale"):
+        orders.redeem(1, 0, first)  # the same reply again
+    second = orders.issue(2, 1)
+    with pytest.raises(InvalidReply, match="replayed or forged"):
+        orders.redeem(2, 1, other)  # round 1's nonce in round 2
+    orders.redeem(2, 1, second)
+    assert first != second and len(first) == 32

@@ -138,6 +138,9 @@ class FakeGrid:
     def get_node_ids(self):
         return [100, 101, 102, 103]
 
+    def nonce_for(self, client: int, nonce: str) -> str:
+        return nonce  # an honest node echoes its work order's nonce
+
     def push_messages(self, messages):
         ids = []
         for message in messages:
@@ -167,7 +170,7 @@ class FakeGrid:
                 arrays[first][0, 0] = np.nan
             elif client == 3:
                 del arrays[first]
-            content = reply_content(arrays, good_result())
+            content = reply_content(arrays, good_result() | {"nonce": self.nonce_for(client, request["nonce"])})
         return content
 
 
@@ -197,6 +200,31 @@ def test_a_round_drops_bad_replies_and_aggregates_the_rest(tmp_path, task_identi
     after = load_adapter(tmp_path / "run", 1)
     assert all(torch.equal(after[name], before[name] + 1) for name in before)  # FedAvg of the one good reply
     assert row["online"]["upload_bytes"] == sum(t.numel() * 4 for t in before.values())
+
+
+class ReplayingGrid(FakeGrid):
+    """Client 0 answers round 2 with its reply of round 1 (its old nonce)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_nonce: dict[int, str] = {}
+
+    def nonce_for(self, client: int, nonce: str) -> str:
+        old = self.first_nonce.setdefault(client, nonce)
+        return old if client == 0 else nonce
+
+
+def test_replayed_and_forged_replies_are_rejected(tmp_path, task_identity):
+    config = load_config(
+        write_run_config(end_to_end_assets(), tmp_path / "run.yaml", tmp_path / "run"),
+        ["data.num_clients=4", "server.clients_per_round=4", "server.rounds=2", "eval.methods=[loglik]"],
+    )
+    with single_thread():
+        FederatedRun(config, lambda context, federation, progress: FlowerClients(ReplayingGrid(), config, 5.0, 5.0), show_progress=False).run()
+    first, second = read_history(tmp_path / "run")[1:]
+    assert [client["client"] for client in first["clients"]] == [0]  # its own nonce in round 1
+    reasons = {rejected["client"]: rejected["reason"] for rejected in second["rejected"]}
+    assert second["clients"] == [] and "replayed or forged" in reasons[0]
 
 
 def load_adapter(folder, round_index):

@@ -124,7 +124,19 @@ def test_a_device_reply_that_fails_the_checks_is_dropped_with_its_reason(monkeyp
         "b:2": ({"x.lora_A.weight": np.ones((2, 3), np.float32), "x.lora_B.weight": np.ones((3, 2), np.float32)},
                 {"weight": 2.0, "metrics": metrics}),
     }
-    monkeypatch.setattr(devices, "exchange", lambda address, path, arrays, header, token=None, timeout=None: replies[address])
+    sent = []
+
+    def exchange(address, path, arrays, header, token=None, timeout=None):
+        sent.append(header["request"]["nonce"])
+        payload, result = replies[address]
+        return payload, result | {"nonce": sent[0]}  # the second device echoes the first one's nonce
+
+    monkeypatch.setattr(devices, "exchange", exchange)
     result = runner.train(1, [0, 1], global_state, 0.01)
-    assert result.rejected == [{"client": 0, "reason": "x.lora_A.weight: 6 values are not finite"}]
+    assert result.rejected[0] == {"client": 0, "reason": "x.lora_A.weight: 6 values are not finite"}
+    assert result.rejected[1]["client"] == 1 and "replayed or forged" in result.rejected[1]["reason"]
+    sent.clear()  # now every device echoes its own work order's nonce
+    monkeypatch.setattr(devices, "exchange", lambda address, path, arrays, header, token=None, timeout=None: (
+        replies[address][0], replies[address][1] | {"nonce": header["request"]["nonce"]}))
+    result = runner.train(2, [1], global_state, 0.01)
     assert [client for client, _ in result.results] == [1] and result.results[0][1].weight == 2.0
