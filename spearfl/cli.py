@@ -200,6 +200,49 @@ def seconds_pair(median: float | None, p95: float | None) -> str:
     return "-" if median is None else f"{median:.2f} / {p95:.2f}"
 
 
+@app.command("attack-bench")
+def attack_bench_command(
+    replay_folder: Annotated[Path, typer.Option("--replay", help="A finished run folder run with server.keep_client_updates=true.")],
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks on updates.")] = "sign_flip,scaling,gaussian,free_rider,sybil",
+    shares: Annotated[str, typer.Option(help="Comma-separated shares of malicious clients.")] = "0,0.1,0.2,0.3",
+    defenses: Annotated[str, typer.Option(help="Comma-separated defenses.")] = "mean,median,trimmed_mean,multi_krum,norm_clip,two_stage",
+    output: Annotated[Optional[Path], typer.Option(help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Replay a finished run's honest client updates with a share of them attacked, through each defense: detection
+    rates, rounds until detection, the attack's distortion of each round's step, server seconds per round."""
+    from spearfl.io import atomic_write_json
+    from spearfl.tools.attack_bench import DEFENSES, REPLAY_ATTACKS, recorded_rounds, replay
+
+    chosen_attacks, chosen_defenses = split_list(attacks), split_list(defenses)
+    unknown = [a for a in chosen_attacks if a not in REPLAY_ATTACKS] + [d for d in chosen_defenses if d not in DEFENSES]
+    if unknown:
+        fail(f"unknown attacks or defenses {unknown}; attacks: {list(REPLAY_ATTACKS)}, defenses: {list(DEFENSES)}")
+    try:
+        rounds = recorded_rounds(replay_folder)
+        values = [float(share) for share in split_list(shares)]
+    except ValueError as error:
+        fail(str(error))
+    table = Table(title=f"replay of {len(rounds)} recorded rounds of {replay_folder}")
+    for column in ("attack", "malicious", "defense", "TPR", "FPR", "rounds to detect", "distortion", "server s/round"):
+        table.add_column(column, justify="left" if column in ("attack", "defense") else "right")
+    rows = []
+    for attack in chosen_attacks:
+        for share in values:
+            for name in chosen_defenses:
+                row = replay(rounds, attack, share, DEFENSES[name])
+                rows.append(row)
+                shown = [row["true_positive_rate"], row["false_positive_rate"], row["rounds_until_detection"], row["damage"]]
+                table.add_row(attack, f"{share:.0%}", name, *("n/a" if v is None else f"{v:.2f}" for v in shown),
+                              f"{row['server_seconds_per_round']:.3f}")
+    Console().print(table)
+    if output is not None:
+        atomic_write_json(output, {"source": str(replay_folder), "figures": rows})
+
+
+def split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @app.command("serve-bench")
 def serve_bench_command(
     config_path: Annotated[

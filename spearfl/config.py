@@ -199,6 +199,9 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    # keep every received client adapter in the run folder (clients/round_0003/client_2.safetensors), for
+    # `spearfl attack-bench --replay`; a round of the demo keeps 2 x 2.6 MB
+    keep_client_updates: bool = False
     upload_encoding: Literal["float32", "bfloat16"] = "float32"  # spearfl.federated.codec: bfloat16 sends the update in half the bytes
 
 

@@ -172,6 +172,18 @@ class RunFolder:
     def save_adapter(self, round_index: int, state: dict[str, torch.Tensor]) -> None:
         save_tensors(self.adapter_path(round_index), state)
 
+    def client_update_path(self, round_index: int, client: int) -> Path:
+        return self.path / "clients" / f"round_{round_index:04d}" / f"client_{client}.safetensors"
+
+    def save_client_updates(self, round_index: int, states: dict[int, dict[str, torch.Tensor]], global_state) -> None:
+        """The adapters the server received in a round, one file per client, beside the global adapter it sent
+        (global.safetensors); each file written atomically."""
+        save_tensors(self.path / "clients" / f"round_{round_index:04d}" / "global.safetensors", global_state)
+        for client, state in states.items():
+            path = self.client_update_path(round_index, client)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_tensors(path, state)
+
     # checkpoint -------------------------------------------------------------
 
     def save_checkpoint(

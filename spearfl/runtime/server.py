@@ -309,6 +309,8 @@ class FederatedRun:
         for rejected in replies.rejected:
             console.print(f"[yellow]round {round_index}: dropped the reply of client {rejected['client']}: {rejected['reason']}[/yellow]")
         results = replies.results
+        if config.server.keep_client_updates:
+            self.folder.save_client_updates(round_index, {client: r.state for client, r in results if r.weight > 0}, global_state)
         screened = self.screen(
             global_state, [r.state for _, r in results], [r.weight for _, r in results], [client for client, _ in results],
             [r.metrics for _, r in results], self.reputation, config.defense,
