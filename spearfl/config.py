@@ -199,6 +199,10 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    # Simulation only: the share of each round's chosen clients that never answer (dropouts) and that answer after
+    # the round's deadline (stragglers), drawn per round from the run seed; the round aggregates the rest
+    simulated_dropout: float = Field(0.0, ge=0, lt=1)
+    simulated_stragglers: float = Field(0.0, ge=0, lt=1)
     # keep every received client adapter in the run folder (clients/round_0003/client_2.safetensors), for
     # `spearfl attack-bench --replay`; a round of the demo keeps 2 x 2.6 MB
     keep_client_updates: bool = False

@@ -27,6 +27,7 @@ from spearfl.runtime.server import (
     choose_clients,
 )
 from spearfl.runtime.setup import Federation
+from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
 
 
 class InProcessClients:
@@ -43,8 +44,10 @@ class InProcessClients:
 
     def train(self, round_index: int, clients: list[int], global_state, lr: float) -> RoundReplies:
         bar = self.progress.add_task(f"round {round_index} clients", total=len(clients)) if self.progress else None
-        results = []
+        results, missing = [], missing_clients(self.context.config, round_index, clients)
         for client in clients:
+            if client in missing:
+                continue
             acting = acting_client(self.context.config, client)
             work = ClientRound(acting, round_index, self.federation.clients[acting], global_state, lr, self.context.config.seed)
             result = run_client(self.update, self.context, work)
@@ -54,10 +57,21 @@ class InProcessClients:
                 self.progress.advance(bar)
         if bar is not None:
             self.progress.remove_task(bar)
-        return RoundReplies(results)
+        return RoundReplies(results, [{"client": client, "reason": reason} for client, reason in missing.items()])
 
     def settle(self, round_index: int, replies: RoundReplies, global_state) -> None:
         """Nothing to tell: the clients live in this process and hold nothing between rounds."""
+
+
+def missing_clients(config: RunConfig, round_index: int, clients: list[int]) -> dict[int, str]:
+    """Simulated faults: which of the round's clients never answer or answer too late, and why (seeded per round)."""
+    settings = config.server
+    order = numpy_generator(derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "faults")).permutation(clients).tolist()
+    num_dropped = round(settings.simulated_dropout * len(clients))
+    num_late = round(settings.simulated_stragglers * len(clients))
+    missing = {client: "dropped out: no reply (simulated)" for client in order[:num_dropped]}
+    missing |= {client: "no reply before the round's deadline (simulated straggler)" for client in order[num_dropped : num_dropped + num_late]}
+    return missing
 
 
 def stop_on_terminate(signal_number, frame) -> None:

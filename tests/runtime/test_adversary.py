@@ -150,3 +150,16 @@ def test_a_free_rider_is_caught_every_round_and_reputation_survives_a_restart(tm
     round_two = {record["client"]: record for record in history[2]["screening"]}
     assert round_two[0]["category"] == "trusted"  # an honest update this round, yet left out: reputation 0.3 + 0.1
     assert round_two[0]["reputation"] == pytest.approx(0.4) and round_two[0]["weight"] == 0.0
+
+
+def test_simulated_dropouts_and_stragglers_leave_the_round_to_the_rest(tmp_path):
+    config = config_for(tmp_path, "server.clients_per_round=3", "server.simulated_dropout=0.34", "server.simulated_stragglers=0.34",
+                        "eval.methods=[loglik]")
+    run_local(config, show_progress=False)
+    history = read_history(config.output_dir)
+    for row in history[1:]:
+        reasons = sorted(entry["reason"] for entry in row["rejected"])
+        assert len(row["clients"]) == 1 and len(reasons) == 2
+        assert "dropped out" in reasons[0] and "straggler" in reasons[1]
+        assert {c["client"] for c in row["clients"]} | {e["client"] for e in row["rejected"]} == {0, 1, 2}
+    assert RunFolder(config.output_dir).read_status()["state"] == "complete"
