@@ -8,7 +8,8 @@ update instead of it, the defense screens and combines, and the bench counts
 - detection: a malicious client's reply flagged (screened as suspicious or malicious, left out by multi-Krum,
   clipped by norm clipping) is a true positive, an honest one flagged a false positive; the coordinate-wise
   median and trimmed mean flag nobody (n/a);
-- rounds until detection: the first round in which each malicious client is flagged, averaged;
+- rounds until detection: the first round in which each malicious client is flagged, counted from the first
+  recorded round, averaged over the malicious clients ever flagged;
 - the damage: ||aggregate with the attack - aggregate of the honest updates|| / ||aggregate of the honest updates
   - global||, the relative distortion of the round's step (0: none; 1: as large as the step itself);
 - server seconds per round of the screening and combination.
@@ -87,12 +88,12 @@ def replay(rounds: list[RecordedRound], attack: str, share: float, defense: Defe
     true_positive = false_positive = malicious_total = honest_total = 0
     detected_at: dict[int, int] = {}
     damages, seconds, flags_known = [], [], True
-    rng = np.random.default_rng(seed)
-    malicious_ids = None
+    everyone = sorted({client for replayed in rounds for client in replayed.clients})
+    # the same clients stay malicious throughout, as devices would: a share of every client the run heard from
+    chosen = np.random.default_rng(seed).permutation(everyone)[: math.ceil(share * len(everyone))] if share > 0 else []
+    malicious_ids = {int(client) for client in chosen}
     for replayed in rounds:
         clients, num = replayed.clients, len(replayed.clients)
-        if malicious_ids is None:  # the same clients stay malicious throughout, as a device would
-            malicious_ids = set(rng.permutation(sorted(clients))[: math.ceil(share * num)].tolist()) if share > 0 else set()
         honest_updates = updates(replayed.global_state, replayed.states)
         generator = torch.Generator().manual_seed(seed * 100_003 + replayed.round_index)
         sybil = None
@@ -133,7 +134,7 @@ def replay(rounds: list[RecordedRound], attack: str, share: float, defense: Defe
     first_round = rounds[0].round_index
     return {
         "attack": attack, "share": share, "defense": defense_name(defense), "rounds": len(rounds),
-        "malicious_clients": len(malicious_ids or ()),
+        "malicious_clients": len(malicious_ids),
         "true_positive_rate": true_positive / malicious_total if flags_known and malicious_total else None,
         "false_positive_rate": false_positive / honest_total if flags_known and honest_total else None,
         "rounds_until_detection": (
