@@ -31,15 +31,7 @@ import torch
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
-from spearfl.federated.robust import AdapterState, apply, flatten, unflatten, updates
-
-
-def clipped(update: AdapterState, bound: float) -> tuple[AdapterState, bool]:
-    """The update scaled down to norm at most `bound`, and whether it was."""
-    norm = float(flatten(update).double().norm())
-    if norm <= bound:
-        return update, False
-    return {name: tensor * (bound / norm) for name, tensor in update.items()}, True
+from spearfl.federated.robust import AdapterState, apply, clipped, unflatten, updates
 
 
 def gaussian_like(state: AdapterState, std: float, generator: torch.Generator) -> AdapterState:

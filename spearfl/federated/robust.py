@@ -151,14 +151,20 @@ def norm_clip(global_state, states, weights, settings) -> tuple[AdapterState | N
     if not kept:
         return None, {}
     deltas = updates(global_state, [states[index] for index in kept])
-    norms = [float(flatten(delta).norm()) for delta in deltas]
-    bound = settings.clip_norm if settings.clip_norm is not None else float(middle(torch.tensor(norms)))
-    clipped = [
-        {name: tensor * min(1.0, bound / norm) for name, tensor in delta.items()} if norm > 0 else delta
-        for delta, norm in zip(deltas, norms)
-    ]
-    combined = weighted_average([apply(global_state, delta) for delta in clipped], [weights[index] for index in kept])
-    return combined, {"clip_norm": bound, "clipped": [kept[i] for i, norm in enumerate(norms) if norm > bound]}
+    bound = settings.clip_norm
+    if bound is None:
+        bound = float(middle(torch.tensor([float(flatten(delta).double().norm()) for delta in deltas])))
+    bounded = [clipped(delta, bound) for delta in deltas]
+    combined = weighted_average([apply(global_state, delta) for delta, _ in bounded], [weights[index] for index in kept])
+    return combined, {"clip_norm": bound, "clipped": [kept[i] for i, (_, was) in enumerate(bounded) if was]}
+
+
+def clipped(update: AdapterState, bound: float) -> tuple[AdapterState, bool]:
+    """The update scaled down to norm at most `bound`, and whether it was."""
+    norm = float(flatten(update).double().norm())
+    if norm <= bound:
+        return update, False
+    return {name: tensor * (bound / norm) for name, tensor in update.items()}, True
 
 
 COMBINERS: dict[str, Combiner] = {
