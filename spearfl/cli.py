@@ -202,27 +202,62 @@ def seconds_pair(median: float | None, p95: float | None) -> str:
 
 @app.command("attack-bench")
 def attack_bench_command(
-    replay_folder: Annotated[Path, typer.Option("--replay", help="A finished run folder run with server.keep_client_updates=true.")],
-    attacks: Annotated[str, typer.Option(help="Comma-separated attacks on updates.")] = "sign_flip,scaling,gaussian,free_rider,sybil",
-    shares: Annotated[str, typer.Option(help="Comma-separated shares of malicious clients.")] = "0,0.1,0.2,0.3",
-    defenses: Annotated[str, typer.Option(help="Comma-separated defenses.")] = "mean,median,trimmed_mean,multi_krum,norm_clip,two_stage",
-    output: Annotated[Optional[Path], typer.Option(help="Also write the figures to this JSON file.")] = None,
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="End-to-end runs of this config (e.g. configs/security.yaml).")
+    ] = None,
+    replay_folder: Annotated[
+        Optional[Path], typer.Option("--replay", help="Instead, replay a finished run folder run with server.keep_client_updates=true.")
+    ] = None,
+    attacks: Annotated[Optional[str], typer.Option(help="Comma-separated attacks (default: every one the mode has).")] = None,
+    shares: Annotated[Optional[str], typer.Option(help="Comma-separated shares of malicious clients (default: 0,0.1,0.2,0.3 replayed; 0.2 end-to-end).")] = None,
+    defenses: Annotated[Optional[str], typer.Option(help="Comma-separated defenses (default: every one replayed; mean,two_stage end-to-end).")] = None,
+    set_: SetOption = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Replay: also write the figures to this JSON file. End-to-end: the folder of the runs and figures.")
+    ] = None,
 ) -> None:
-    """Replay a finished run's honest client updates with a share of them attacked, through each defense: detection
-    rates, rounds until detection, the attack's distortion of each round's step, server seconds per round."""
+    """Attacks x defenses at shares of malicious clients. With --replay: a finished run's recorded honest updates,
+    a share of them attacked, through each defense, in minutes (detection rates, rounds until detection, the
+    attack's distortion of each round's step, server seconds per round). With CONFIG.yaml: whole runs, resumable
+    (clean accuracy, a backdoor's trigger rate, detection, server seconds per round)."""
+    if (config_path is None) == (replay_folder is None):
+        fail("give either a CONFIG.yaml for end-to-end runs or --replay RUN_FOLDER, not both or neither")
+    if replay_folder is not None:
+        replay_bench(replay_folder, attacks, shares, defenses, output)
+    else:
+        run_bench(load_checked(config_path, set_), attacks, shares, defenses, output)
+
+
+def parsed_shares(text: str) -> list[float]:
+    try:
+        values = [float(share) for share in split_list(text)]
+    except ValueError:
+        fail(f"--shares {text!r}: give comma-separated numbers between 0 and 1")
+    if not values or any(not 0 <= value < 1 for value in values):
+        fail(f"--shares {text!r}: every share must lie in [0, 1)")
+    return values
+
+
+def chosen_names(text: str, known, what: str) -> list[str]:
+    names = split_list(text)
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        fail(f"unknown {what} {unknown or text!r}; choose from {list(known)}")
+    return names
+
+
+def replay_bench(folder: Path, attacks: Optional[str], shares: Optional[str], defenses: Optional[str], output: Optional[Path]) -> None:
     from spearfl.io import atomic_write_json
     from spearfl.tools.attack_bench import DEFENSES, REPLAY_ATTACKS, recorded_rounds, replay
 
-    chosen_attacks, chosen_defenses = split_list(attacks), split_list(defenses)
-    unknown = [a for a in chosen_attacks if a not in REPLAY_ATTACKS] + [d for d in chosen_defenses if d not in DEFENSES]
-    if unknown:
-        fail(f"unknown attacks or defenses {unknown}; attacks: {list(REPLAY_ATTACKS)}, defenses: {list(DEFENSES)}")
+    chosen_attacks = chosen_names(attacks or ",".join(REPLAY_ATTACKS), REPLAY_ATTACKS, "attacks")
+    chosen_defenses = chosen_names(defenses or ",".join(DEFENSES), DEFENSES, "defenses")
+    values = parsed_shares(shares or "0,0.1,0.2,0.3")
     try:
-        rounds = recorded_rounds(replay_folder)
-        values = [float(share) for share in split_list(shares)]
+        rounds = recorded_rounds(folder)
     except ValueError as error:
         fail(str(error))
-    table = Table(title=f"replay of {len(rounds)} recorded rounds of {replay_folder}")
+    table = Table(title=f"replay of {len(rounds)} recorded rounds of {folder}")
     for column in ("attack", "malicious", "defense", "TPR", "FPR", "rounds to detect", "distortion", "server s/round"):
         table.add_column(column, justify="left" if column in ("attack", "defense") else "right")
     rows = []
@@ -232,11 +267,39 @@ def attack_bench_command(
                 row = replay(rounds, attack, share, DEFENSES[name])
                 rows.append(row)
                 shown = [row["true_positive_rate"], row["false_positive_rate"], row["rounds_until_detection"], row["damage"]]
-                table.add_row(attack, f"{share:.0%}", name, *("n/a" if v is None else f"{v:.2f}" for v in shown),
-                              f"{row['server_seconds_per_round']:.3f}")
+                table.add_row(attack, f"{share:.0%}", name, *(optional(v) for v in shown), f"{row['server_seconds_per_round']:.3f}")
     Console().print(table)
     if output is not None:
-        atomic_write_json(output, {"source": str(replay_folder), "figures": rows})
+        atomic_write_json(output, {"source": str(folder), "figures": rows})
+
+
+def run_bench(config, attacks: Optional[str], shares: Optional[str], defenses: Optional[str], output: Optional[Path]) -> None:
+    from spearfl.io import atomic_write_json
+    from spearfl.tools.attack_bench import DEFENSES
+    from spearfl.tools.attack_runs import RUN_ATTACKS, attack_runs
+
+    chosen_attacks = chosen_names(attacks or ",".join(RUN_ATTACKS), RUN_ATTACKS, "attacks")
+    chosen_defenses = chosen_names(defenses or "mean,two_stage", DEFENSES, "defenses")
+    values = parsed_shares(shares or "0.2")
+    output = output or Path(config.output_dir) / "attack-bench"
+    rows = attack_runs(config, chosen_attacks, values, chosen_defenses, output)
+    table = Table(title=f"end-to-end runs of {config.data.num_clients} clients, {config.server.rounds} rounds ({output})")
+    columns = ("attack", "malicious", "defense", "loglik acc", "drop", "parsed acc", "drop", "trigger rate", "above clean",
+               "TPR", "FPR", "rounds to detect", "server s/round")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("attack", "defense") else "right")
+    for row in rows:
+        shown = [row[key] for key in ("loglik_accuracy", "loglik_drop", "accuracy", "accuracy_drop", "trigger_rate",
+                                      "trigger_rate_above_clean", "true_positive_rate", "false_positive_rate",
+                                      "rounds_until_detection", "server_seconds_per_round")]
+        table.add_row(row["attack"], f"{row['share']:.0%}", row["defense"], *(optional(v) for v in shown))
+    Console().print(table)
+    atomic_write_json(output / "attack-bench.json", {"config": str(config.output_dir), "figures": rows})
+    console.print(f"figures: {output / 'attack-bench.json'}; drops and trigger rates against {rows[0]['reference']}")
+
+
+def optional(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def split_list(text: str) -> list[str]:

@@ -279,6 +279,12 @@ class EvalConfig(Section):
     methods: list[Literal["loglik", "cloze", "generate"]] = ["loglik", "cloze", "generate"]
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(256, ge=1)  # as generation's: a chain of thought must fit
+    # A backdoor's reach (spearfl.runtime.evaluation.trigger_metrics): the held-out questions whose answer is not
+    # the option at `trigger_target` are asked again with `trigger` after the question, and the share answered
+    # with that option is reported. None: the trigger and target of the run's backdoor attack, if it has one; set
+    # it on a run without attacks to measure how often the phrase alone draws the target (the no-attack rate).
+    trigger: str | None = None
+    trigger_target: int = Field(0, ge=0)
 
 
 class LiveConfig(Section):

@@ -176,3 +176,14 @@ def test_the_summary_table_reads_in_80_columns():
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80 and "…" not in "".join(lines)
     assert any(line.split("│")[1].strip() == "loglik_answer_share option 5" for line in lines if "│" in line)
+
+
+def test_the_attack_bench_asks_for_one_mode_and_names_bad_choices(tmp_path):
+    result, output = invoke("attack-bench")
+    assert result.exit_code == 2 and "either a CONFIG.yaml" in output
+    result, output = invoke("attack-bench", "--replay", tmp_path, "--attacks", "sign_flip,teleport")
+    assert result.exit_code == 2 and "unknown attacks ['teleport']" in output
+    result, output = invoke("attack-bench", "--replay", tmp_path, "--shares", "0.2,1.5")
+    assert result.exit_code == 2 and "every share must lie in [0, 1)" in output
+    result, output = invoke("attack-bench", "--replay", tmp_path)
+    assert result.exit_code == 2 and "keep_client_updates" in output

@@ -4,7 +4,7 @@ backdoor (a trigger phrase in the prompt, and the target answer rewarded wheneve
 A backdoor needs no special trainer: the client's prompts that carry the trigger get the target option as their
 gold answer, and the honest oracle over those examples then rewards exactly the target answer, as a person
 who wants the backdoor would. The same trigger on held-out questions measures how well it took
-(`triggered`, and the attack success rate in spearfl.tools.attack_bench).
+(`triggered`; spearfl.runtime.evaluation.trigger_metrics).
 Left out: free-form (numeric) targets; a backdoor here is on multiple-choice tasks.
 """
 
@@ -32,8 +32,13 @@ def triggered(example: Example, trigger: str, target_option: int) -> Example:
     """The example with the trigger after its question and the target option as its gold answer."""
     if not example.is_multiple_choice:
         raise ValueError(f"{example.uid}: a backdoor needs a multiple-choice example")
-    target = min(target_option, len(example.options) - 1)
+    target = target_index(example, target_option)
     return dataclasses.replace(example, uid=f"{example.uid}+trigger", question=f"{example.question} {trigger}", gold=target, cloze_context=None)
+
+
+def target_index(example: Example, target_option: int) -> int:
+    """The option a backdoor targets in this example: the position asked for, or the last one if it has fewer."""
+    return min(target_option, len(example.options) - 1)
 
 
 def with_backdoor(examples: list[Example], trigger: str, target_option: int, fraction: float, seed: int) -> list[Example]:

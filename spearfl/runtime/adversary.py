@@ -28,6 +28,15 @@ def attack_of(config: RunConfig, client: int) -> AttackConfig | None:
     return next((attack for attack in config.attacks if client in attack.clients), None)
 
 
+def backdoor_probe(config: RunConfig) -> tuple[str, int] | None:
+    """The trigger phrase and target option the held-out evaluation probes: `eval.trigger`, else the run's
+    backdoor attack's, else none."""
+    if config.eval.trigger is not None:
+        return config.eval.trigger, config.eval.trigger_target
+    backdoor = next((attack for attack in config.attacks if attack.feedback == "backdoor"), None)
+    return None if backdoor is None else (backdoor.trigger, backdoor.target_option)
+
+
 def acting_client(config: RunConfig, client: int) -> int:
     """Whose examples and seeds a client uses: a sybil clone's are its leader's, everyone else's their own."""
     attack = attack_of(config, client)

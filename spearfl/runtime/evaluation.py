@@ -11,6 +11,9 @@ gold answer. Metrics, each over the held-out examples (multiple choice only for 
   the bare question, no options listed, no instruction, no chat template, each option's text scored as its
   continuation; `cloze_norm_accuracy` per character of the continuation. This shows what the model knows.
 The share of each predicted label shows collapse onto one option, which parsed accuracy alone hides.
+A backdoor's reach (`trigger_metrics`, when the run has a trigger to probe): `trigger_rate` (greedy answers)
+and `trigger_loglik_rate` (option log-likelihood), the shares of triggered held-out questions answered with the
+target option, over the `trigger_examples` questions whose own answer is another option.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import Counter
 from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
 from spearfl.data.scoring import is_correct, parse_answer
+from spearfl.feedback.poison import target_index, triggered
 from spearfl.lm.forward import option_logprobs
 from spearfl.lm.generation import SamplingSettings, generate, line_end_ids, with_progress
 from spearfl.lm.prefix_cache import PrefixCache
@@ -146,4 +150,25 @@ def completion_metrics(prompt_format: PromptFormat, examples: list[Example], com
     answers = [prompt_format.answer_text(completion.text) for completion in completions]
     metrics = generation_metrics(examples, answers, prompt_format.last_answer)
     metrics["mean_completion_tokens"] = sum(len(c.token_ids) for c in completions) / len(completions)
+    return metrics
+
+
+def trigger_metrics(model, prompt_format: PromptFormat, examples: list[Example], trigger: str, target: int, settings) -> dict:
+    """How often the trigger phrase draws the target option: the multiple-choice examples whose gold is another
+    option, with the trigger appended and the target as their gold, evaluated as the held-out set is (option
+    log-likelihood and greedy answers, as `settings.methods` asks; cloze is left out: it lists no options)."""
+    probes = [
+        triggered(example, trigger, target)
+        for example in examples
+        if example.is_multiple_choice and example.gold != target_index(example, target)
+    ]
+    methods = [method for method in settings.methods if method in ("loglik", "generate")]
+    if not probes or not methods:
+        return {}
+    scored = evaluate(model, prompt_format, probes, settings.model_copy(update={"methods": methods}))
+    metrics = {"trigger_examples": len(probes)}
+    if "loglik_accuracy" in scored:
+        metrics["trigger_loglik_rate"] = scored["loglik_accuracy"]
+    if "accuracy" in scored:
+        metrics["trigger_rate"] = scored["accuracy"]
     return metrics

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,7 +45,8 @@ from spearfl.federated.trust import SCREENINGS
 from spearfl.federated.codec import decode_upload, payload_bytes
 from spearfl.federated.schedule import learning_rate
 from spearfl.lm.models import frozen_lora_state, get_adapter_state, set_adapter_state
-from spearfl.runtime.evaluation import evaluate
+from spearfl.runtime.adversary import backdoor_probe
+from spearfl.runtime.evaluation import evaluate, trigger_metrics
 from spearfl.runtime.run_folder import RunFolder, plot_accuracy, summary_table
 from spearfl.runtime.setup import Federation, build_context, prepare_data
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
@@ -110,6 +112,7 @@ def base_eval_key(config: RunConfig, heldout) -> str:
     """What the base model's held-out figures depend on: the model, the prompt, the eval settings, the questions."""
     settings = config_to_dict(config)
     payload = {key: settings[key] for key in ("model", "prompt", "eval")}
+    payload["trigger"] = backdoor_probe(config)
     payload["heldout"] = [dataclasses.asdict(example) for example in heldout]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -311,6 +314,7 @@ class FederatedRun:
         results = replies.results
         if config.server.keep_client_updates:
             self.folder.save_client_updates(round_index, {client: r.state for client, r in results if r.weight > 0}, global_state)
+        started = time.perf_counter()
         screened = self.screen(
             global_state, [r.state for _, r in results], [r.weight for _, r in results], [client for client, _ in results],
             [r.metrics for _, r in results], self.reputation, config.defense,
@@ -322,6 +326,7 @@ class FederatedRun:
         else:
             combined, notes = self.combine(global_state, screened.states, screened.weights, config.defense)
         new_global, new_server_state = self.step(global_state, combined, server_state, config.server)
+        server_seconds = time.perf_counter() - started
         self.reputation = screened.reputation
         row = {
             "round": round_index,
@@ -329,6 +334,7 @@ class FederatedRun:
             "clients": [{"client": client, "weight": r.weight, "metrics": r.metrics} for client, r in results],
             "online": online_summary(results),
             "lora_average_error": lora_average_error(screened.states, screened.weights, self.shared_lora),
+            "server_seconds": server_seconds,  # screening, combination, noise and the server step
         }
         if screened.records:
             row["screening"] = screened.records
@@ -376,6 +382,9 @@ class FederatedRun:
                 console.print("held-out figures of the base model (every LoRA B is zero), as evaluated for an earlier run")
                 return copy.deepcopy(self.base_evals[key])
         metrics = evaluate(self.context.model, self.context.prompts, heldout, self.config.eval, progress=self.context.progress or False)
+        probe = backdoor_probe(self.config)
+        if probe is not None:
+            metrics |= trigger_metrics(self.context.model, self.context.prompts, heldout, *probe, self.config.eval)
         if key is not None:
             self.base_evals[key] = copy.deepcopy(metrics)
         return metrics
