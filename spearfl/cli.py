@@ -228,6 +228,36 @@ def attack_bench_command(
         run_bench(load_checked(config_path, set_), attacks, shares, defenses, output)
 
 
+@app.command("privacy-sweep")
+def privacy_sweep_command(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Run config to sweep (e.g. configs/security.yaml).")],
+    noise: Annotated[str, typer.Option(help="Comma-separated noise multipliers of central DP; 0 is the run without DP.")] = "0,0.001,0.003,0.01,1",
+    set_: SetOption = None,
+    output: Annotated[Optional[Path], typer.Option(help="Folder for the runs, the table and the plot (default: the config's output_dir/privacy-sweep).")] = None,
+) -> None:
+    """Utility against epsilon: the config run with central client-level DP at each noise multiplier (resumable),
+    then a table and a plot of held-out accuracy against the accountant's epsilon."""
+    config = load_checked(config_path, set_)
+    from spearfl.tools.privacy_sweep import privacy_sweep
+
+    try:
+        values = [float(value) for value in split_list(noise)]
+    except ValueError:
+        fail(f"--noise {noise!r}: give comma-separated numbers")
+    if not values or any(not value >= 0 for value in values):
+        fail(f"--noise {noise!r}: noise multipliers must be 0 (no DP) or positive")
+    output = output or Path(config.output_dir) / "privacy-sweep"
+    rows = privacy_sweep(config, values, output)
+    table = Table(title=f"utility against privacy ({output})")
+    for column in ("noise", "epsilon", "loglik acc", "parsed acc"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        epsilon = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
+        table.add_row(f"{row['noise_multiplier']:g}", epsilon, optional(row["loglik_accuracy"]), optional(row["accuracy"]))
+    Console().print(table)
+    console.print(f"figures: {output / 'privacy-sweep.json'}, {output / 'privacy-sweep.md'}, {output / 'privacy-sweep.png'}")
+
+
 def parsed_shares(text: str) -> list[float]:
     try:
         values = [float(share) for share in split_list(text)]

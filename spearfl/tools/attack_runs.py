@@ -27,11 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from spearfl.config import AttackConfig, RunConfig, config_to_dict, validate
-from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
-from spearfl.runtime.server import check_run_folder
 from spearfl.tools.attack_bench import DEFENSES
-from spearfl.tools.compare import SharedBaseModel
+from spearfl.tools.compare import run_configs
 
 # name -> the attack config's fields (without its clients); None: no attack
 RUN_ATTACKS: dict[str, dict | None] = {
@@ -108,13 +106,7 @@ def plan(config: RunConfig, attacks: list[str], shares: list[float], defenses: l
 
 def run_all(planned: list[PlannedRun], show_progress: bool = True) -> None:
     """Run or resume every planned run; refuse before the first if a folder holds a different run."""
-    for run in planned:
-        check_run_folder(RunFolder(run.config.output_dir), run.config)
-    base_model, base_evals = SharedBaseModel(), {}
-    for run in planned:
-        folder = RunFolder(run.config.output_dir)
-        context = None if folder.is_complete() else base_model.context_for(run.config)
-        run_local(run.config, show_progress=show_progress, context=context, base_evals=base_evals)
+    run_configs([run.config for run in planned], show_progress)
 
 
 def detection(history: list[dict], malicious: set[int], aggregator: str) -> dict:

@@ -155,17 +155,23 @@ def run_pairs(
 ) -> dict[str, list[RunFolder]]:
     """Run or resume every (algorithm, seed) pair; complete folders are read back, not rerun."""
     pairs = [pair_config(config, algorithm, seed, output_dir) for algorithm in algorithms for seed in seeds]
-    check_folders(pairs)
-    base_model = SharedBaseModel()
-    base_evals: dict[str, dict] = {}  # the base model's held-out figures, evaluated once for every pair
+    run_configs(pairs, show_progress)
     folders: dict[str, list[RunFolder]] = {}
     for pair in pairs:
-        folder = RunFolder(pair.output_dir)
-        # a complete folder is read back by run_local without a model
-        context = None if folder.is_complete() else base_model.context_for(pair)
-        run_local(pair, show_progress=show_progress, context=context, base_evals=base_evals)
-        folders.setdefault(pair.algorithm, []).append(folder)
+        folders.setdefault(pair.algorithm, []).append(RunFolder(pair.output_dir))
     return folders
+
+
+def run_configs(configs: list[RunConfig], show_progress: bool = True) -> None:
+    """Run or resume every config in its own folder, in order, on one base model loaded once; complete folders
+    are read back, not rerun. Refuses before the first run if a folder holds a different run."""
+    check_folders(configs)
+    base_model = SharedBaseModel()
+    base_evals: dict[str, dict] = {}  # the base model's held-out figures, evaluated once for every run
+    for config in configs:
+        # a complete folder is read back by run_local without a model
+        context = None if RunFolder(config.output_dir).is_complete() else base_model.context_for(config)
+        run_local(config, show_progress=show_progress, context=context, base_evals=base_evals)
 
 
 @dataclass(frozen=True)
