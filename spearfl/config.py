@@ -189,6 +189,50 @@ class RltfSdConfig(Section):
     distill_coef: float = Field(0.1, ge=0)  # weight of the distillation term (the paper's Table 2)
 
 
+class SecAggPlusConfig(Section):
+    """Flower's SecAgg+ (Bell et al. 2020, arXiv 2009.11248; flwr.server.workflow.SecAggPlusWorkflow): each client
+    masks its quantized update so that the server learns only the weighted sum of a round's updates.
+
+    An int counts clients, a float in (0, 1] is a share, as Flower reads them."""
+
+    # The neighbours each client secret-shares its keys with, itself included: an int above 2, or a share of
+    # the round's clients. 1.0: all of them (the original SecAgg, Bonawitz et al. 2017), cheap for the few
+    # clients of a round; large rounds take a share near (log n) / n, as SecAgg+ does.
+    num_shares: int | float = 1.0
+    # Shares that reconstruct a client's secrets: an int of at least 2, or a share of num_shares. A round
+    # survives num_shares - threshold dropouts among a client's neighbours; fewer than threshold colluders learn
+    # nothing. 0.67: SecAgg's bound against a server that lies about who dropped (t > 2/3 of the shares; Flower
+    # rounds it, so 3 shares need 2).
+    reconstruction_threshold: int | float = 0.67
+    # Every value of a weighted update is clipped to [-c, c] and rounded stochastically to a grid of step
+    # 2c / quantization_range. 1.0: AdamW moves a weight by about lr a step, so a round's update stays far below
+    # it (the demo's: 5 steps of 5e-5), and the step is 4.8e-7; local DP's noise needs more room (checked).
+    clipping_range: float = Field(1.0, gt=0)
+    # 2**22, Flower's default: the masked sum lives modulo 2**32, so a round may hold up to 2**32 / 2**22 - 1
+    # clients before their sum wraps around (checked against clients_per_round).
+    quantization_range: int = Field(2**22, ge=2)
+    # Seconds the server waits for each of the protocol's four stages (the training happens in the third);
+    # None: the ServerApp's reply-timeout. A client that misses a stage drops out of the round.
+    timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_shares(self) -> "SecAggPlusConfig":
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and shares <= 2 or isinstance(shares, float) and not 0 < shares <= 1:
+            raise ValueError(f"num_shares {shares!r}: a count above 2 (int) or a share in (0, 1] (float)")
+        if isinstance(threshold, int) and threshold < 2 or isinstance(threshold, float) and not 0 < threshold <= 1:
+            raise ValueError(f"reconstruction_threshold {threshold!r}: a count of at least 2 (int) or a share in (0, 1] (float)")
+        if isinstance(shares, int) and isinstance(threshold, int) and threshold >= shares:
+            raise ValueError(f"reconstruction_threshold ({threshold}) must be below num_shares ({shares})")
+        return self
+
+
+MODULUS_RANGE = 2**32  # SecAgg+ masks and sums modulo this (Flower's default, its largest)
+# Local DP's noise is N(0, (z C)^2) per value; clipping it at this many standard deviations changes one value in
+# about 5e8, so the protocol's clip leaves the privacy noise as it was drawn.
+NOISE_ROOM = 6.0
+
+
 class ServerConfig(Section):
     # the reference's 50 (100 on ARC, as those presets set); None: until stopped (live devices only), at a
     # constant rate after the warm-up, since no cosine has an end to decay towards
@@ -207,6 +251,9 @@ class ServerConfig(Section):
     # `spearfl attack-bench --replay`; a round of the demo keeps 2 x 2.6 MB
     keep_client_updates: bool = False
     upload_encoding: Literal["float32", "bfloat16"] = "float32"  # spearfl.federated.codec: bfloat16 sends the update in half the bytes
+    # secaggplus: the server sees only the weighted mean of a round's updates (Flower runtime only; spearfl.flower.secure)
+    secure_aggregation: Literal["none", "secaggplus"] = "none"
+    secaggplus: SecAggPlusConfig = SecAggPlusConfig()
 
 
 class DefenseConfig(Section):
@@ -348,10 +395,40 @@ class RunConfig(Section):
             raise ValueError(f"attacks list a client twice: {sorted(c for c in set(listed) if listed.count(c) > 1)}")
         if self.privacy.mode == "central" and self.defense.aggregator != "mean":
             raise ValueError(f"privacy.mode central bounds each client's share of the mean; defense.aggregator {self.defense.aggregator!r} has no such bound")
+        self._check_secure_aggregation()
         steps = self.budget("grpo").local_steps
         if self.grpo.passes > steps:
             raise ValueError(f"grpo.passes ({self.grpo.passes}) exceeds the local steps ({steps}): a pass takes at least one step")
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        """Secure aggregation hides single updates: whatever must read one is refused beside it."""
+        if self.server.secure_aggregation == "none":
+            return
+        hidden = "server.secure_aggregation secaggplus hides each client's update from the server"
+        needs = {
+            "defense.screening": (self.defense.screening != "none", f"{self.defense.screening!r} scores single updates; set it to none"),
+            "defense.aggregator": (self.defense.aggregator != "mean", f"{self.defense.aggregator!r} combines single updates; only mean works on their sum"),
+            "privacy.mode": (self.privacy.mode == "central", "central clips single updates at the server; use local (each device clips and noises its own)"),
+            "server.keep_client_updates": (self.server.keep_client_updates, "true would store single updates; set it to false"),
+            "server.upload_encoding": (self.server.upload_encoding != "float32", "bfloat16 does not apply: the protocol sends its own quantized integers; set it to float32"),
+        }
+        for name, (refused, why) in needs.items():
+            if refused:
+                raise ValueError(f"{hidden}: {name} {why}")
+        settings, clients = self.server.secaggplus, self.server.clients_per_round
+        if clients < 3:
+            raise ValueError(f"server.clients_per_round ({clients}) must be at least 3 under secure aggregation: with 2, each learns the other's update from the sum, and no dropout is survivable")
+        if isinstance(settings.num_shares, int) and settings.num_shares > clients:
+            raise ValueError(f"server.secaggplus.num_shares ({settings.num_shares}) exceeds server.clients_per_round ({clients})")
+        if settings.quantization_range * clients >= MODULUS_RANGE:
+            raise ValueError(f"server.secaggplus.quantization_range ({settings.quantization_range}) times server.clients_per_round ({clients}) must stay below 2**32, or the masked sum wraps around")
+        noise = self.privacy.noise_multiplier * self.privacy.clip_norm
+        if self.privacy.mode == "local" and settings.clipping_range < NOISE_ROOM * noise:
+            raise ValueError(
+                f"server.secaggplus.clipping_range ({settings.clipping_range}) would clip local DP's noise (standard deviation "
+                f"privacy.noise_multiplier x privacy.clip_norm = {noise:g}); set it to at least {NOISE_ROOM * noise:g}"
+            )
 
     def budget(self, section: str) -> ClientConfig:
         """The client budget a method's config section gets: its own values where it sets them, else `client`'s."""

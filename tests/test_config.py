@@ -164,3 +164,46 @@ def test_every_preset_gives_every_method_the_same_budget(path, monkeypatch):
 def test_grpo_passes_need_a_step_each():
     with pytest.raises(ConfigError, match="grpo.passes"):
         load_config(None, ["client.local_steps=2", "grpo.passes=3"])
+
+
+SECURE = "server.secure_aggregation=secaggplus"
+
+
+def test_secure_aggregation_is_off_by_default_and_validates_with_its_settings():
+    assert RunConfig().server.secure_aggregation == "none"
+    config = load_config(None, [SECURE, "privacy.mode=local", "server.secaggplus.clipping_range=6"])
+    assert config.server.secaggplus.num_shares == 1.0 and config.server.secaggplus.quantization_range == 2**22
+    assert isinstance(load_config(None, [SECURE, "server.secaggplus.num_shares=3"]).server.secaggplus.num_shares, int)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("defense.screening=two_stage", "defense.screening 'two_stage' scores single updates"),
+        ("defense.aggregator=median", "defense.aggregator 'median' combines single updates"),
+        ("privacy.mode=central", "privacy.mode central clips single updates at the server; use local"),
+        ("server.keep_client_updates=true", "server.keep_client_updates true would store single updates"),
+        ("server.upload_encoding=bfloat16", "server.upload_encoding bfloat16 does not apply"),
+        ("server.clients_per_round=2", "server.clients_per_round (2) must be at least 3"),
+        ("server.secaggplus.num_shares=4", "server.secaggplus.num_shares (4) exceeds server.clients_per_round (3)"),
+        ("server.secaggplus.quantization_range=2147483648", "server.secaggplus.quantization_range (2147483648) times"),
+        ("privacy.mode=local", "server.secaggplus.clipping_range (1.0) would clip local DP's noise"),
+        ("server.secaggplus.num_shares=2", "num_shares 2: a count above 2"),
+        ("server.secaggplus.reconstruction_threshold=1.5", "reconstruction_threshold 1.5"),
+    ],
+)
+def test_secure_aggregation_refuses_what_reads_single_updates_naming_the_field(override, named):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [SECURE, override])
+    assert named in str(caught.value)
+    if "secaggplus" not in override:
+        load_config(None, [override])  # fine without secure aggregation
+
+
+def test_the_local_runtime_refuses_secure_aggregation_saying_it_needs_flower(tmp_path):
+    from spearfl.runtime.local import run_local
+
+    config = load_config(None, [SECURE, f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="needs the Flower runtime"):
+        run_local(config, show_progress=False)
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,10 @@ Node config (`flower-supernode --node-config`; the simulation engine sets the fi
                   rounds train on (a live run, `live.on_flower`); its access token comes from $SPEARFL_TOKEN
 Without a worker the update runs in this process on a model cached for the life of the process: the
 simulation engine keeps its processes for the whole run, so there the model loads once per process.
+
+Under secure aggregation (server.secure_aggregation: secaggplus) Flower's `secaggplus_mod` answers the protocol's
+messages around the train handler, which then receives a legacy FitIns and answers with the round's update as a
+legacy FitRes (spearfl.flower.records); every other message passes the mod unchanged.
 """
 
 from __future__ import annotations
@@ -19,9 +23,20 @@ import functools
 import os
 
 from flwr.app import Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from spearfl.flower.records import node_content, read_outcome, read_work, reply_content
+from spearfl.flower.records import (
+    is_secure_work,
+    node_content,
+    read_outcome,
+    read_secure_work,
+    read_work,
+    reply_content,
+    secure_reply_content,
+)
 from spearfl.runtime.worker import exchange, train_on_worker
 
 TOKEN_VARIABLE = "SPEARFL_TOKEN"
@@ -47,10 +62,20 @@ def describe(message: Message, context: Context) -> Message:
     return Message(RecordDict(), reply_to=message)
 
 
-@app.train()
+def secure_aggregation_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ client for the protocol's messages (they carry its stage); any other passes unchanged, so a
+    run without secure aggregation never meets the mod (which would refuse a message without a stage)."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
-    """One client round on this node's examples, from the global adapter in the message."""
-    arrays, request = read_work(message.content)
+    """One client round on this node's examples, from the global adapter in the message (a SecAgg+ FitIns under
+    secure aggregation, whose reply is the update for the mod to mask)."""
+    secure = is_secure_work(message.content)
+    arrays, request = read_secure_work(message.content) if secure else read_work(message.content)
     node, client = context.node_config, partition_id(context)
     if request["client_id"] != client:
         raise ValueError(f"work for client {request['client_id']} reached the node of client {client}")
@@ -67,7 +92,8 @@ def train(message: Message, context: Context) -> Message:
         state, result = train_on_worker(str(node["worker"]), arrays, request, token=os.environ.get(TOKEN_VARIABLE))
     else:
         state, result = in_process_host().train_arrays(arrays, request)
-    return Message(reply_content(state, result), reply_to=message)
+    content = secure_reply_content(state, arrays, result) if secure else reply_content(state, result)
+    return Message(content, reply_to=message)
 
 
 @functools.cache

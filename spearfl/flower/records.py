@@ -8,6 +8,13 @@ Back:
     "order"    ConfigRecord  {"nonce": the work order's one-time nonce, echoed (spearfl.federated.codec.WorkOrders)}
     "adapter"  ArrayRecord   the upload payload (spearfl.federated.codec): the trained LoRA state in float32, or its
                              update in bfloat16 sent as bit patterns (uint16); absent when the weight is 0
+Secure aggregation (server.secure_aggregation: secaggplus): Flower's SecAgg+ forwards a legacy FitIns and expects a
+legacy FitRes back, so those rounds speak Flower's legacy records instead of the two above:
+    FitIns  parameters: the global adapter's arrays in `secure_order` (sorted names); config {"request": JSON of the
+            TrainRequest, "names": JSON of that order}
+    FitRes  parameters: the update (trained minus global adapter, float32) in that order, which the client mod masks;
+            num_examples: the weight, which the mod folds into the masked sum; metrics: the round metrics and
+            "nonce", in the clear
 Discovery (message type "query"): the reply's ConfigRecord "node" says which client a SuperNode is.
 Round outcomes (message type "query", live runs): "adapter" the new global adapter, "outcome" ConfigRecord
     {"round", "outcome": accepted | rejected | none, "version"}, relayed to the node's device service.
@@ -24,11 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from spearfl.federated.codec import (  # noqa: F401 - InvalidReply and layout_of are part of this module's interface
     InvalidReply,
     Layout,
     check_keys,
+    check_counts,
     check_reply,
     layout_of,
     wire_values,
@@ -143,3 +153,75 @@ def read_outcome(content: RecordDict) -> tuple[dict[str, np.ndarray], dict] | No
     accepted = {"accepted": True, "rejected": False, "none": None}[str(record["outcome"])]
     header = {"round": int(record["round"]), "accepted": accepted, "version": int(record["version"])}
     return record_arrays(content.array_records[ADAPTER]), header
+
+
+# ------------------------------------------------------------------- secure aggregation (Flower's legacy records)
+
+FIT_PARAMETERS = "fitins.parameters"  # where Flower's legacy records put a FitIns's arrays
+
+
+def secure_order(arrays) -> list[str]:
+    """The fixed order of the adapter's arrays in SecAgg+'s unnamed lists: their names, sorted."""
+    return sorted(arrays)
+
+
+def secure_work(arrays: dict[str, np.ndarray], request: dict) -> FitIns:
+    """A work order as the FitIns SecAgg+ forwards to the client in its masking stage."""
+    names = secure_order(arrays)
+    config = {"request": json.dumps(request), "names": json.dumps(names)}
+    return FitIns(ndarrays_to_parameters([np.ascontiguousarray(arrays[name]) for name in names]), config)
+
+
+def is_secure_work(content: RecordDict) -> bool:
+    return FIT_PARAMETERS in content.array_records
+
+
+def read_secure_work(content: RecordDict) -> tuple[dict[str, np.ndarray], dict]:
+    """(global adapter, TrainRequest fields) of a FitIns that SecAgg+ forwarded."""
+    fit_ins = recorddict_to_fitins(content, keep_input=True)
+    names = json.loads(str(fit_ins.config["names"]))
+    values = parameters_to_ndarrays(fit_ins.parameters)  # numpy's own format, loaded with allow_pickle=False
+    if len(values) != len(names):
+        raise ValueError(f"the work order names {len(names)} arrays but carries {len(values)}")
+    return dict(zip(names, values)), json.loads(str(fit_ins.config["request"]))
+
+
+def secure_reply_content(trained: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray], result: dict) -> RecordDict:
+    """The legacy FitRes of a client round: its update (zeros at weight 0) for the mod to mask, its weight as
+    num_examples, its metrics and nonce in the clear. `trained`: the float32 upload payload (empty at weight 0)."""
+    names = secure_order(global_arrays)
+    update = [trained[name] - global_arrays[name] if trained else np.zeros_like(global_arrays[name]) for name in names]
+    values = metric_values(result)
+    metrics = {key: value for key, value in values.items() if key != WEIGHT} | {"nonce": str(result.get("nonce", ""))}
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), values[WEIGHT], metrics)
+    return fitres_to_recorddict(fit_res, keep_input=False)
+
+
+def read_secure_reply(fit_res: FitRes, asked: int, required_metrics: tuple[str, ...]) -> tuple[float, dict, str]:
+    """(weight, metrics, nonce) of the clear part of a SecAgg+ reply; InvalidReply says what is wrong with it.
+
+    The weight must not exceed `asked`, the prompts the server asked for: it scales the client's masked share."""
+    metrics = dict(fit_res.metrics)
+    nonce = metrics.pop("nonce", "")
+    weight = check_counts(fit_res.num_examples, metrics, required_metrics)
+    if weight > asked:
+        raise InvalidReply(f"weight {weight:g} exceeds the {asked} prompts asked for")
+    return weight, metrics, nonce
+
+
+def read_aggregate(parameters: Parameters, expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The unmasked weighted mean of the updates as float32 arrays named in `secure_order`, if it has the shapes of
+    `expected` (the global adapter) and only finite values; InvalidReply otherwise."""
+    names = secure_order(expected)
+    values = parameters_to_ndarrays(parameters)
+    if len(values) != len(names):
+        raise InvalidReply(f"the aggregate has {len(values)} arrays, the adapter {len(names)}")
+    aggregate = {}
+    for name, array in zip(names, values):
+        if array.shape != expected[name].shape:
+            raise InvalidReply(f"the aggregate's {name} has shape {array.shape}, expected {expected[name].shape}")
+        not_finite = int((~np.isfinite(array)).sum())
+        if not_finite:
+            raise InvalidReply(f"the aggregate's {name} has {not_finite} values that are not finite")
+        aggregate[name] = array.astype(np.float32)
+    return aggregate

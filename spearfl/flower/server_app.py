@@ -22,6 +22,7 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from spearfl.algorithms import CONFIG_SECTIONS
 from spearfl.algorithms.base import REPORTED_METRICS, ClientResult
 from spearfl.config import RunConfig, config_to_dict, load_config
 from spearfl.federated.codec import WorkOrders, decode_upload
@@ -31,8 +32,10 @@ from spearfl.flower.records import (
     outcome_content,
     read_node,
     read_reply,
+    secure_work,
     work_content,
 )
+from spearfl.flower.secure import round_replies, run_secure_round
 from spearfl.lm.models import quiet_library_output
 from spearfl.runtime.server import FederatedRun, RoundReplies, choose_clients, console
 from spearfl.runtime.setup import check_config
@@ -67,13 +70,13 @@ class FlowerClients:
 
     def train(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
         self.find_nodes(clients, wait=not self.nodes)
+        if self.config.server.secure_aggregation == "secaggplus":
+            return self.train_securely(round_index, clients, global_state, lr)
         arrays = {name: tensor.numpy() for name, tensor in global_state.items()}
-        config = config_to_dict(self.config)
         reachable = [client for client in clients if client in self.nodes]
         messages = [
             Message(
-                work_content(arrays, {"config": config, "client_id": client, "round_index": round_index, "lr": lr,
-                                      "nonce": self.orders.issue(round_index, client)} | self.settled_for(client)),
+                work_content(arrays, self.work_order(round_index, client, lr)),
                 dst_node_id=self.nodes[client],
                 message_type=MessageType.TRAIN,
                 group_id=str(round_index),
@@ -91,6 +94,27 @@ class FlowerClients:
             except InvalidReply as error:
                 rejected.append({"client": client, "reason": str(error)})
         console.print(f"round {round_index}: {len(accepted)} of {len(clients)} client replies aggregated")
+        return RoundReplies(accepted, rejected)
+
+    def work_order(self, round_index: int, client: int, lr: float) -> dict:
+        """The TrainRequest fields of a client's round, with a fresh one-time nonce."""
+        order = {"config": config_to_dict(self.config), "client_id": client, "round_index": round_index, "lr": lr,
+                 "nonce": self.orders.issue(round_index, client)}
+        return order | self.settled_for(client)
+
+    def train_securely(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
+        """The round through SecAgg+ (spearfl.flower.secure): each accepted client's result is the round's aggregate."""
+        settings = self.config.server.secaggplus
+        arrays = {name: tensor.numpy() for name, tensor in global_state.items()}
+        nodes = {client: self.nodes[client] for client in clients if client in self.nodes}
+        work = {node: secure_work(arrays, self.work_order(round_index, client, lr)) for client, node in nodes.items()}
+        asked = self.config.budget(CONFIG_SECTIONS[self.config.algorithm]).prompts_per_round
+        outcome = run_secure_round(self.exchange, work, round_index, settings, asked, settings.timeout or self.reply_timeout)
+        accepted, rejected = round_replies(
+            outcome, nodes, global_state, asked, lambda client, nonce: self.orders.redeem(round_index, client, nonce), REPORTED_METRICS
+        )
+        rejected += [{"client": client, "reason": "no SuperNode of this client is connected"} for client in clients if client not in nodes]
+        console.print(f"round {round_index}: the secure sum of {len(accepted)} of {len(clients)} clients aggregated")
         return RoundReplies(accepted, rejected)
 
     def settled_for(self, client: int) -> dict:

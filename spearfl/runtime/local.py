@@ -16,7 +16,7 @@ from rich.progress import Progress
 
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
-from spearfl.config import RunConfig
+from spearfl.config import ConfigError, RunConfig
 from spearfl.runtime.adversary import acting_client
 from spearfl.runtime.client import run_client, upload
 from spearfl.runtime.devices import DeviceClients
@@ -82,6 +82,11 @@ def stop_on_terminate(signal_number, frame) -> None:
 def run_local(config: RunConfig, fresh: bool = False, show_progress: bool = True, context=None, base_evals=None) -> dict:
     """Run or resume the configured experiment; `fresh` deletes an existing folder first. `base_evals`: see
     `FederatedRun`."""
+    if config.server.secure_aggregation != "none":
+        raise ConfigError(
+            f"server.secure_aggregation {config.server.secure_aggregation} needs the Flower runtime (flwr run, docs/security.md): "
+            "here the server runs every client in its own process and holds each update anyway, so masking them hides nothing"
+        )
     if fresh and Path(config.output_dir).exists():
         shutil.rmtree(config.output_dir)
     runner = DeviceClients if config.live.devices else InProcessClients  # people's devices, or simulated clients

@@ -333,7 +333,8 @@ class FederatedRun:
             "lr": lr,
             "clients": [{"client": client, "weight": r.weight, "metrics": r.metrics} for client, r in results],
             "online": online_summary(results),
-            "lora_average_error": lora_average_error(screened.states, screened.weights, self.shared_lora),
+            # a blind server (secure aggregation) sees only the mean, so it cannot measure the error of averaging A and B apart
+            "lora_average_error": None if config.server.secure_aggregation != "none" else lora_average_error(screened.states, screened.weights, self.shared_lora),
             "server_seconds": server_seconds,  # screening, combination, noise and the server step
         }
         if screened.records:
