@@ -3,7 +3,7 @@ Brinton ("Detecting and Mitigating Backdoor Attacks in OTA-FL Systems: A Two-Sta
 arXiv 2605.19253), adapted from over-the-air to digital federated learning with LoRA updates.
 
 Stage 1, a multi-indicator trust score. Over the round's contributing clients (weight > 0), each update
-(trained - global adapter) gets four indicators chosen for LoRA updates of a language model:
+(trained - global adapter) gets five indicators chosen for LoRA updates of a language model:
 - norm: log of the update's norm (two-sided: scaling and model replacement push it up, a free-rider's or a
   lazy client's copy of the global adapter pulls it down);
 - direction: cosine to the coordinate-wise median update, a reference a minority cannot move (low is bad:
@@ -11,7 +11,10 @@ Stage 1, a multi-indicator trust score. Over the round's contributing clients (w
 - layer: the worst decoder layer's log distance from the reference's layer, against the round's median for
   that layer (high is bad: backdoors, Neurotoxin and constrained attacks concentrate in a few layers);
 - work: log of the tokens the client says it trained per prompt it claims as weight (two-sided: a weight
-  claimed without the training behind it).
+  claimed without the training behind it);
+- similarity: the largest cosine to another client's update (high is bad: Sybil clones send one update, and
+  honest clients on their own data do not agree so closely; on the demo task's recorded rounds honest pairs
+  sit near 0.1). Devices of one person with the same data would look alike too; they would lose weight.
 Each indicator becomes a one-sided robust z-score, (deviation from the round's median) / max(1.4826 MAD,
 floor); the floors keep a round of near-identical honest updates from flagging small differences. The score is
 the largest z: up to `suspicious_above` a client is trusted, above `malicious_above` malicious, suspicious between.
@@ -43,7 +46,7 @@ from spearfl.federated.robust import AdapterState, flatten, middle, unflatten, u
 
 MAD_TO_SIGMA = 1.4826  # MAD x 1.4826 estimates a normal distribution's standard deviation
 # floors of each indicator's scale: below these differences no honest round should be told apart
-FLOORS = {"norm": 0.25, "direction": 0.05, "layer": 0.25, "work": 0.25}
+FLOORS = {"norm": 0.25, "direction": 0.05, "layer": 0.25, "work": 0.25, "similarity": 0.05}
 TINY = 1e-12  # a zero norm's stand-in inside a logarithm
 LAYER_NAME = re.compile(r"layers\.(\d+)\.")
 CATEGORIES = ("trusted", "suspicious", "malicious")
@@ -99,10 +102,14 @@ def indicators(deltas: list[AdapterState], weights: list[float], metrics: list[d
     norms = vectors.norm(dim=1)  # [K]
     cosine = (vectors @ reference_vector) / (norms * reference_vector.norm()).clamp(min=TINY)
     layers = layer_scores(deltas, reference)
+    units = vectors / norms.clamp(min=TINY).unsqueeze(1)
+    pairwise = units @ units.T  # [K, K] cosines
+    pairwise.fill_diagonal_(-1.0)
     scores = {
         "norm": robust_z(norms.clamp(min=TINY).log(), "both", FLOORS["norm"]),
         "direction": robust_z(cosine, "low", FLOORS["direction"]),
         "layer": torch.stack(list(layers.values())).amax(dim=0),
+        "similarity": robust_z(pairwise.amax(dim=1), "high", FLOORS["similarity"]),
     }
     if all("trained_tokens" in m for m in metrics):
         work = torch.tensor([max(m["trained_tokens"], TINY) / w for m, w in zip(metrics, weights)], dtype=torch.float64)
