@@ -151,3 +151,65 @@ def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_bfloat16_ref
         _, alive = psutil.wait_procs(family, timeout=20)
         for process in alive:
             process.kill()
+
+
+# Secure aggregation's quantization error: each client's weighted update (weight / prompts asked, at most 1) is
+# rounded stochastically to a grid of step 2 x clipping_range / quantization_range = 2 / 2**22 = 4.8e-7, off by
+# less than one step, and the mean divides the sum of 3 such errors by the summed weight shares (3 x 6 / 6 = 3):
+# round 1 differs from the local run by less than one step (float32 rounding of values near 0.05 adds < 1e-8).
+ROUND_ONE_TOLERANCE = 5e-7
+# Round 2 trains from that slightly different adapter, and AdamW divides each gradient by its running scale, so a
+# value whose gradient is near zero moves by far more than the perturbation (measured: 18 of 8192 values beyond
+# 1e-6, the largest 2.7e-5). The final adapter is held to 1e-4 a value (1% of the largest update value, 1e-2) and
+# to 1e-3 of the round's update in norm (measured 8.7e-5).
+FINAL_TOLERANCE, FINAL_RELATIVE_TOLERANCE = 1e-4, 1e-3
+
+
+def secure_config(tmp_path: Path, output_dir: Path, secure: bool) -> Path:
+    """The end-to-end config with 3 clients, all chosen every round, with or without secure aggregation."""
+    server = "clients_per_round: 3" + (", secure_aggregation: secaggplus" if secure else "")
+    text = run_config_text(end_to_end_assets(), output_dir).replace("clients_per_round: 2", server)
+    path = tmp_path / f"{output_dir.name}.yaml"
+    path.write_text(text + "threads: 1\n")
+    return path
+
+
+def test_a_secure_aggregation_run_matches_the_local_runtime_within_quantization(tmp_path):
+    """SecAgg+ over a SuperLink and three SuperNodes (each with its client worker), two rounds, against the local
+    runtime without secure aggregation."""
+    with single_thread():
+        run_local(load_config(secure_config(tmp_path, tmp_path / "local-run", secure=False)), show_progress=False)
+    config_path = secure_config(tmp_path, tmp_path / "secure-run", secure=True)
+    processes = Processes(tmp_path)
+    try:
+        superlink = free_port()
+        start_superlink(processes, superlink)
+        for client in range(3):
+            worker = start_worker(processes, client)
+            start_supernode(processes, superlink, f"partition-id={client} num-partitions=3 worker='127.0.0.1:{worker}'", client)
+        home = tmp_path / "flwr-cli"
+        write_connection(home, "spearfl-secure", superlink)
+        started = flwr(home, "run", str(APP), "spearfl-secure", "--stream", "--run-config", f"config='{config_path}'")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()
+    finally:
+        leftover = processes.stop()
+    assert leftover == [], f"processes still running: {leftover}"
+    secure, local = RunFolder(tmp_path / "secure-run"), RunFolder(tmp_path / "local-run")
+    assert secure.read_status()["state"] == "complete"
+    secure_history, local_history = read_history(secure.path), read_history(local.path)
+    for got, expected in zip(secure_history[1:], local_history[1:]):
+        assert "rejected" not in got
+        assert [(c["client"], c["weight"]) for c in got["clients"]] == [(c["client"], c["weight"]) for c in expected["clients"]]
+        assert all(c["metrics"]["upload_bytes"] > 0 for c in got["clients"])
+    differences = []
+    for round_index in (1, 2):
+        got, expected = load_tensors(secure.adapter_path(round_index)), load_tensors(local.adapter_path(round_index))
+        start = load_tensors(local.adapter_path(round_index - 1))
+        difference = torch.cat([(got[name] - expected[name]).flatten() for name in expected])
+        update = torch.cat([(expected[name] - start[name]).flatten() for name in expected])
+        assert float(update.abs().max()) > 1e-3, round_index  # the comparison is not of two unmoved adapters
+        differences.append((float(difference.abs().max()), float(difference.norm() / update.norm())))
+    print(f"secure against local, per round (largest difference, norm relative to the round's update): {differences}")
+    assert differences[0][0] < ROUND_ONE_TOLERANCE, differences
+    assert differences[1][0] < FINAL_TOLERANCE and differences[1][1] < FINAL_RELATIVE_TOLERANCE, differences
