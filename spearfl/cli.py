@@ -277,8 +277,8 @@ def chosen_names(text: str, known, what: str) -> list[str]:
 
 
 def replay_bench(folder: Path, attacks: Optional[str], shares: Optional[str], defenses: Optional[str], output: Optional[Path]) -> None:
-    from spearfl.io import atomic_write_json
-    from spearfl.tools.attack_bench import DEFENSES, REPLAY_ATTACKS, recorded_rounds, replay
+    from spearfl.io import atomic_write_json, atomic_write_text
+    from spearfl.tools.attack_bench import DEFENSES, REPLAY_ATTACKS, REPLAY_COLUMNS, figures_markdown, recorded_rounds, replay
 
     chosen_attacks = chosen_names(attacks or ",".join(REPLAY_ATTACKS), REPLAY_ATTACKS, "attacks")
     chosen_defenses = chosen_names(defenses or ",".join(DEFENSES), DEFENSES, "defenses")
@@ -287,25 +287,20 @@ def replay_bench(folder: Path, attacks: Optional[str], shares: Optional[str], de
         rounds = recorded_rounds(folder)
     except ValueError as error:
         fail(str(error))
-    table = Table(title=f"replay of {len(rounds)} recorded rounds of {folder}")
-    for column in ("attack", "malicious", "defense", "TPR", "FPR", "rounds to detect", "distortion", "server s/round"):
-        table.add_column(column, justify="left" if column in ("attack", "defense") else "right")
-    rows = []
-    for attack in chosen_attacks:
-        for share in values:
-            for name in chosen_defenses:
-                row = replay(rounds, attack, share, DEFENSES[name])
-                rows.append(row)
-                shown = [row["true_positive_rate"], row["false_positive_rate"], row["rounds_until_detection"], row["damage"]]
-                table.add_row(attack, f"{share:.0%}", name, *(optional(v) for v in shown), f"{row['server_seconds_per_round']:.3f}")
-    Console().print(table)
+    rows = [
+        replay(rounds, attack, share, DEFENSES[name])
+        for attack in chosen_attacks for share in values for name in chosen_defenses
+    ]
+    Console().print(figures_table(f"replay of {len(rounds)} recorded rounds of {folder}", rows, REPLAY_COLUMNS))
     if output is not None:
         atomic_write_json(output, {"source": str(folder), "figures": rows})
+        atomic_write_text(output.with_suffix(".md"), figures_markdown(rows, REPLAY_COLUMNS))
+        console.print(f"figures: {output}, {output.with_suffix('.md')}")
 
 
 def run_bench(config, attacks: Optional[str], shares: Optional[str], defenses: Optional[str], output: Optional[Path]) -> None:
-    from spearfl.io import atomic_write_json
-    from spearfl.tools.attack_bench import DEFENSES
+    from spearfl.io import atomic_write_json, atomic_write_text
+    from spearfl.tools.attack_bench import DEFENSES, RUN_COLUMNS, figures_markdown
     from spearfl.tools.attack_runs import RUN_ATTACKS, attack_runs
 
     chosen_attacks = chosen_names(attacks or ",".join(RUN_ATTACKS), RUN_ATTACKS, "attacks")
@@ -313,19 +308,22 @@ def run_bench(config, attacks: Optional[str], shares: Optional[str], defenses: O
     values = parsed_shares(shares or "0.2")
     output = output or Path(config.output_dir) / "attack-bench"
     rows = attack_runs(config, chosen_attacks, values, chosen_defenses, output)
-    table = Table(title=f"end-to-end runs of {config.data.num_clients} clients, {config.server.rounds} rounds ({output})")
-    columns = ("attack", "malicious", "defense", "loglik acc", "drop", "parsed acc", "drop", "trigger rate", "above clean",
-               "TPR", "FPR", "rounds to detect", "server s/round")
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("attack", "defense") else "right")
-    for row in rows:
-        shown = [row[key] for key in ("loglik_accuracy", "loglik_drop", "accuracy", "accuracy_drop", "trigger_rate",
-                                      "trigger_rate_above_clean", "true_positive_rate", "false_positive_rate",
-                                      "rounds_until_detection", "server_seconds_per_round")]
-        table.add_row(row["attack"], f"{row['share']:.0%}", row["defense"], *(optional(v) for v in shown))
-    Console().print(table)
+    title = f"end-to-end runs of {config.data.num_clients} clients, {config.server.rounds} rounds ({output})"
+    Console().print(figures_table(title, rows, RUN_COLUMNS))
     atomic_write_json(output / "attack-bench.json", {"config": str(config.output_dir), "figures": rows})
-    console.print(f"figures: {output / 'attack-bench.json'}; drops and trigger rates against {rows[0]['reference']}")
+    atomic_write_text(output / "attack-bench.md", figures_markdown(rows, RUN_COLUMNS))
+    console.print(f"figures: {output / 'attack-bench.json'}, {output / 'attack-bench.md'}; drops and trigger rates against {rows[0]['reference']}")
+
+
+def figures_table(title: str, rows: list[dict], columns) -> Table:
+    from spearfl.tools.attack_bench import cell
+
+    table = Table(title=title)
+    for column, key in columns:
+        table.add_column(column, justify="left" if key in ("attack", "defense") else "right")
+    for row in rows:
+        table.add_row(*(cell(key, row.get(key)) for _, key in columns))
+    return table
 
 
 def optional(value) -> str:

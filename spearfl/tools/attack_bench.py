@@ -157,3 +157,33 @@ DEFENSES = {
     "norm_clip": DefenseConfig(aggregator="norm_clip"),
     "two_stage": DefenseConfig(screening="two_stage"),
 }
+
+
+# (title, key) of the figures each mode reports, in the order tables show them
+REPLAY_COLUMNS = (
+    ("attack", "attack"), ("malicious", "share"), ("defense", "defense"), ("TPR", "true_positive_rate"),
+    ("FPR", "false_positive_rate"), ("rounds to detect", "rounds_until_detection"), ("distortion", "damage"),
+    ("server s/round", "server_seconds_per_round"),
+)
+RUN_COLUMNS = (
+    ("attack", "attack"), ("malicious", "share"), ("defense", "defense"), ("loglik acc", "loglik_accuracy"),
+    ("drop", "loglik_drop"), ("parsed acc", "accuracy"), ("drop", "accuracy_drop"), ("trigger rate", "trigger_rate"),
+    ("above clean", "trigger_rate_above_clean"), ("TPR", "true_positive_rate"), ("FPR", "false_positive_rate"),
+    ("rounds to detect", "rounds_until_detection"), ("server s/round", "server_seconds_per_round"),
+)
+
+
+def cell(key: str, value) -> str:
+    """A figure as tables show it: shares as percentages, names as they are, n/a where a figure does not apply."""
+    if value is None:
+        return "n/a"
+    if key == "share":
+        return f"{value:.0%}"
+    return value if isinstance(value, str) else f"{value:.3f}"
+
+
+def figures_markdown(rows: list[dict], columns) -> str:
+    """The figures as a markdown table."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(key, row.get(key)) for _, key in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
