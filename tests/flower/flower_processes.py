@@ -6,7 +6,9 @@ children it left behind (a SuperNode leaves a `flower-superexec`, which leaves C
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,3 +145,26 @@ def flwr(home: Path, *arguments: str, timeout: float = 600) -> subprocess.Comple
     return subprocess.run(
         [str(BIN / "flwr"), *arguments], env=flower_environment(home), capture_output=True, text=True, timeout=timeout
     )
+
+
+APP = Path(__file__).resolve().parents[2]  # the Flower app: the project folder with pyproject.toml
+
+
+def run_id_of(output: str) -> int:
+    match = re.search(r"run (\d+)", output)
+    assert match, f"no run id in flwr's output:\n{output}"
+    return int(match.group(1))
+
+
+def run_status(home: Path, run_id: int) -> str:
+    listing = flwr(home, "ls", "--run-id", str(run_id), "--format", "json")
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    return json.loads(listing.stdout)["runs"][0]["status"]
+
+
+def run_app(processes: Processes, home: Path, name: str, superlink_port: int, config_path: Path) -> None:
+    """`flwr run` of spearfl's app with this config on the test's SuperLink, to completion."""
+    write_connection(home, name, superlink_port)
+    started = flwr(home, "run", str(APP), name, "--stream", "--run-config", f"config='{config_path}'")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()

@@ -4,7 +4,6 @@ the simulation engine, each run through `flwr run` and compared with the local r
 from __future__ import annotations
 
 import json
-import re
 import urllib.request
 from pathlib import Path
 
@@ -12,13 +11,16 @@ import psutil
 import pytest
 import torch
 from flower_processes import (
+    APP,
     Processes,
     flwr,
+    run_app,
+    run_id_of,
+    run_status,
     free_port,
     start_superlink,
     start_supernode,
     start_worker,
-    write_connection,
 )
 from helpers import (
     end_to_end_assets,
@@ -35,7 +37,6 @@ from spearfl.runtime.run_folder import RunFolder
 
 pytestmark = pytest.mark.flower
 
-APP = Path(__file__).resolve().parents[2]
 NUM_CLIENTS = 2
 TOLERANCE = 1e-6  # float32 adapters; the same arithmetic runs in other processes
 
@@ -64,18 +65,6 @@ def local_reference(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_bfloat16_reference(tmp_path_factory) -> Path:
     return run_locally(tmp_path_factory.mktemp("local"), "bfloat16")
-
-
-def run_id_of(output: str) -> int:
-    match = re.search(r"run (\d+)", output)
-    assert match, f"no run id in flwr's output:\n{output}"
-    return int(match.group(1))
-
-
-def run_status(home: Path, run_id: int) -> str:
-    listing = flwr(home, "ls", "--run-id", str(run_id), "--format", "json")
-    assert listing.returncode == 0, listing.stdout + listing.stderr
-    return json.loads(listing.stdout)["runs"][0]["status"]
 
 
 def assert_same_as_local(folder: Path, reference: Path) -> None:
@@ -108,11 +97,7 @@ def test_a_deployment_run_matches_the_local_runtime(tmp_path, local_reference):
             worker_ports.append(worker)
             node_config = f"partition-id={client} num-partitions={NUM_CLIENTS} worker='127.0.0.1:{worker}'"
             start_supernode(processes, superlink, node_config, client)
-        home = tmp_path / "flwr-cli"
-        write_connection(home, "spearfl-test", superlink)
-        started = flwr(home, "run", str(APP), "spearfl-test", "--stream", "--run-config", f"config='{config_path}'")
-        assert started.returncode == 0, started.stdout + started.stderr
-        assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()
+        run_app(processes, tmp_path / "flwr-cli", "spearfl-test", superlink, config_path)
         for port in worker_ports:  # each device loaded its model once and kept it for both rounds
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as health:
                 assert json.load(health)["models_loaded"] == 1
@@ -187,11 +172,7 @@ def test_a_secure_aggregation_run_matches_the_local_runtime_within_quantization(
         for client in range(3):
             worker = start_worker(processes, client)
             start_supernode(processes, superlink, f"partition-id={client} num-partitions=3 worker='127.0.0.1:{worker}'", client)
-        home = tmp_path / "flwr-cli"
-        write_connection(home, "spearfl-secure", superlink)
-        started = flwr(home, "run", str(APP), "spearfl-secure", "--stream", "--run-config", f"config='{config_path}'")
-        assert started.returncode == 0, started.stdout + started.stderr
-        assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()
+        run_app(processes, tmp_path / "flwr-cli", "spearfl-secure", superlink, config_path)
     finally:
         leftover = processes.stop()
     assert leftover == [], f"processes still running: {leftover}"

@@ -9,14 +9,12 @@ import pytest
 import torch
 from flower_processes import (
     Processes,
-    flwr,
     free_port,
+    run_app,
     start_superlink,
     start_supernode,
-    write_connection,
 )
 from helpers import end_to_end_assets, read_history, run_config_text, single_thread
-from test_flower import APP, run_id_of, run_status
 
 from spearfl.config import load_config
 from spearfl.data.sources import load_jsonl
@@ -47,11 +45,7 @@ def test_a_flower_run_trains_devices_on_their_peoples_verdicts(tmp_path):
             start_superlink(processes, superlink)
             for client, service in enumerate(services):
                 start_supernode(processes, superlink, f"partition-id={client} num-partitions=2 service='{service.address}'", client)
-            home = tmp_path / "flwr-cli"
-            write_connection(home, "spearfl-live", superlink)
-            started = flwr(home, "run", str(APP), "spearfl-live", "--stream", "--run-config", f"config='{config_path}'")
-            assert started.returncode == 0, started.stdout + started.stderr
-            assert run_status(home, run_id_of(started.stdout)) == "finished:completed", started.stdout + processes.tail()
+            run_app(processes, tmp_path / "flwr-cli", "spearfl-live", superlink, config_path)
         history = read_history(tmp_path / "flower-live")
         final = load_tensors(tmp_path / "flower-live" / "adapters" / "round_0002.safetensors")
         for client, service in enumerate(services):
