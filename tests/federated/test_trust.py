@@ -127,3 +127,13 @@ def test_robust_z_by_hand():
     assert robust_z(values, "high", 0.1).tolist() == pytest.approx([0, 0, 0.5 / 1.4826, 7.5 / 1.4826])
     assert robust_z(values, "low", 0.1).tolist() == pytest.approx([1.5 / 1.4826, 0.5 / 1.4826, 0, 0])
     assert robust_z(values, "both", 10.0).tolist() == pytest.approx([0.15, 0.05, 0.05, 0.75])
+
+
+def test_sybil_clones_are_told_apart_by_their_similarity():
+    states = federation()
+    states[1], states[2] = dict(states[0]), dict(states[0])  # three devices sending one honest-looking update
+    screening = screen(states)
+    found = categories(screening)
+    assert all(found[client] != "trusted" for client in (0, 1, 2)) and found[3:] == ["trusted"] * (NUM_CLIENTS - 3)
+    assert all(record["indicators"]["similarity"] > SETTINGS.suspicious_above for record in screening.records[:3])
+    assert all(record["indicators"]["similarity"] < SETTINGS.suspicious_above for record in screening.records[3:])
