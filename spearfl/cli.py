@@ -258,6 +258,42 @@ def privacy_sweep_command(
     console.print(f"figures: {output / 'privacy-sweep.json'}, {output / 'privacy-sweep.md'}, {output / 'privacy-sweep.png'}")
 
 
+@app.command("privacy-budget")
+def privacy_budget_command(
+    clients: Annotated[int, typer.Option(min=1, help="Clients in the federation (N).")],
+    per_round: Annotated[int, typer.Option(min=1, help="Clients asked each round (K).")],
+    noise: Annotated[float, typer.Option(help="Noise multiplier z (the noise's standard deviation in units of the clip norm).")],
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds the run would take.")] = 100,
+    mode: Annotated[str, typer.Option(help="central (DP-FedAvg at the server) or local (on each device).")] = "central",
+    delta: Annotated[float, typer.Option(help="The delta of (epsilon, delta).")] = 1e-5,
+    budget: Annotated[Optional[float], typer.Option(help="An epsilon budget: also say how many rounds it affords.")] = None,
+) -> None:
+    """Client-level (epsilon, delta) that a federation of this shape spends, from the same accountant a run uses
+    (no model, no data): epsilon after a quarter, half and all of the rounds, and the rounds a budget affords."""
+    from pydantic import ValidationError
+
+    from spearfl.config import PrivacyConfig
+    from spearfl.federated.privacy import affordable_rounds, epsilon_after
+
+    if per_round > clients:
+        fail(f"--per-round {per_round} exceeds --clients {clients}")
+    if mode not in ("central", "local"):
+        fail(f"--mode {mode!r}: choose central or local")
+    try:
+        settings = PrivacyConfig(mode=mode, noise_multiplier=noise, delta=delta, epsilon_budget=budget)
+    except ValidationError as error:
+        fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('noise_multiplier', 'noise').replace('epsilon_budget', 'budget')}: {e['msg']}" for e in error.errors()))
+    console.print(f"{mode} DP: {clients} clients, {per_round} a round, noise multiplier {noise:g}, delta {delta:g}")
+    table = Table()
+    table.add_column("rounds", justify="right")
+    table.add_column("epsilon", justify="right")
+    for count in sorted({max(1, rounds // 4), max(1, rounds // 2), rounds}):
+        table.add_row(str(count), f"{epsilon_after(count, settings, clients, per_round):.4g}")
+    Console().print(table)
+    if budget is not None:
+        console.print(f"epsilon {budget:g} affords {affordable_rounds(settings, clients, per_round, rounds)} of the {rounds} rounds")
+
+
 def parsed_shares(text: str) -> list[float]:
     try:
         values = [float(share) for share in split_list(text)]

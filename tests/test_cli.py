@@ -187,3 +187,19 @@ def test_the_attack_bench_asks_for_one_mode_and_names_bad_choices(tmp_path):
     assert result.exit_code == 2 and "every share must lie in [0, 1)" in output
     result, output = invoke("attack-bench", "--replay", tmp_path)
     assert result.exit_code == 2 and "keep_client_updates" in output
+
+
+def test_the_privacy_budget_is_the_accountants_and_bad_values_are_named():
+    from spearfl.config import PrivacyConfig
+    from spearfl.federated.privacy import affordable_rounds, epsilon_after
+
+    result, output = invoke("privacy-budget", "--clients", 1000, "--per-round", 50, "--noise", 1.5, "--rounds", 40, "--budget", 2)
+    settings = PrivacyConfig(mode="central", noise_multiplier=1.5, epsilon_budget=2)
+    assert result.exit_code == 0
+    for rounds in (10, 20, 40):
+        assert f"{rounds} │ {epsilon_after(rounds, settings, 1000, 50):.4g}" in output
+    assert f"epsilon 2 affords {affordable_rounds(settings, 1000, 50, 40)} of the 40 rounds" in output
+    result, output = invoke("privacy-budget", "--clients", 10, "--per-round", 20, "--noise", 1)
+    assert result.exit_code == 2 and "--per-round 20 exceeds --clients 10" in output
+    result, output = invoke("privacy-budget", "--clients", 10, "--per-round", 5, "--noise", 0)
+    assert result.exit_code == 2 and "--noise" in output and "greater than 0" in output
