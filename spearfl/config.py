@@ -316,6 +316,9 @@ class AttackConfig(Section):
     target_option: int = Field(0, ge=0)  # backdoor: the option position the trigger is taught to choose
     poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: the share of the client's prompts with the trigger
     sybil: bool = False  # every listed client is a clone of the first: its data, its seeds, its update
+    # the weight an update attack claims: asked (the most the server accepts: the prompts it asked for, for the
+    # most influence) or trained (the poisoned round's own weight, as an honest client would claim: stealthier)
+    weight: Literal["asked", "trained"] = "asked"
     start_round: int = Field(1, ge=1)  # honest before this round
 
 

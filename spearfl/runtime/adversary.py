@@ -4,7 +4,8 @@ behaves, around the honest client update every runtime runs.
 - feedback "flipped" or "backdoor": the round trains with poisoned feedback (spearfl.feedback.poison);
 - update other than "honest": the client also trains honestly, as a real attacker can on its own data, and sends
   the attack of its poisoned update with its honest one as the reference (spearfl.federated.attacks), claiming
-  the full weight the server allows (the prompts it asked for);
+  the full weight the server allows (the prompts it asked for), or with `weight: trained` the poisoned round's
+  own weight, as an honest client would;
 - sybil: every listed client acts as the first one (its examples and seeds), so the clones send one update.
 The runtimes call `acting_client` where they pick a client's examples, and `behave` in place of the update.
 """
@@ -68,4 +69,5 @@ def behave(update: ClientUpdate, context: ClientContext, work: ClientRound) -> C
     sent = UPDATE_ATTACKS[attack.update](delta, reference, attack, generator)
     state = {name: work.global_state[name] + sent[name].to(work.global_state[name].dtype) for name in work.global_state}
     asked = context.config.budget(CONFIG_SECTIONS[context.config.algorithm]).prompts_per_round
-    return ClientResult(state, float(asked), poisoned_result.metrics)
+    weight = float(asked) if attack.weight == "asked" else poisoned_result.weight
+    return ClientResult(state, weight, poisoned_result.metrics)

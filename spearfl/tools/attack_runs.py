@@ -38,10 +38,11 @@ RUN_ATTACKS: dict[str, dict | None] = {
     "backdoor": {"feedback": "backdoor"},
     # model replacement: the backdoored update scaled by the clients a round (filled in per config)
     "backdoor_replacement": {"feedback": "backdoor", "update": "scaling"},
-    "backdoor_bounded": {"feedback": "backdoor", "update": "bounded_scaling", "bound": 3.0},
-    "backdoor_euclidean": {"feedback": "backdoor", "update": "euclidean", "bound": 1.0},
-    "backdoor_cosine": {"feedback": "backdoor", "update": "cosine", "cosine": 0.9},
-    "backdoor_neurotoxin": {"feedback": "backdoor", "update": "neurotoxin"},
+    # the constrained attacks are made to pass for honest: they claim the weight their round earned
+    "backdoor_bounded": {"feedback": "backdoor", "update": "bounded_scaling", "bound": 3.0, "weight": "trained"},
+    "backdoor_euclidean": {"feedback": "backdoor", "update": "euclidean", "bound": 1.0, "weight": "trained"},
+    "backdoor_cosine": {"feedback": "backdoor", "update": "cosine", "cosine": 0.9, "weight": "trained"},
+    "backdoor_neurotoxin": {"feedback": "backdoor", "update": "neurotoxin", "weight": "trained"},
     "sign_flip": {"update": "sign_flip"},
     "gaussian": {"update": "gaussian"},
     "free_rider": {"update": "free_rider"},

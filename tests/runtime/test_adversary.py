@@ -87,6 +87,12 @@ def test_an_attacker_sends_the_attack_of_its_poisoned_update_with_full_weight(tm
     assert result.weight == config.client.prompts_per_round
 
 
+def test_a_stealthy_attacker_claims_the_weight_its_round_earned(tmp_path):
+    config = config_for(tmp_path, 'attacks=[{clients: [1], feedback: backdoor, update: neurotoxin, weight: trained}]')
+    result = behave(stub_update([]), Context(config), work_for(1))
+    assert result.weight == 3.0 != config.client.prompts_per_round
+
+
 def test_an_attack_waits_for_its_start_round(tmp_path):
     config = config_for(tmp_path, 'attacks=[{clients: [1], update: sign_flip, start_round: 2}]')
     assert behave(stub_update([]), Context(config), work_for(1)).state["w"].tolist() == [11.0]
