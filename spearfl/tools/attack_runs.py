@@ -111,8 +111,8 @@ def run_all(planned: list[PlannedRun], show_progress: bool = True) -> None:
 
 
 def detection(history: list[dict], malicious: set[int], aggregator: str) -> dict:
-    """True and false positive rates over client rounds and rounds until detection; None where the defense
-    flags nobody by design (mean, median, trimmed mean)."""
+    """True and false positive rates over the client rounds a defense judged, and rounds until detection; None
+    where the defense flags nobody by design (mean, median, trimmed mean)."""
     positives = negatives = true_positive = false_positive = 0
     first_flagged: dict[int, int] = {}
     known = False
@@ -120,6 +120,8 @@ def detection(history: list[dict], malicious: set[int], aggregator: str) -> dict
     for row in rounds:
         clients = [entry["client"] for entry in row["clients"]]
         flagged = flagged_in(row, clients, aggregator)
+        if "screening" in row:  # only the clients screened (a weight of 0 is never screened) can be told apart
+            clients = [record["client"] for record in row["screening"]]
         if flagged is None:
             continue
         known = True

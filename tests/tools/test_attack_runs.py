@@ -60,6 +60,13 @@ def test_detection_counts_client_rounds_and_the_first_flag_of_each_attacker():
     assert figures["rounds_until_detection"] == pytest.approx((1 + 2) / 2)
 
 
+def test_detection_counts_only_the_clients_a_screening_judged():
+    history = [row(1, range(4), screening=[{"client": c, "category": "trusted"} for c in (0, 1, 2)])]  # 3 sent weight 0
+    assert detection(history, {1}, "mean")["false_positive_rate"] == 0.0
+    history[0]["screening"][0]["category"] = "suspicious"
+    assert detection(history, {1}, "mean")["false_positive_rate"] == pytest.approx(1 / 2)  # of 0 and 2, not of 0, 2, 3
+
+
 def test_detection_reads_multi_krum_and_norm_clipping_and_says_nothing_for_the_mean():
     krum = [row(1, [3, 5, 7], aggregation={"selected": [0, 2]})]
     assert detection(krum, {5}, "multi_krum")["true_positive_rate"] == 1.0
