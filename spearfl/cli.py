@@ -231,13 +231,14 @@ def attack_bench_command(
 @app.command("privacy-sweep")
 def privacy_sweep_command(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Run config to sweep (e.g. configs/security.yaml).")],
-    noise: Annotated[str, typer.Option(help="Comma-separated noise multipliers of central DP; 0 is the run without DP.")] = "0,0.001,0.003,0.01,1",
+    noise: Annotated[str, typer.Option(help="Comma-separated noise multipliers of central DP; 0 is the run without DP.")] = "0,0.001,0.01,0.1,0.3,1",
     set_: SetOption = None,
     output: Annotated[Optional[Path], typer.Option(help="Folder for the runs, the table and the plot (default: the config's output_dir/privacy-sweep).")] = None,
 ) -> None:
     """Utility against epsilon: the config run with central client-level DP at each noise multiplier (resumable),
     then a table and a plot of held-out accuracy against the accountant's epsilon."""
     config = load_checked(config_path, set_)
+    from spearfl.tools.attack_bench import cell
     from spearfl.tools.privacy_sweep import privacy_sweep
 
     try:
@@ -253,7 +254,7 @@ def privacy_sweep_command(
         table.add_column(column, justify="right")
     for row in rows:
         epsilon = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
-        table.add_row(f"{row['noise_multiplier']:g}", epsilon, optional(row["loglik_accuracy"]), optional(row["accuracy"]))
+        table.add_row(f"{row['noise_multiplier']:g}", epsilon, cell("loglik_accuracy", row["loglik_accuracy"]), cell("accuracy", row["accuracy"]))
     Console().print(table)
     console.print(f"figures: {output / 'privacy-sweep.json'}, {output / 'privacy-sweep.md'}, {output / 'privacy-sweep.png'}")
 
@@ -360,10 +361,6 @@ def figures_table(title: str, rows: list[dict], columns) -> Table:
     for row in rows:
         table.add_row(*(cell(key, row.get(key)) for _, key in columns))
     return table
-
-
-def optional(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def split_list(text: str) -> list[str]:

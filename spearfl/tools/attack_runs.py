@@ -77,19 +77,18 @@ def probe_settings(config: RunConfig) -> dict:
 
 def plan_run(config: RunConfig, attack: str, share: float, defense: str, output_dir: Path) -> PlannedRun:
     """The run of one attack at one share of malicious clients under one defense."""
-    fields, chosen = RUN_ATTACKS[attack], malicious_clients(config, share)
+    fields, chosen, probe = RUN_ATTACKS[attack], malicious_clients(config, share), probe_settings(config)
     if fields is None or not chosen:
         attack, share, chosen, attacks = "none", 0.0, [], []
     else:
         fields = dict(fields)
         if fields.get("update") == "scaling":
             fields["scale"] = float(config.server.clients_per_round)
-        probe = probe_settings(config)
         attacks = [{"clients": chosen, "trigger": probe["trigger"], "target_option": probe["trigger_target"], **fields}]
     folder = Path(output_dir) / f"{attack}-{round(share * 100)}pct-{defense}"
     run_config = validate({
         **config_to_dict(config), "output_dir": str(folder), "attacks": attacks,
-        "defense": config_to_dict(DEFENSES[defense]), "eval": probe_settings(config),
+        "defense": config_to_dict(DEFENSES[defense]), "eval": probe,
     })
     return PlannedRun(attack, share, defense, chosen, run_config)
 
