@@ -122,6 +122,11 @@ class ClientConfig(Section):
 
     prompts_per_round: int = Field(16, ge=1)  # our choice for a CPU; the reference configs use 80-160
     local_steps: int = Field(5, ge=1)  # optimizer steps a client round (the reference's 5)
+    # Peak resident memory a client round may reach, MB (the whole process; on a GPU, the device's allocated
+    # memory). Each training step is planned to fit: micro-batches, activation checkpointing, the vocabulary in
+    # chunks (spearfl.lm.memory). None: plan each step for 384 MB of working memory. Not a learning setting:
+    # the gradient is the same whatever the plan.
+    memory_budget_mb: float | None = Field(None, gt=0)
 
 
 # A method's own prompts_per_round / local_steps (None: the client section's), for single-method ablations;
@@ -439,7 +444,7 @@ class RunConfig(Section):
         return self.client.model_copy(update={name: getattr(own, name) for name in BUDGET_FIELDS if getattr(own, name) is not None})
 
 
-BUDGET_FIELDS = tuple(ClientConfig.model_fields)
+BUDGET_FIELDS = ("prompts_per_round", "local_steps")  # what a method may set for itself; the memory budget is not one
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

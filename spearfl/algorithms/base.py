@@ -23,7 +23,21 @@ from spearfl.feedback.providers import Feedback, FeedbackProvider
 from spearfl.lm.generation import Completion, SamplingSettings, generate
 from spearfl.lm.models import get_adapter_state, set_adapter_state, trainable_parameters
 from spearfl.lm.prefix_cache import PrefixCache
-from spearfl.lm.training import make_optimizer, optimizer_step
+from spearfl.lm.memory import (
+    StepPlan,
+    chunkable,
+    measure_activation_costs,
+    plan_step,
+    release_free_memory,
+    working_memory_mb,
+)
+from spearfl.lm.training import (
+    CompletionBatch,
+    Contribution,
+    accumulate_gradients,
+    make_optimizer,
+    optimizer_step,
+)
 from spearfl.seeds import derive_seed
 
 
@@ -199,21 +213,31 @@ def envelope(
     gathered (sampled and judged here, or read from a store of people's judged answers), training unless the
     weight is 0, and the metrics every reply carries. `gather(sampler)` returns (prompts, Collected)."""
     started = time.perf_counter()
+    release_free_memory()
     reset_peak_memory(context.device)
     set_adapter_state(context.model, work.global_state)
     sampler = Sampler(context, work)
     num_prompts, collected = gather(sampler)
+    generation_peak = peak_memory_mb(context.device)  # sampling, judging and any scoring before training
     metrics = {"prompts": num_prompts, "trained_tokens": 0, "scored_tokens": 0, "training_seconds": 0.0}
     metrics |= sampler.metrics() | collected.metrics
     metrics["first_try_accuracy"] = metrics["first_try_correct"] / num_prompts if num_prompts else float("nan")
     state = work.global_state
+    training_peak = 0.0
     if collected.weight > 0:
+        release_free_memory()
+        reset_peak_memory(context.device)
         training_started = time.perf_counter()
         metrics |= train(context, work, collected.data)
         metrics["training_seconds"] = time.perf_counter() - training_started
         state = get_adapter_state(context.model)
+        training_peak = peak_memory_mb(context.device)
     metrics |= {"skipped": int(collected.weight == 0), "seconds": time.perf_counter() - started}
-    metrics["peak_memory_mb"] = peak_memory_mb(context.device)
+    metrics |= {
+        "generation_peak_memory_mb": generation_peak,
+        "training_peak_memory_mb": training_peak,
+        "peak_memory_mb": max(generation_peak, training_peak),
+    }
     return ClientResult(state=state, weight=collected.weight, metrics=metrics)
 
 
@@ -241,30 +265,75 @@ def pass_minibatches(num_items: int, num_steps: int, num_passes: int, rng: np.ra
     return batches
 
 
-StepLoss = Callable[[np.random.Generator, int], tuple[torch.Tensor, dict[str, float]]]
+class Trainer:
+    """Runs a round's optimizer steps within the client's memory budget: each step's batch through
+    `accumulate_gradients` on the plan `spearfl.lm.memory.plan_step` makes for it, and what was chosen recorded."""
+
+    def __init__(self, context: ClientContext):
+        self.model, self.config = context.model, context.config
+        self.costs = measure_activation_costs(context.model)
+        self.working_mb = working_memory_mb(context.config.client.memory_budget_mb, context.model, context.device)
+        self.plans: list[StepPlan] = []
+
+    def __call__(
+        self, batch: CompletionBatch, contribution: Contribution, logits: bool = False, logit_tensors: int = 4
+    ) -> tuple[float, dict[str, float]]:
+        """Accumulate the gradient of one step's loss, the sum of `contribution` over the plan's micro-batches.
+
+        logits: the loss needs whole [rows, K, V] logits (`MicroBatch.logits`), `logit_tensors` of that size at
+        once, rather than target log-probs only (`MicroBatch.logprobs`, which take the vocabulary in chunks)."""
+        plan = plan_step(
+            self.costs, batch.row_lengths(), batch.targets.shape[1], self.working_mb,
+            chunkable=not logits and chunkable(self.model), logit_tensors=logit_tensors,
+            force_checkpoint=self.config.lora.checkpoint_activations,
+        )
+        self.plans.append(plan)
+        return accumulate_gradients(self.model, batch, plan, contribution)
+
+    def report(self) -> dict[str, float]:
+        """What the round chose: the smallest micro-batch, the steps checkpointed, the largest estimate, the room."""
+        if not self.plans:
+            return {}
+        return {
+            "micro_batch_rows": min(plan.micro_batch_rows for plan in self.plans),
+            "checkpointed_steps": sum(plan.checkpoint for plan in self.plans),
+            "vocabulary_chunk": self.plans[0].vocabulary_chunk,
+            "planned_working_mb": max(plan.estimated_mb for plan in self.plans),
+            "working_memory_mb": self.working_mb,
+            "plan_fits": int(all(plan.fits for plan in self.plans)),
+        }
 
 
-def train_steps(context: ClientContext, work: ClientRound, num_steps: int, step_loss: StepLoss) -> dict[str, float]:
+# step(rng, step, trainer): accumulate one step's gradient through `trainer`; returns the step's loss and its parts.
+StepGradient = Callable[[np.random.Generator, int, Trainer], tuple[float, dict[str, float]]]
+
+
+def train_steps(context: ClientContext, work: ClientRound, num_steps: int, step_gradient: StepGradient) -> dict[str, float]:
     """`num_steps` AdamW steps on the LoRA weights, fresh each round: its state never leaves the client.
 
-    step_loss(rng, step) returns a step's loss and its parts; batches are drawn from `rng` and dropout
-    from a torch seed, both derived from (round, client). Returns the parts ending in "_tokens" summed
-    and every other part, and `loss`, averaged over the steps, and `optimizer_steps`.
+    step_gradient(rng, step, trainer) accumulates a step's gradient through the round's `Trainer` (which fits it
+    into the memory budget) and returns its loss and parts; batches are drawn from `rng` and dropout from a torch
+    seed, both derived from (round, client). Returns the parts ending in "_tokens" summed and every other part,
+    and `loss`, averaged over the steps, `optimizer_steps`, and the memory plan (`Trainer.report`).
     """
     model = context.model
+    release_free_memory()  # what generation freed goes back before the budget's room is measured
+    trainer = Trainer(context)
     optimizer = make_optimizer(trainable_parameters(model), work.lr, context.config.optimizer.weight_decay)
+    optimizer.zero_grad(set_to_none=True)
     rng = np.random.default_rng(work.seed("training-batches"))
     torch.manual_seed(work.seed("dropout"))
     totals: dict[str, float] = {"loss": 0.0}
     model.train()
     try:
         for step in range(num_steps):
-            loss, parts = step_loss(rng, step)
-            optimizer_step(optimizer, loss, trainable_parameters(model), context.config.optimizer.max_grad_norm)
-            totals["loss"] += float(loss.detach())
+            loss, parts = step_gradient(rng, step, trainer)
+            optimizer_step(optimizer, trainable_parameters(model), context.config.optimizer.max_grad_norm)
+            totals["loss"] += loss
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0) + value
     finally:
         model.eval()
+        release_free_memory()
     averaged = {key: value if key.endswith("_tokens") else value / num_steps for key, value in totals.items()}
-    return averaged | {"optimizer_steps": num_steps}
+    return averaged | {"optimizer_steps": num_steps} | trainer.report()

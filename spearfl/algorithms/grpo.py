@@ -39,11 +39,12 @@ from spearfl.algorithms.base import (
     ClientRound,
     Collected,
     Sampler,
+    Trainer,
     client_round,
     pass_minibatches,
     train_steps,
 )
-from spearfl.lm.training import collate, target_logprobs
+from spearfl.lm.training import MicroBatch, collate
 from spearfl.losses.policy import (
     clipped_fraction,
     clipped_surrogate_loss,
@@ -86,25 +87,31 @@ def sample_groups(context: ClientContext, work: ClientRound, sample: Sampler, ex
     return Collected(rollouts, float(sum(informative)), metrics)
 
 
-def grpo_loss(context: ClientContext, rollouts: list[Rollout]) -> tuple[torch.Tensor, dict]:
-    """L = -clipped surrogate + kl_coef x KL(policy || round-start), both averaged over completion tokens."""
+def grpo_step(context: ClientContext, trainer: Trainer, rollouts: list[Rollout]) -> tuple[float, dict]:
+    """Accumulate the gradient of L = -clipped surrogate + kl_coef x KL(policy || round-start), both averaged over
+    the completion tokens of the step's rollouts; returns L and its parts."""
     settings = context.config.grpo
     batch = collate(
         [r.prompt for r in rollouts], [r.completion for r in rollouts], context.prompts.tokenizer.pad_token_id, context.device
     )
-    logprobs = target_logprobs(context.model, batch, sampling_temperature(context))  # [B, K]
     old_logprobs = batch.right_aligned([r.old_logprobs for r in rollouts], dtype=torch.float32)  # [B, K]
     advantages = torch.tensor([r.advantage for r in rollouts], device=context.device)  # [B]
-    mask = batch.completion_mask
-    surrogate = clipped_surrogate_loss(logprobs, old_logprobs, advantages, mask, settings.clip_epsilon)
-    kl = k3_kl(logprobs, old_logprobs, mask)
-    parts = {
-        "surrogate": float(surrogate.detach()),
-        "kl": float(kl.detach()),
-        "clipped_fraction": clipped_fraction(logprobs, old_logprobs, advantages, mask, settings.clip_epsilon),
-        "trained_tokens": batch.num_tokens,
-    }
-    return surrogate + settings.kl_coef * kl, parts
+    tokens = int(batch.completion_mask.sum())
+
+    def contribution(micro: MicroBatch) -> tuple[torch.Tensor, dict]:
+        logprobs = micro.logprobs(sampling_temperature(context))  # [b, K]
+        old, advantage, mask = old_logprobs[micro.rows], advantages[micro.rows], micro.batch.completion_mask
+        surrogate = clipped_surrogate_loss(logprobs, old, advantage, mask, settings.clip_epsilon, tokens)
+        kl = k3_kl(logprobs, old, mask, tokens)
+        shares = {
+            "surrogate": float(surrogate.detach()),
+            "kl": float(kl.detach()),
+            "clipped_fraction": clipped_fraction(logprobs, old, advantage, mask, settings.clip_epsilon, tokens),
+            "trained_tokens": micro.batch.num_tokens,
+        }
+        return surrogate + settings.kl_coef * kl, shares
+
+    return trainer(batch, contribution)
 
 
 def sampling_temperature(context: ClientContext) -> float:
@@ -121,10 +128,10 @@ def train(context: ClientContext, work: ClientRound, rollouts: list[Rollout]) ->
     steps, passes = context.config.budget("grpo").local_steps, context.config.grpo.passes
     batches = pass_minibatches(len(rollouts), steps, passes, np.random.default_rng(work.seed("minibatches")))
 
-    def step_loss(rng, step):
-        return grpo_loss(context, [rollouts[index] for index in batches[step]])
+    def step_gradient(rng, step, trainer):
+        return grpo_step(context, trainer, [rollouts[index] for index in batches[step]])
 
-    return train_steps(context, work, len(batches), step_loss)
+    return train_steps(context, work, len(batches), step_gradient)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:

@@ -38,12 +38,13 @@ from spearfl.algorithms.base import (
     ClientRound,
     Collected,
     Sampler,
+    Trainer,
     client_round,
     draw,
     train_steps,
 )
 from spearfl.lm.models import evaluation_mode
-from spearfl.lm.training import collate, completion_logits
+from spearfl.lm.training import MicroBatch, collate, completion_logits
 from spearfl.losses.distill import distillation_loss
 
 TEACHER_DTYPE = torch.float16  # the module docstring says why half precision suffices
@@ -79,28 +80,35 @@ def teacher_logprobs(
     return rows, num_tokens
 
 
-def opsd_loss(context: ClientContext, samples: list[Sample]) -> tuple[torch.Tensor, int]:
-    """opsd.divergence between the frozen teacher and the student over the completion tokens of a batch, and the
-    tokens the forward processed."""
+def opsd_step(context: ClientContext, trainer: Trainer, samples: list[Sample]) -> tuple[float, dict]:
+    """Accumulate the gradient of opsd.divergence between the frozen teacher and the student, averaged over the
+    completion tokens of the step's samples; returns it and the tokens the forward processed."""
     settings, pad_id = context.config.opsd, context.prompts.tokenizer.pad_token_id
     batch = collate([s.prompt for s in samples], [s.completion for s in samples], pad_id, context.device)
-    student_logits = completion_logits(context.model, batch)  # [B, K, V]
-    # Positions before a short completion hold a uniform distribution: a valid one, masked out of the loss anyway.
-    uniform = -math.log(student_logits.shape[-1])
-    teacher = batch.right_aligned([s.teacher_logprobs for s in samples], fill=uniform, dtype=torch.float32)  # [B, K, V]
-    loss = distillation_loss(teacher, student_logits, batch.completion_mask, settings.divergence, settings.jsd_beta)
-    return loss, batch.num_tokens
+    tokens = int(batch.completion_mask.sum())
+
+    def contribution(micro: MicroBatch) -> tuple[torch.Tensor, dict]:
+        student_logits = micro.logits()  # [b, K, V]
+        # Positions before a short completion hold a uniform distribution: a valid one, masked out of the loss anyway.
+        uniform = -math.log(student_logits.shape[-1])
+        rows = [samples[int(row)].teacher_logprobs for row in micro.rows]
+        teacher = micro.batch.right_aligned(rows, fill=uniform, dtype=torch.float32)  # [b, K, V]
+        mask = micro.batch.completion_mask
+        loss = distillation_loss(teacher, student_logits, mask, settings.divergence, settings.jsd_beta, tokens)
+        return loss, {"trained_tokens": micro.batch.num_tokens}
+
+    # held at once: teacher and student log-probs, the divergence's intermediates and their gradients
+    return trainer(batch, contribution, logits=True, logit_tensors=8)
 
 
 def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> dict:
     """S optimizer steps, each on B samples drawn at random; returns training metrics."""
     settings = context.config.opsd
 
-    def step_loss(rng, step):
-        loss, num_tokens = opsd_loss(context, draw(samples, settings.batch_size, rng))
-        return loss, {"trained_tokens": num_tokens}
+    def step_gradient(rng, step, trainer):
+        return opsd_step(context, trainer, draw(samples, settings.batch_size, rng))
 
-    return train_steps(context, work, context.config.budget("opsd").local_steps, step_loss)
+    return train_steps(context, work, context.config.budget("opsd").local_steps, step_gradient)
 
 
 def collect_samples(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:

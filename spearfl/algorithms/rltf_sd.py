@@ -48,12 +48,13 @@ from spearfl.algorithms.base import (
     ClientRound,
     Collected,
     Sampler,
+    Trainer,
     client_round,
     pass_minibatches,
     train_steps,
 )
 from spearfl.lm.prefix_cache import PrefixCache
-from spearfl.lm.training import collate, target_logprobs
+from spearfl.lm.training import MicroBatch, collate
 from spearfl.losses.policy import reinforce_loss, rltf_advantages
 
 TERMS = ("first_turn_pg", "second_turn_pg", "distill")
@@ -125,21 +126,29 @@ def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples
     return Collected(weighted, float(metrics["signal_prompts"]), metrics)
 
 
-def rltf_sd_loss(context: ClientContext, weighted: list[Weighted]) -> tuple[torch.Tensor, dict]:
-    """The three REINFORCE terms of the batch's completions, each averaged over its own tokens, in one forward."""
+def rltf_sd_step(context: ClientContext, trainer: Trainer, weighted: list[Weighted]) -> tuple[float, dict]:
+    """Accumulate the gradient of the three REINFORCE terms of the step's completions, each averaged over its own
+    tokens; returns the loss and its parts."""
     settings = context.config.rltf_sd
     batch = collate([w.prompt for w in weighted], [w.completion for w in weighted], context.prompts.tokenizer.pad_token_id, context.device)
-    logprobs = target_logprobs(context.model, batch)  # [B, K]
-    total = torch.zeros((), device=context.device)
-    parts = {term: 0.0 for term in TERMS} | {"trained_tokens": batch.num_tokens}
-    for term, coefficient in zip(TERMS, (1.0, 1.0, settings.distill_coef)):
-        rows = [row for row, item in enumerate(weighted) if item.term == term]
-        if rows:
-            advantages = torch.tensor([weighted[row].advantage for row in rows], device=context.device)
-            loss = reinforce_loss(logprobs[rows], advantages, batch.completion_mask[rows])
-            total = total + coefficient * loss
-            parts[term] = float(loss.detach())
-    return total, parts
+    advantages = torch.tensor([w.advantage for w in weighted], device=context.device)  # [B]
+    terms = [(term, coefficient, torch.tensor([w.term == term for w in weighted], device=context.device))
+             for term, coefficient in zip(TERMS, (1.0, 1.0, settings.distill_coef))]
+    tokens = {term: int(batch.completion_mask[rows].sum()) for term, _, rows in terms}
+
+    def contribution(micro: MicroBatch) -> tuple[torch.Tensor, dict]:
+        logprobs = micro.logprobs()  # [b, K]
+        total = torch.zeros((), device=context.device)
+        shares = {term: 0.0 for term in TERMS} | {"trained_tokens": micro.batch.num_tokens}
+        for term, coefficient, rows in terms:
+            mine = rows[micro.rows]  # [b] bool
+            if tokens[term] and mine.any():
+                loss = reinforce_loss(logprobs[mine], advantages[micro.rows][mine], micro.batch.completion_mask[mine], tokens[term])
+                total = total + coefficient * loss
+                shares[term] = float(loss.detach())
+        return total, shares
+
+    return trainer(batch, contribution)
 
 
 def train(context: ClientContext, work: ClientRound, weighted: list[Weighted]) -> dict:
@@ -147,10 +156,10 @@ def train(context: ClientContext, work: ClientRound, weighted: list[Weighted]) -
     steps = context.config.budget("rltf_sd").local_steps
     batches = pass_minibatches(len(weighted), steps, 1, np.random.default_rng(work.seed("minibatches")))
 
-    def step_loss(rng, step):
-        return rltf_sd_loss(context, [weighted[index] for index in batches[step]])
+    def step_gradient(rng, step, trainer):
+        return rltf_sd_step(context, trainer, [weighted[index] for index in batches[step]])
 
-    return train_steps(context, work, len(batches), step_loss)
+    return train_steps(context, work, len(batches), step_gradient)
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:

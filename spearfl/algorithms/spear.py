@@ -26,6 +26,7 @@ from spearfl.algorithms.base import (
     ClientRound,
     Collected,
     Sampler,
+    Trainer,
     client_round,
     draw,
     envelope,
@@ -35,7 +36,7 @@ from spearfl.data.store import Interaction
 from spearfl.lm.generation import Completion, eos_token_ids
 from spearfl.lm.models import lora_parameters
 from spearfl.lm.prefix_cache import PrefixCache
-from spearfl.lm.training import collate, target_logprobs
+from spearfl.lm.training import MicroBatch, collate
 from spearfl.losses.spear import (
     anchor_loss,
     likelihood_loss,
@@ -210,33 +211,46 @@ def cap_losses(losses: list[Trace], num_wins: int, ratio: float, seed: int) -> l
     return [losses[int(index)] for index in sorted(keep)]
 
 
-def spear_loss(context: ClientContext, wins: list[Trace], losses: list[Trace], reference) -> tuple[torch.Tensor, dict]:
-    """L = lambda_win CE(wins) + lambda_lose UL(losses) + lambda_anchor ||theta - theta_global||^2."""
+def spear_step(context: ClientContext, trainer: Trainer, wins: list[Trace], losses: list[Trace], reference) -> tuple[float, dict]:
+    """Accumulate the gradient of L = lambda_win CE(wins) + lambda_lose UL(losses) + lambda_anchor ||theta - theta_global||^2
+    over one step's traces (in micro-batches when the memory plan says so); returns L and its parts."""
     settings = context.config.spear
     losses = losses if settings.lambda_lose > 0 else []  # with no weight they would cost compute for nothing
     traces = wins + losses
     batch = collate(
         [t.prompt for t in traces], [t.completion for t in traces], context.prompts.tokenizer.pad_token_id, context.device
     )
-    logprobs = target_logprobs(context.model, batch)  # [B, K]
     num_wins = len(wins)
-    win_nll = likelihood_loss(logprobs[:num_wins], batch.completion_mask[:num_wins])
-    total = settings.lambda_win * win_nll
-    parts = {"win_nll": float(win_nll.detach()), "trained_tokens": batch.num_tokens}
+    win_tokens = int(batch.completion_mask[:num_wins].sum())
     if losses:
         flags = [torch.tensor(t.protected, dtype=torch.bool) for t in losses]
         protected = batch.right_aligned(flags, fill=False)  # [losses, K]
-        mask = unlikelihood_mask(
+        loss_mask = unlikelihood_mask(
             batch.completion_mask[num_wins:], batch.targets[num_wins:], protected,
             settings.tail_tokens, end_of_turn_ids(context),
         )
         confidence = torch.tensor([t.confidence for t in losses], device=context.device)
-        lose_ul = unlikelihood_loss(logprobs[num_wins:], mask, confidence, settings.margin)
-        total = total + settings.lambda_lose * lose_ul
-        parts["lose_unlikelihood"] = float(lose_ul.detach())
+        loss_sequences = int((loss_mask.sum(-1) > 0).sum())
+
+    def contribution(micro: MicroBatch) -> tuple[torch.Tensor, dict]:
+        logprobs = micro.logprobs()  # [b, K]
+        is_win = micro.rows < num_wins
+        win_nll = likelihood_loss(logprobs[is_win], micro.batch.completion_mask[is_win], win_tokens)
+        total = settings.lambda_win * win_nll
+        shares = {"win_nll": float(win_nll.detach()), "trained_tokens": micro.batch.num_tokens}
+        if losses:
+            rows = micro.rows[~is_win] - num_wins
+            lose_ul = unlikelihood_loss(logprobs[~is_win], loss_mask[rows], confidence[rows], settings.margin, loss_sequences)
+            total = total + settings.lambda_lose * lose_ul
+            shares["lose_unlikelihood"] = float(lose_ul.detach())
+        return total, shares
+
+    loss, parts = trainer(batch, contribution)
     if settings.lambda_anchor > 0:
-        total = total + settings.lambda_anchor * anchor_loss(lora_parameters(context.model), reference)
-    return total, parts
+        anchor = settings.lambda_anchor * anchor_loss(lora_parameters(context.model), reference)
+        anchor.backward()
+        loss += float(anchor.detach())
+    return loss, parts
 
 
 def end_of_turn_ids(context: ClientContext) -> torch.Tensor:
@@ -249,11 +263,11 @@ def train(context: ClientContext, work: ClientRound, traces: Traces) -> dict:
     settings = context.config.spear
     reference = {name: p.detach().clone() for name, p in lora_parameters(context.model).items()}  # theta_global
 
-    def step_loss(rng, step):
+    def step_gradient(rng, step, trainer):
         wins, losses = draw(traces.wins, settings.batch_size, rng), draw(traces.losses, settings.batch_size, rng)
-        return spear_loss(context, wins, losses, reference)
+        return spear_step(context, trainer, wins, losses, reference)
 
-    return {"lose_unlikelihood": 0.0, **train_steps(context, work, context.config.budget("spear").local_steps, step_loss)}
+    return {"lose_unlikelihood": 0.0, **train_steps(context, work, context.config.budget("spear").local_steps, step_gradient)}
 
 
 def client_update(context: ClientContext, work: ClientRound) -> ClientResult:

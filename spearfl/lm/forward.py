@@ -56,28 +56,109 @@ def batch_for_training(prompts: list[list[int]], completions: list[list[int]], p
 MIN_SHARED_PREFIX = 8  # shorter common beginnings are not worth a second forward call
 
 
-def completion_token_logits(model, batch: TokenBatch) -> torch.Tensor:
-    """Logits predicting each of the last K tokens, K = the longest completion.  -> [B, K, V]
+def completion_token_logits(model, batch: TokenBatch, num_positions: int | None = None) -> torch.Tensor:
+    """Logits predicting each of the last K tokens, K = the longest completion (or `num_positions`).  -> [B, K, V]
 
     They line up with `batch.input_ids[:, -K:]` (targets) and `batch.completion_mask[:, -K:]`. When every row
     begins with the same tokens (a chat model's system turn), those run once and every row attends to them:
     the same logits, and through autograd the same gradients, for less work. Not while dropout is active
     (rows would share one dropout mask over those tokens) or activations are checkpointed (no cache then).
     """
-    num_positions = int(batch.completion_mask.sum(-1).max())
+    return _completion_outputs(model, batch, num_positions, logits=True)
+
+
+def completion_hidden_states(model, batch: TokenBatch, num_positions: int | None = None) -> torch.Tensor:
+    """The decoder's last hidden states at the positions `completion_token_logits` takes logits from.  -> [B, K, H]
+
+    The output layer (`output_layer(model)`) turns them into those logits."""
+    return _completion_outputs(model, batch, num_positions, logits=False)
+
+
+def _completion_outputs(model, batch: TokenBatch, num_positions: int | None, logits: bool) -> torch.Tensor:
+    if num_positions is None:
+        num_positions = int(batch.completion_mask.sum(-1).max())
     length = batch.input_ids.shape[1]
-    # Position t predicts token t + 1, so the logits come from the K positions before the last.
+    # Position t predicts token t + 1, so the outputs come from the K positions before the last.
     predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
     shared = training_shared_length(model, batch)
     if shared:
-        return shared_prefix_logits(model, batch, shared, predicting)
-    return model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=predicting,
-    ).logits
+        return shared_prefix_outputs(model, batch, shared, predicting, logits)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
+    if logits:
+        return model(**inputs, logits_to_keep=predicting).logits
+    return decoder(model)(**inputs).last_hidden_state[:, predicting]
+
+
+def causal_lm(model):
+    """The transformers causal LM inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder(model):
+    """The decoder stack: what a causal LM runs before its output layer."""
+    return causal_lm(model).get_decoder()
+
+
+def output_layer(model) -> torch.nn.Module:
+    """The layer that maps the decoder's last hidden states to logits (lm_head)."""
+    return causal_lm(model).get_output_embeddings()
+
+
+# Config attributes of architectures whose logits are not just the output layer of the last hidden state.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def plain_output_layer(model) -> bool:
+    """Whether logits = output_layer(hidden) exactly, with a frozen, LoRA-free linear output layer: then log-probs
+    can be taken from the hidden states in chunks of the vocabulary (`chunked_target_logprobs`)."""
+    layer, config = output_layer(model), causal_lm(model).config
+    return (
+        type(layer) is torch.nn.Linear
+        and not any(parameter.requires_grad for parameter in layer.parameters())
+        and not any(getattr(config, name, None) for name in _LOGIT_TRANSFORMS)
+    )
+
+
+class _ChunkedTargetLogprobs(torch.autograd.Function):
+    """log softmax(hidden W^T + b)[target] / T, a chunk of positions at a time, without keeping the logits.
+
+    Forward keeps only each position's log-sum-exp; backward recomputes a chunk's logits to form its gradient
+    (softmax - one-hot) x upstream, times W. The output layer is frozen, so it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int):
+        logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        normalisers = torch.empty_like(logprobs)
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(hidden[part], weight, bias).float() / temperature  # [c, V]
+            normalisers[part] = torch.logsumexp(logits, dim=-1)
+            logprobs[part] = logits.gather(-1, targets[part, None]).squeeze(-1) - normalisers[part]
+        ctx.save_for_backward(hidden, weight, bias, targets, normalisers)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, upstream):
+        hidden, weight, bias, targets, normalisers = ctx.saved_tensors
+        gradient = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            logits = torch.nn.functional.linear(hidden[part], weight, bias).float() / ctx.temperature  # [c, V]
+            scale = upstream[part, None] / ctx.temperature  # [c, 1]
+            logit_gradient = torch.exp(logits.sub_(normalisers[part, None])).mul_(-scale)  # -softmax x upstream / T
+            logit_gradient.scatter_add_(-1, targets[part, None], scale)
+            gradient[part] = logit_gradient.to(weight.dtype) @ weight
+        return gradient, None, None, None, None, None
+
+
+def chunked_target_logprobs(
+    hidden: torch.Tensor, layer: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0, chunk: int = 64
+) -> torch.Tensor:
+    """Log-probability of each target under softmax(layer(hidden) / temperature), float32, with at most `chunk`
+    positions' logits in memory at once (forward and backward).  hidden [P, H], targets [P] -> [P]"""
+    return _ChunkedTargetLogprobs.apply(hidden, layer.weight, layer.bias, targets, temperature, chunk)
 
 
 def shared_prefix_length(batch: TokenBatch) -> int:
@@ -103,18 +184,17 @@ def stochastic_or_checkpointed(model) -> bool:
     )
 
 
-def shared_prefix_logits(model, batch: TokenBatch, shared: int, predicting: torch.Tensor) -> torch.Tensor:
-    """`completion_token_logits` with the rows' first `shared` tokens run once, as one row, then repeated."""
+def shared_prefix_outputs(model, batch: TokenBatch, shared: int, predicting: torch.Tensor, logits: bool = True) -> torch.Tensor:
+    """`_completion_outputs` with the rows' first `shared` tokens run once, as one row, then repeated."""
     rows, length = batch.input_ids.shape
     starts = length - batch.attention_mask.sum(-1)  # [B]
     first = int(starts[0])
     cache = DynamicCache()
-    model(
+    decoder(model)(
         input_ids=batch.input_ids[:1, first : first + shared],
         position_ids=torch.arange(shared, device=starts.device)[None],
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
     )
     cache.batch_repeat_interleave(rows)
     # The rest: every column from the earliest row's first unshared token, or from the first predicting
@@ -122,15 +202,16 @@ def shared_prefix_logits(model, batch: TokenBatch, shared: int, predicting: torc
     rest_start = min(int(starts.min()) + shared, int(predicting[0]))
     columns = torch.arange(rest_start, length, device=starts.device)  # [R]
     rest_mask = batch.attention_mask[:, rest_start:] * (columns[None] >= (starts + shared)[:, None])  # [B, R]
-    logits = model(
-        input_ids=batch.input_ids[:, rest_start:],
-        attention_mask=torch.cat([rest_mask.new_ones(rows, shared), rest_mask], dim=-1),
-        position_ids=(columns[None] - starts[:, None]).clamp(min=0),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=predicting - rest_start,
-    ).logits
-    return logits
+    inputs = {
+        "input_ids": batch.input_ids[:, rest_start:],
+        "attention_mask": torch.cat([rest_mask.new_ones(rows, shared), rest_mask], dim=-1),
+        "position_ids": (columns[None] - starts[:, None]).clamp(min=0),
+        "cache": cache,
+        "use_cache": True,
+    }
+    if logits:
+        return model(**inputs, logits_to_keep=predicting - rest_start).logits
+    return decoder(model)(**inputs).last_hidden_state[:, predicting - rest_start]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from spearfl.config import LoraConfig, ModelConfig
+from spearfl.lm.dropout import fuse_lora_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraConfig, seed: int) -> Peft
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    fuse_lora_dropout(peft_model)  # the same dropout, faster and smaller on a CPU (spearfl.lm.dropout)
     if settings.ffa:
         freeze_lora_a(peft_model)
     peft_model.eval()
@@ -189,21 +191,22 @@ def freeze_lora_a(peft_model: PeftModel) -> None:
             parameter.requires_grad_(False)
 
 
-def checkpoint_lora_layers(peft_model: PeftModel) -> int:
-    """Recompute, instead of keep, the activations of every decoder layer that holds LoRA weights; returns how many.
+def checkpoint_lora_layers(peft_model: PeftModel, enabled: bool = True) -> int:
+    """Recompute, instead of keep, the activations of every decoder layer the backward pass goes through (from the
+    lowest layer with LoRA weights up); returns how many. `enabled=False` turns it off again.
 
-    Training then keeps one layer input per token and layer rather than every intermediate (about 18x less
-    for SmolLM2's layers), at the cost of running those layers forward twice. Layers below the lowest LoRA
-    layer keep nothing either way (nothing under them needs a gradient), so they are left alone. The
-    recomputation replays the same dropout masks, so gradients equal those without checkpointing.
+    Training then keeps one layer input per token and layer rather than every intermediate (about 30x less for
+    SmolLM2's layers with LoRA dropout on all projections), at the cost of running those layers forward twice.
+    Layers below the lowest LoRA layer keep nothing either way (nothing under them needs a gradient), so they are
+    left alone. The recomputation replays the same dropout masks, so gradients equal those without checkpointing.
     """
+    layers = [module for module in peft_model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    with_lora = [index for index, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
     count = 0
-    for module in peft_model.modules():
-        is_layer = isinstance(module, GradientCheckpointingLayer)
-        if is_layer and any("lora_" in name for name, _ in module.named_parameters()):
-            module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-            count += 1
+    for layer in layers[min(with_lora, default=len(layers)) :]:
+        layer.gradient_checkpointing = enabled
+        layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        count += 1
     return count
 
 

@@ -9,15 +9,21 @@ trained at the position and under the prompt it was sampled with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from spearfl.lm.forward import (
     TokenBatch,
     batch_for_training,
+    chunked_target_logprobs,
+    completion_hidden_states,
     completion_token_logits,
+    output_layer,
+    plain_output_layer,
     token_logprobs,
 )
+from spearfl.lm.memory import StepPlan, layer_checkpointing, micro_batches, release_free_memory
 
 
 @dataclass
@@ -27,6 +33,27 @@ class CompletionBatch:
     tokens: TokenBatch
     targets: torch.Tensor  # [B, K]
     completion_mask: torch.Tensor  # [B, K] bool
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def select(self, rows: list[int]) -> CompletionBatch:
+        """The batch of `rows` only, its targets still the last K columns: a micro-batch of gradient accumulation.
+
+        Columns that are padding in every selected row are dropped from the left (never one of the last K + 1,
+        which predict the targets), so short rows together run no longer than they need.
+        """
+        index = torch.tensor(rows, device=self.targets.device)
+        tokens = TokenBatch(*(tensor[index] for tensor in self.tokens))
+        length, width = tokens.input_ids.shape[1], self.targets.shape[1]
+        start = min(int((length - tokens.attention_mask.sum(-1)).min()), length - width - 1)
+        if start > 0:
+            tokens = TokenBatch(*(tensor[:, start:] for tensor in tokens))
+        return CompletionBatch(tokens, self.targets[index], self.completion_mask[index])
+
+    def row_lengths(self) -> list[int]:
+        """Tokens of each row, padding excluded."""
+        return self.tokens.attention_mask.sum(-1).tolist()
 
     @property
     def num_tokens(self) -> int:
@@ -66,13 +93,69 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
 
 def completion_logits(model, batch: CompletionBatch) -> torch.Tensor:
     """Logits predicting each target.  -> [B, K, V]"""
-    return completion_token_logits(model, batch.tokens)
+    return completion_token_logits(model, batch.tokens, batch.targets.shape[1])
 
 
-def target_logprobs(model, batch: CompletionBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability of each target under softmax(logits / temperature), float32.  -> [B, K]"""
+def target_logprobs(model, batch: CompletionBatch, temperature: float = 1.0, vocabulary_chunk: int = 0) -> torch.Tensor:
+    """Log-probability of each target under softmax(logits / temperature), float32.  -> [B, K]
+
+    vocabulary_chunk > 0: the logits of at most that many completion tokens exist at once, forward and backward
+    (`chunked_target_logprobs`), where the model's output layer allows it; entries off the completion mask are 0.
+    Otherwise the [B, K, V] logits are formed whole.
+    """
+    if vocabulary_chunk and plain_output_layer(model):
+        hidden = completion_hidden_states(model, batch.tokens, batch.targets.shape[1])  # [B, K, H]
+        mask = batch.completion_mask
+        logprobs = chunked_target_logprobs(hidden[mask], output_layer(model), batch.targets[mask], temperature, vocabulary_chunk)
+        return torch.zeros(mask.shape, dtype=logprobs.dtype, device=logprobs.device).masked_scatter(mask, logprobs)
     logits = completion_logits(model, batch)
     return token_logprobs(logits if temperature == 1.0 else logits / temperature, batch.targets)
+
+
+@dataclass
+class MicroBatch:
+    """Rows of a step's batch that run forward and backward together (`accumulate_gradients`)."""
+
+    rows: torch.Tensor  # [b] their indices in the step's batch: index the step's per-row tensors with it
+    batch: CompletionBatch  # those rows alone
+    model: Any
+    vocabulary_chunk: int
+
+    def logprobs(self, temperature: float = 1.0) -> torch.Tensor:
+        """`target_logprobs` of these rows.  -> [b, K]"""
+        return target_logprobs(self.model, self.batch, temperature, self.vocabulary_chunk)
+
+    def logits(self) -> torch.Tensor:
+        """`completion_logits` of these rows.  -> [b, K, V]"""
+        return completion_logits(self.model, self.batch)
+
+
+# A micro-batch's share of a step's loss, and its shares of the step's reported parts. Shares must add up to the
+# step's loss: a mean over the step's tokens divides by the count of the whole step's batch, not the micro-batch's.
+Contribution = Callable[[MicroBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def accumulate_gradients(model, batch: CompletionBatch, plan: StepPlan, contribution: Contribution) -> tuple[float, dict[str, float]]:
+    """Forward and backward each micro-batch of `plan` in turn, gradients adding up in the parameters' .grad.
+
+    Returns the step's loss and its parts, each the sum of the micro-batches' shares. With one micro-batch this is
+    the plain step; with several the gradient is the same sum, in another order (float32 rounding apart).
+    """
+    total, parts = 0.0, {}
+    with layer_checkpointing(model, plan.checkpoint):
+        groups = micro_batches(batch.row_lengths(), plan.micro_batch_rows)
+        for rows in groups:
+            selected = batch if len(groups) == 1 else batch.select(rows)
+            micro = MicroBatch(torch.tensor(rows, device=batch.targets.device), selected, model, plan.vocabulary_chunk)
+            loss, shares = contribution(micro)
+            if loss.requires_grad:
+                loss.backward()
+            total += float(loss.detach())
+            if len(groups) > 1:
+                release_free_memory()  # what this micro-batch freed, before the next one allocates
+            for key, value in shares.items():
+                parts[key] = parts.get(key, 0.0) + value
+    return total, parts
 
 
 def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -80,10 +163,9 @@ def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.Op
     return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters, max_grad_norm: float | None) -> None:
-    """Backward, clip the gradient norm of `parameters` if asked, step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def optimizer_step(optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float | None) -> None:
+    """Clip the gradient norm of `parameters` if asked, step, and clear the gradients for the next step."""
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -64,13 +64,14 @@ def distillation_loss(
     mask: torch.Tensor,
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
+    count: int | None = None,
 ) -> torch.Tensor:
     """A DIVERGENCES entry between teacher and student, averaged over the masked (completion) tokens of the batch.
 
     teacher_logprobs [B, T, V] (log-softmax, constants: no gradient reaches the teacher), student_logits
     [B, T, V], mask [B, T] bool -> []. Every completion token weighs the same, so long completions weigh more.
-    jsd_beta is used by "jsd" only.
+    jsd_beta is used by "jsd" only; count: the tokens to average over (`masked_mean`), the masked ones by default.
     """
     student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # [B, T, V]
     per_token = DIVERGENCES[divergence](teacher_logprobs.detach(), student_logprobs, jsd_beta)  # [B, T]
-    return masked_mean(per_token, mask)
+    return masked_mean(per_token, mask, count)

@@ -4,7 +4,8 @@ Used by the GRPO and RLTF-SD baselines. Per-token tensors are aligned to *target
 `spearfl.losses.spear`: position t holds the log-probability of completion token t, and `mask` says which
 positions are completion tokens. B = sequences, T = token positions, P = prompts, G = samples per prompt.
 Every loss averages over all masked tokens of the batch, as `spearfl.losses.common.masked_mean` does, so each
-trained token counts the same whichever sequence it belongs to.
+trained token counts the same whichever sequence it belongs to; `count`, where given, is the number of tokens to
+divide by (the whole step's, when the rows are one micro-batch of it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def group_advantages(rewards: torch.Tensor, epsilon: float = ADVANTAGE_EPSILON) 
 
 
 def clipped_surrogate_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float,
+    count: int | None = None,
 ) -> torch.Tensor:
     """Negated PPO clipped objective, per token.  logprobs, old_logprobs [B, T], advantages [B], mask [B, T] -> []
 
@@ -43,21 +45,22 @@ def clipped_surrogate_loss(
     advantages = advantages.detach()[:, None]  # [B, 1]
     unclipped = ratio * advantages  # [B, T]
     clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon) * advantages  # [B, T]
-    return -masked_mean(torch.minimum(unclipped, clipped), mask)
+    return -masked_mean(torch.minimum(unclipped, clipped), mask, count)
 
 
 def clipped_fraction(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float,
+    count: int | None = None,
 ) -> float:
     """Share of masked tokens whose clipped term is active (they send no gradient).  Same shapes as above."""
     ratio = torch.exp(logprobs.detach() - old_logprobs)  # [B, T]
     advantages = advantages[:, None]  # [B, 1]
     above = (ratio > 1.0 + epsilon) & (advantages > 0)
     below = (ratio < 1.0 - epsilon) & (advantages < 0)
-    return float(masked_mean((above | below).float(), mask))
+    return float(masked_mean((above | below).float(), mask, count))
 
 
-def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """KL(policy || reference) by the k3 estimator on the policy's own samples.  [B, T], [B, T], [B, T] -> []
 
     Per token: exp(d) - d - 1 with d = reference - policy log-probability (Schulman, "Approximating KL
@@ -65,15 +68,15 @@ def k3_kl(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.
     policy, and 0 with zero gradient where the two agree.
     """
     difference = reference_logprobs.detach() - logprobs  # [B, T]
-    return masked_mean(torch.exp(difference) - difference - 1.0, mask)
+    return masked_mean(torch.exp(difference) - difference - 1.0, mask, count)
 
 
-def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """Policy gradient: - advantage x log-probability, per token.  logprobs [B, T], advantages [B], mask [B, T] -> []
 
     A positive advantage raises its sequence's tokens, a negative one lowers them.
     """
-    return -masked_mean(logprobs * advantages.detach()[:, None], mask)
+    return -masked_mean(logprobs * advantages.detach()[:, None], mask, count)
 
 
 def rltf_advantages(

@@ -13,13 +13,13 @@ import torch
 from spearfl.losses.common import masked_mean
 
 
-def likelihood_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over the masked tokens.  logprobs [B, T], mask [B, T] bool -> []."""
-    return -masked_mean(logprobs, mask)
+def likelihood_loss(logprobs: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood over the masked tokens (or `count` of them: `masked_mean`).  logprobs [B, T], mask [B, T] bool -> []."""
+    return -masked_mean(logprobs, mask, count)
 
 
 def unlikelihood_loss(
-    logprobs: torch.Tensor, mask: torch.Tensor, confidence: torch.Tensor, margin: float
+    logprobs: torch.Tensor, mask: torch.Tensor, confidence: torch.Tensor, margin: float, num_sequences: int | None = None
 ) -> torch.Tensor:
     """Confidence-weighted tail unlikelihood.  logprobs [B, T], mask [B, T], confidence [B] -> [].
 
@@ -27,6 +27,7 @@ def unlikelihood_loss(
     mean over its masked tokens, weighted by that sequence's own confidence; the average runs over the
     sequences that have masked tokens (one made only of format tokens would otherwise dilute the rest).
     Tokens the model already finds unlikely (p <= margin) cost nothing, so mass is not pushed forever.
+    num_sequences: average over this many sequences instead (the whole step's, for one micro-batch of it).
     """
     mask = mask.to(logprobs.dtype)
     log_one_minus_p = log_one_minus_exp(logprobs.clamp(max=-1e-6))  # [B, T]; p < 1 keeps it finite
@@ -34,8 +35,9 @@ def unlikelihood_loss(
     per_token = -log_one_minus_p * above_margin * mask  # [B, T]
     num_masked = mask.sum(dim=1)  # [B]
     per_sequence = per_token.sum(dim=1) / num_masked.clamp(min=1.0)  # [B]
-    num_sequences = (num_masked > 0).sum().clamp(min=1)
-    return (confidence.to(logprobs.dtype) * per_sequence).sum() / num_sequences
+    if num_sequences is None:
+        num_sequences = int((num_masked > 0).sum())
+    return (confidence.to(logprobs.dtype) * per_sequence).sum() / max(num_sequences, 1)
 
 
 def log_one_minus_exp(logprobs: torch.Tensor) -> torch.Tensor:

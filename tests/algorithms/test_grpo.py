@@ -107,14 +107,14 @@ def test_groups_that_all_agree_skip_training(tokenizer, monkeypatch):
 def spy_on_steps(monkeypatch) -> list:
     """Record each GRPO step's rollouts and loss parts."""
     steps = []
-    original_loss = grpo.grpo_loss
+    original_step = grpo.grpo_step
 
-    def spy_loss(context, rollouts):
-        loss, parts = original_loss(context, rollouts)
+    def spy_step(context, trainer, rollouts):
+        loss, parts = original_step(context, trainer, rollouts)
         steps.append((rollouts, parts))
         return loss, parts
 
-    monkeypatch.setattr(grpo, "grpo_loss", spy_loss)
+    monkeypatch.setattr(grpo, "grpo_step", spy_step)
     return steps
 
 

@@ -21,7 +21,8 @@ from helpers import (
 import spearfl.algorithms.rltf_sd as rltf_sd
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientRound, sample_examples
-from spearfl.algorithms.rltf_sd import Weighted, rltf_sd_loss
+from spearfl.algorithms.base import Trainer
+from spearfl.algorithms.rltf_sd import Weighted, rltf_sd_step
 from spearfl.feedback.providers import VERDICT_WRONG
 from spearfl.lm.models import get_adapter_state
 from spearfl.runtime.setup import prepare_data
@@ -100,7 +101,7 @@ def test_loss_matches_a_hand_assembly(tokenizer):
         Weighted(x0[1], ids("Answer: B, surely\n"), -1 / 3, "distill"),
     ]
     context = make_context(model, tokenizer, make_config("rltf_sd.distill_coef=0.7"))
-    total, parts = rltf_sd_loss(context, weighted)
+    total, parts = rltf_sd_step(context, Trainer(context), weighted)
 
     def term(name):
         rows = [item for item in weighted if item.term == name]
@@ -110,7 +111,7 @@ def test_loss_matches_a_hand_assembly(tokenizer):
     expected = {name: term(name) for name in rltf_sd.TERMS}
     for name, value in expected.items():
         assert parts[name] == pytest.approx(value, rel=1e-4)
-    assert total.item() == pytest.approx(expected["first_turn_pg"] + expected["second_turn_pg"] + 0.7 * expected["distill"], rel=1e-4)
+    assert total == pytest.approx(expected["first_turn_pg"] + expected["second_turn_pg"] + 0.7 * expected["distill"], rel=1e-4)
     assert parts["trained_tokens"] == sum(len(item.prompt) + len(item.completion) for item in weighted)  # one forward
 
 

@@ -23,14 +23,14 @@ from transformers import AutoModelForCausalLM
 import spearfl.algorithms.base
 import spearfl.algorithms.feedback_sft
 import spearfl.algorithms.spear as spear
-from spearfl.algorithms.base import ClientRound, Sampler
+from spearfl.algorithms.base import ClientRound, Sampler, Trainer
 from spearfl.algorithms.spear import (
     Trace,
     Traces,
     cap_losses,
     collect_traces,
     protected_token_flags,
-    spear_loss,
+    spear_step,
     traces_from_interactions,
 )
 from spearfl.config import LoraConfig
@@ -397,7 +397,7 @@ def test_spear_loss_matches_a_hand_assembly(tokenizer):
     context = make_context(model, tokenizer, config)
     reference = {name: value.detach() + 0.1 for name, value in lora_parameters(model).items()}
     model.eval()
-    total, parts = spear_loss(context, wins, losses, reference)
+    total, parts = spear_step(context, Trainer(context), wins, losses, reference)
 
     win_rows = completion_logprobs(model, [w.prompt for w in wins], [w.completion for w in wins], batch_size=4)
     lose_rows = completion_logprobs(model, [l.prompt for l in losses], [l.completion for l in losses], batch_size=4)
@@ -413,7 +413,7 @@ def test_spear_loss_matches_a_hand_assembly(tokenizer):
     anchor = 0.01 * num_lora_values
     assert parts["win_nll"] == pytest.approx(win_nll, rel=1e-4)
     assert parts["lose_unlikelihood"] == pytest.approx(unlikelihood, rel=1e-3)
-    assert total.item() == pytest.approx(win_nll + 0.5 * unlikelihood + 0.25 * anchor, rel=1e-4)
+    assert total == pytest.approx(win_nll + 0.5 * unlikelihood + 0.25 * anchor, rel=1e-4)
 
 
 def test_unlikelihood_skips_every_end_of_turn_id_the_sampler_stops_on(tokenizer):
@@ -429,8 +429,9 @@ def test_unlikelihood_skips_every_end_of_turn_id_the_sampler_stops_on(tokenizer)
     loss = Trace(prompt, completion, 1.0, protected_token_flags(tokenizer, completion, ["Answer:"]))
     config = make_config("spear.margin=0.0", "spear.tail_tokens=2", "spear.lambda_lose=1.0")
     model.eval()
-    _, parts = spear_loss(make_context(model, tokenizer, config), [win], [loss], reference={})
-    # Score both rows in one batch, padded as spear_loss pads them, so the numbers match to float precision.
+    context = make_context(model, tokenizer, config)
+    _, parts = spear_step(context, Trainer(context), [win], [loss], reference={})
+    # Score both rows in one batch, padded as spear_step pads them, so the numbers match to float precision.
     _, row = completion_logprobs(model, [prompt, prompt], [win.completion, completion], batch_size=2)
     newline_only = -math.log(1 - math.exp(float(row[-2])))  # the tail is "\n" and the end-of-turn id
     assert parts["lose_unlikelihood"] == pytest.approx(newline_only, rel=1e-3)

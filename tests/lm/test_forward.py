@@ -151,7 +151,9 @@ def test_a_shared_beginning_runs_once_with_the_same_logits_and_gradients(tokeniz
     assert scoring_lm.shared_prefix_length(batch) == (12 if prompts[0] != prompts[1] else len(prompts[0]) - 1)
     tiny_lora_model.train()
     widths = []
-    hook = tiny_lora_model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    hook = scoring_lm.decoder(tiny_lora_model).register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
 
     def logits_and_gradients():
         torch.manual_seed(0)

@@ -1,0 +1,233 @@
+"""A client's memory budget: what a training step keeps, measured on the model itself, and the plan that fits
+every step of a round under the budget (`client.memory_budget_mb`).
+
+A training step's memory beyond the weights is dominated by the activations its forward keeps for the backward
+pass: per token, every intermediate of every decoder layer the backward goes through (with LoRA dropout on all
+seven projections of SmolLM2-135M, about 72 kB a token and layer in float32, 2.2 MB a token over 30 layers).
+Three levers bound it, and `plan_step` pulls them in this order, stopping at the first plan whose estimate fits:
+
+1. the vocabulary: the log-probability of a completion token is taken from the last hidden state a chunk of
+   positions at a time (`spearfl.lm.forward.chunked_target_logprobs`), so no [rows, K, V] logits exist;
+2. micro-batches: the step's rows go through forward and backward a few at a time and their gradients
+   accumulate; every loss is a sum over rows divided by counts of the whole step's batch, so the step's
+   gradient is the one-batch gradient (up to float32 rounding; dropout masks are drawn per micro-batch);
+3. activation checkpointing of whole decoder layers (`spearfl.lm.models.checkpoint_lora_layers`): only each
+   layer's input is kept and one layer at a time is recomputed in the backward pass, for a second forward.
+   Micro-batches come first because on a CPU a few hundred tokens already fill the matmuls, while checkpointing
+   always costs that second forward.
+
+The estimate of a micro-batch (`step_bytes`) is what its forward keeps, one layer's intermediates and gradients in
+flight, and the vocabulary's tensors. What a forward keeps is measured once per model (`measure_activation_costs`):
+a short probe row runs a training forward while a saved-tensor hook counts the bytes autograd keeps, by layer.
+The budget covers the whole process: the plan's working memory is the budget less what the process holds when
+training starts (after the round's generation, with freed memory handed back) and the optimizer state to come.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from spearfl.lm.forward import TokenBatch, causal_lm, completion_hidden_states, plain_output_layer
+
+MB = 2**20
+DEFAULT_WORKING_MB = 384  # the working memory of a step when no budget is set: the paper setting's round stays under 2 GB
+VOCABULARY_CHUNK = 64  # completion tokens whose logits exist at once: 12 MB of float32 logits over 49,152 tokens
+MIN_MICRO_BATCH_TOKENS = 256  # below this a micro-batch's matmuls run far under the machine's rate: checkpoint instead
+PROBE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class ActivationCosts:
+    """Bytes a training forward of this model keeps for its backward pass, per token (from `measure_activation_costs`)."""
+
+    kept_per_token: float  # every layer the backward goes through, no checkpointing
+    layer_per_token: float  # the largest single layer
+    boundary_per_token: float  # with checkpointing: each of those layers' input
+    vocabulary: int
+    hidden_bytes: int  # one token's last hidden state
+
+    def step_bytes(self, rows: int, length: int, positions: int, checkpoint: bool, vocabulary_chunk: int, logit_tensors: int) -> float:
+        """Estimated working memory of one micro-batch: `rows` rows padded to `length` tokens, `positions` completion
+        tokens scored, `logit_tensors` float32 [rows, positions, V] tensors held at once when the vocabulary is not
+        chunked (`vocabulary_chunk` 0)."""
+        tokens = rows * length
+        kept = tokens * (self.boundary_per_token + self.layer_per_token) if checkpoint else tokens * self.kept_per_token
+        in_flight = tokens * self.layer_per_token  # a layer's intermediates and gradients during the backward pass
+        if vocabulary_chunk:
+            vocabulary = min(vocabulary_chunk, positions) * self.vocabulary * 4 * 3 + positions * self.hidden_bytes
+        else:
+            vocabulary = positions * self.vocabulary * 4 * logit_tensors
+        return kept + in_flight + vocabulary
+
+
+_measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def measure_activation_costs(model) -> ActivationCosts:
+    """Run one probe row through a training forward (dropout on, checkpointing off, the random state untouched)
+    and count the bytes autograd keeps for the backward pass, by decoder layer. Measured once per model."""
+    base = causal_lm(model)
+    if base in _measured:
+        return _measured[base]
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    kept: dict[int, dict[int, int]] = {}  # layer -> storage -> bytes
+    current = [-1]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept.setdefault(current[0], {})[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    # what the final norm keeps counts to the last layer's
+    hooks = [layer.register_forward_pre_hook(lambda module, args, index=index: current.__setitem__(0, index)) for index, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    ids = torch.arange(1, PROBE_TOKENS + 1, device=device)[None] % base.config.vocab_size
+    probe = TokenBatch(ids, torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool), torch.arange(PROBE_TOKENS, device=device)[None])
+    probe.completion_mask[:, -1] = True
+    try:
+        with layer_checkpointing(model, False), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            was_training = model.training
+            model.train()
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                    completion_hidden_states(model, probe, 1)
+            finally:
+                model.train(was_training)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_layer = {layer: sum(storages.values()) / PROBE_TOKENS for layer, storages in kept.items() if layer >= 0}
+    element = next(model.parameters()).element_size()
+    hidden = base.config.hidden_size * element
+    costs = ActivationCosts(
+        kept_per_token=sum(sum(storages.values()) for storages in kept.values()) / PROBE_TOKENS,
+        layer_per_token=max(per_layer.values(), default=0.0),
+        boundary_per_token=hidden * len(per_layer),
+        vocabulary=base.config.vocab_size,
+        hidden_bytes=hidden,
+    )
+    _measured[base] = costs
+    return costs
+
+
+@contextmanager
+def layer_checkpointing(model, enabled: bool):
+    """Turn checkpointing of the decoder layers the backward goes through on or off, and back as it was."""
+    from spearfl.lm.models import checkpoint_lora_layers
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    before = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
+    checkpoint_lora_layers(model, enabled)
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            layer.gradient_checkpointing = state
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one optimizer step runs its rows: in micro-batches of `micro_batch_rows`, with or without checkpointing,
+    with the vocabulary in chunks of `vocabulary_chunk` completion tokens (0: whole logits)."""
+
+    micro_batch_rows: int
+    checkpoint: bool
+    vocabulary_chunk: int
+    estimated_mb: float  # working memory of its largest micro-batch
+    fits: bool  # False: even the smallest plan exceeds the working memory; it runs anyway
+
+
+def micro_batches(lengths: list[int], rows: int) -> list[list[int]]:
+    """Row indices of each micro-batch: rows sorted by length and cut into groups of `rows`, so rows of a
+    micro-batch are alike in length and pad little; all rows in their order when they fit in one."""
+    if rows >= len(lengths):
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    return [order[start : start + rows] for start in range(0, len(order), rows)]
+
+
+def plan_step(
+    costs: ActivationCosts,
+    lengths: list[int],
+    positions: int,
+    working_mb: float,
+    chunkable: bool = True,
+    logit_tensors: int = 4,
+    force_checkpoint: bool = False,
+) -> StepPlan:
+    """The fastest plan for a step whose rows have `lengths` tokens (K = `positions` completion tokens each at most)
+    whose estimate fits in `working_mb`: whole batch first, then micro-batches halving down to MIN_MICRO_BATCH_TOKENS
+    tokens, then the same with checkpointing, down to one row. `chunkable`: the loss needs only target log-probs."""
+    chunk, longest = (VOCABULARY_CHUNK if chunkable else 0), max(lengths)
+    candidates = []
+    for checkpoint in ((True,) if force_checkpoint else (False, True)):
+        rows = len(lengths)
+        while True:
+            candidates.append((rows, checkpoint))
+            if rows == 1 or (not checkpoint and (rows + 1) // 2 * longest < MIN_MICRO_BATCH_TOKENS):
+                break
+            rows = (rows + 1) // 2
+    plan = None
+    for rows, checkpoint in candidates:
+        estimate = costs.step_bytes(rows, longest, rows * positions, checkpoint, chunk, logit_tensors) / MB
+        plan = StepPlan(rows, checkpoint, chunk, estimate, estimate <= working_mb)
+        if plan.fits:
+            return plan
+    return plan
+
+
+def resident_mb() -> float:
+    """The process's resident memory now, MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def working_memory_mb(budget_mb: float | None, model, device: torch.device) -> float:
+    """The working memory a round's training steps may plan for: the budget less what the process holds now and the
+    optimizer state and gradients still to come (three copies of the adapter); without a budget, DEFAULT_WORKING_MB.
+    On a GPU the process's holdings are the device's allocated memory."""
+    if budget_mb is None:
+        return DEFAULT_WORKING_MB
+    adapter = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    held = torch.cuda.memory_allocated(device) / MB if device.type == "cuda" else resident_mb()
+    return budget_mb - held - 3 * adapter / MB
+
+
+def release_free_memory() -> None:
+    """Hand memory the C allocator holds but no tensor uses back to the system (glibc's malloc_trim).
+
+    Between a round's phases (generation, training) freed blocks would otherwise stay in the process, so the
+    peak of one phase adds to what the last one left behind. No effect where the C library has no malloc_trim."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def chunkable(model) -> bool:
+    """Whether this model's log-probs can be taken a chunk of the vocabulary at a time."""
+    return plain_output_layer(model)
