@@ -570,11 +570,16 @@ def bench(
     profile: Annotated[
         bool, typer.Option("--profile", help="Also profile one SPEAR and one GRPO round with torch.profiler (operators by own time; in the JSON and beside it as .txt).")
     ] = False,
+    preset: Annotated[
+        Optional[str], typer.Option(help="Measure a named setting instead of CONFIG: demo (configs/demo.yaml) or paper (the paper's LoRA setting, configs/bench/paper_lora.yaml).")
+    ] = None,
 ) -> None:
     """Measure this machine's matmul ceiling, the model's prefill, decode and LoRA training speed against it,
-    a SPEAR and a GRPO client round on the same prompts, upload sizes and peak memory; print and save them."""
+    a SPEAR and a GRPO client round on the same prompts (time, and peak memory of generation and of training),
+    upload sizes; print and save them."""
     from spearfl.tools.bench import (
         BenchSettings,
+        preset_config,
         profile_rounds,
         report_tables,
         resident_mb,
@@ -582,6 +587,10 @@ def bench(
     )
 
     baseline = resident_mb()
+    if preset is not None:
+        if config_path is not None:
+            raise UserError("give a CONFIG or a --preset, not both")
+        config_path = preset_config(preset)
     config = load_checked(config_path, set_)
     from spearfl.io import atomic_write_json, atomic_write_text
     from spearfl.runtime.setup import build_context, prepare_data

@@ -127,11 +127,30 @@ def layer_checkpointing(model, enabled: bool):
     layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
     before = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
     checkpoint_lora_layers(model, enabled)
+    hooks = []
+    if enabled and _malloc_trim is not None:
+        # A checkpointed forward frees each layer's intermediates at once, but the small objects autograd keeps
+        # until the backward settle in the freed blocks, so glibc cannot reuse them for the next layer and the
+        # heap grows by a layer's intermediates per layer (measured: 1.15 GB held for 0.25 GB in use). Handing
+        # the freed pages back after each layer, forward and backward, keeps the process at what it uses.
+        for layer in layers:
+            if getattr(layer, "gradient_checkpointing", False):
+                hooks.append(layer.register_forward_hook(_release_after_layer))
     try:
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         for layer, state in zip(layers, before):
             layer.gradient_checkpointing = state
+
+
+def _release_after_layer(module, inputs, output) -> None:
+    """Forward hook: hand freed memory back now, and again when the backward pass reaches this layer's output."""
+    release_free_memory()
+    hidden = output[0] if isinstance(output, tuple) else output
+    if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        hidden.register_hook(lambda gradient: release_free_memory())
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,31 @@ def test_targets_say_whether_each_holds():
             {"batch_size": 1, "tokens_per_s": {"median": 10.0}}, {"batch_size": 32, "tokens_per_s": {"median": 80.0}}]},
         "rounds": {"spear_over_grpo": {"seconds": {"median": 0.3}}},
         "upload": {"bfloat16_over_float32": 0.5},
-        "memory": {"spear_peak_over_reference": 2.5},
+        "memory": {"spear_peak_over_reference": 2.5, "spear_peak_mb": 1500.0},
     }
     met = [target["met"] for target in targets(fake)]
-    assert met == [True, False, True, True, True, False]
+    assert met == [True, False, True, True, True, False, True]
+
+
+def test_presets_name_the_repository_configs_and_an_unknown_one_is_refused():
+    from spearfl.config import load_config
+    from spearfl.errors import UserError
+    from spearfl.tools.bench import preset_config
+
+    paper = load_config(preset_config("paper"), [])
+    assert (paper.lora.rank, paper.lora.alpha, paper.lora.dropout, paper.lora.layers) == (16, 32.0, 0.1, None)
+    assert len(paper.lora.target_modules) == 7 and paper.client.prompts_per_round == 32 and paper.spear.batch_size == 8
+    assert load_config(preset_config("demo"), []).server.rounds == 8
+    with pytest.raises(UserError, match="unknown preset 'phone': choose one of demo, paper"):
+        preset_config("phone")
+
+
+def test_the_rounds_report_each_phase_peak_and_the_plan(report):
+    report, _ = report
+    for run in report["rounds"]["runs"]["spear"]:
+        assert 0 < run["generation_peak_memory_mb"] and run["peak_memory_mb"] == max(run["generation_peak_memory_mb"], run["training_peak_memory_mb"])
+        if run["weight"]:
+            assert run["training_peak_memory_mb"] > 0 and run["micro_batch_rows"] >= 1
 
 
 def test_the_profile_names_the_operators_of_both_rounds(report):
