@@ -198,7 +198,7 @@ def strip_timing(value):
         return {
             key: strip_timing(item)
             for key, item in value.items()
-            if key not in TIMING_KEYS and not key.endswith("_seconds")
+            if key not in TIMING_KEYS and not key.endswith(("_seconds", "_memory_mb"))
         }
     if isinstance(value, list):
         return [strip_timing(item) for item in value]
