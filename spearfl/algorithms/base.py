@@ -23,9 +23,9 @@ from spearfl.feedback.providers import Feedback, FeedbackProvider
 from spearfl.lm.generation import Completion, SamplingSettings, generate
 from spearfl.lm.models import get_adapter_state, set_adapter_state, trainable_parameters
 from spearfl.lm.prefix_cache import PrefixCache
+from spearfl.lm.forward import plain_output_layer
 from spearfl.lm.memory import (
     StepPlan,
-    chunkable,
     measure_activation_costs,
     plan_step,
     release_free_memory,
@@ -284,7 +284,7 @@ class Trainer:
         once, rather than target log-probs only (`MicroBatch.logprobs`, which take the vocabulary in chunks)."""
         plan = plan_step(
             self.costs, batch.row_lengths(), batch.targets.shape[1], self.working_mb,
-            chunkable=not logits and chunkable(self.model), logit_tensors=logit_tensors,
+            chunkable=not logits and plain_output_layer(self.model), logit_tensors=logit_tensors,
             force_checkpoint=self.config.lora.checkpoint_activations,
         )
         self.plans.append(plan)

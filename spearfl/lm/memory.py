@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from spearfl.lm.forward import TokenBatch, causal_lm, completion_hidden_states, plain_output_layer
+from spearfl.lm.forward import TokenBatch, causal_lm, completion_hidden_states
 
 MB = 2**20
 DEFAULT_WORKING_MB = 384  # the working memory of a step when no budget is set: the paper setting's round stays under 2 GB
@@ -245,8 +245,3 @@ def _find_malloc_trim():
 
 
 _malloc_trim = _find_malloc_trim()
-
-
-def chunkable(model) -> bool:
-    """Whether this model's log-probs can be taken a chunk of the vocabulary at a time."""
-    return plain_output_layer(model)
