@@ -582,9 +582,9 @@ def bench(
         preset_config,
         profile_rounds,
         report_tables,
-        resident_mb,
         run_bench,
     )
+    from spearfl.lm.memory import resident_mb
 
     baseline = resident_mb()
     if preset is not None:

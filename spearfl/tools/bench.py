@@ -37,8 +37,6 @@ from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import (
     ClientContext,
     ClientRound,
-    peak_memory_mb,
-    reset_peak_memory,
 )
 from spearfl.config import RunConfig
 from spearfl.errors import UserError
@@ -344,12 +342,6 @@ def memory_reference(context: ClientContext) -> dict:
     adapter = sum(p.numel() * p.element_size() for p in lora_parameters(model).values())
     return {"weights_mb": weights / 2**20, "adapter_mb": adapter / 2**20, "optimizer_mb": 2 * adapter / 2**20,
             "total_mb": (weights + 3 * adapter) / 2**20}
-
-
-def resident_mb() -> float:
-    """This process's resident set now."""
-    reset_peak_memory(torch.device("cpu"))
-    return peak_memory_mb(torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------- targets
