@@ -32,9 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_layers import GradientCheckpointingLayer
-
 from spearfl.lm.forward import TokenBatch, causal_lm, completion_hidden_states
+from spearfl.lm.models import checkpoint_lora_layers, decoder_layers
 
 MB = 2**20
 DEFAULT_WORKING_MB = 384  # the working memory of a step when no budget is set: the paper setting's round stays under 2 GB
@@ -76,7 +75,7 @@ def measure_activation_costs(model) -> ActivationCosts:
     base = causal_lm(model)
     if base in _measured:
         return _measured[base]
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     kept: dict[int, dict[int, int]] = {}  # layer -> storage -> bytes
     current = [-1]
@@ -122,9 +121,7 @@ def measure_activation_costs(model) -> ActivationCosts:
 @contextmanager
 def layer_checkpointing(model, enabled: bool):
     """Turn checkpointing of the decoder layers the backward goes through on or off, and back as it was."""
-    from spearfl.lm.models import checkpoint_lora_layers
-
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     before = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
     checkpoint_lora_layers(model, enabled)
     hooks = []

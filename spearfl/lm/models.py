@@ -191,6 +191,11 @@ def freeze_lora_a(peft_model: PeftModel) -> None:
             parameter.requires_grad_(False)
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers, bottom to top (the units activation checkpointing recomputes)."""
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
 def checkpoint_lora_layers(peft_model: PeftModel, enabled: bool = True) -> int:
     """Recompute, instead of keep, the activations of every decoder layer the backward pass goes through (from the
     lowest layer with LoRA weights up); returns how many. `enabled=False` turns it off again.
@@ -200,7 +205,7 @@ def checkpoint_lora_layers(peft_model: PeftModel, enabled: bool = True) -> int:
     Layers below the lowest LoRA layer keep nothing either way (nothing under them needs a gradient), so they are
     left alone. The recomputation replays the same dropout masks, so gradients equal those without checkpointing.
     """
-    layers = [module for module in peft_model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    layers = decoder_layers(peft_model)
     with_lora = [index for index, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())]
     count = 0
     for layer in layers[min(with_lora, default=len(layers)) :]:
