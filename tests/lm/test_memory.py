@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import tiny_lora_model
 
+import spearfl.lm.memory as memory
 from spearfl.lm.forward import chunked_target_logprobs, token_logprobs
 from spearfl.lm.memory import (
     DEFAULT_WORKING_MB,
@@ -133,3 +134,20 @@ def test_the_working_memory_is_the_budget_less_what_the_process_holds(tokenizer)
     held = resident_mb()
     room = working_memory_mb(held + 1000, model, torch.device("cpu"))
     assert 900 < room < 1000
+
+
+@pytest.mark.parametrize("ceiling_mb, expected", [(None, "every"), (0.0, "every"), (1e9, "none")])
+def test_checkpointed_layers_hand_memory_back_only_above_the_ceiling(tokenizer, monkeypatch, ceiling_mb, expected):
+    """After each checkpointed layer, forward and backward, freed memory goes back while the process holds more than
+    the ceiling (no ceiling: always), and never below it."""
+    model = tiny_lora_model(tokenizer)
+    layers = len(memory.decoder_layers(model))
+    calls = []
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(memory, "_malloc_trim", lambda pad: 0)  # a C library with malloc_trim, whatever this one has
+    batch = collate([[5, 6, 7, 8]], [[9, 10]], 0, torch.device("cpu"))
+    model.train()
+    with memory.layer_checkpointing(model, True, ceiling_mb):
+        target_logprobs(model, batch).sum().backward()
+    assert len(calls) == (2 * layers if expected == "every" else 0)
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in memory.decoder_layers(model))
