@@ -123,9 +123,10 @@ class ClientConfig(Section):
     prompts_per_round: int = Field(16, ge=1)  # our choice for a CPU; the reference configs use 80-160
     local_steps: int = Field(5, ge=1)  # optimizer steps a client round (the reference's 5)
     # Peak resident memory a client round may reach, MB (the whole process; on a GPU, the device's allocated
-    # memory). Each training step is planned to fit: micro-batches, activation checkpointing, the vocabulary in
-    # chunks (spearfl.lm.memory). None: plan each step for 384 MB of working memory. Not a learning setting:
-    # the gradient is the same whatever the plan.
+    # memory). Each training step is planned to fit (micro-batches, activation checkpointing, the vocabulary in
+    # chunks), and the prompt states kept for revisions take at most half the room (spearfl.lm.memory). None:
+    # plan for 192 MB of working memory. Not a learning setting: the gradient and the states are the same
+    # whatever the plan (float32 rounding apart).
     memory_budget_mb: float | None = Field(None, gt=0)
 
 

@@ -20,17 +20,18 @@ import torch
 from spearfl.data.prompts import PromptFormat
 from spearfl.data.schema import Example
 from spearfl.feedback.providers import Feedback, FeedbackProvider
-from spearfl.lm.generation import Completion, SamplingSettings, generate
-from spearfl.lm.models import get_adapter_state, set_adapter_state, trainable_parameters
-from spearfl.lm.prefix_cache import PrefixCache
 from spearfl.lm.forward import plain_output_layer
+from spearfl.lm.generation import Completion, SamplingSettings, generate
 from spearfl.lm.memory import (
     StepPlan,
     measure_activation_costs,
     plan_step,
+    prefix_cache_bytes,
     release_free_memory,
     working_memory_mb,
 )
+from spearfl.lm.models import get_adapter_state, set_adapter_state, trainable_parameters
+from spearfl.lm.prefix_cache import PrefixCache
 from spearfl.lm.training import (
     CompletionBatch,
     Contribution,
@@ -263,6 +264,12 @@ def pass_minibatches(num_items: int, num_steps: int, num_passes: int, rng: np.ra
         order = rng.permutation(num_items)
         batches += [part.tolist() for part in np.array_split(order, min(len(steps_in_pass), num_items))]
     return batches
+
+
+def round_prefix_cache(context: ClientContext) -> PrefixCache:
+    """The prompt states a round keeps for its revisions, within their share of the round's working memory."""
+    working_mb = working_memory_mb(context.config.client.memory_budget_mb, context.model, context.device)
+    return PrefixCache(max_bytes=prefix_cache_bytes(working_mb))
 
 
 class Trainer:

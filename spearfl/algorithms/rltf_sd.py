@@ -51,9 +51,9 @@ from spearfl.algorithms.base import (
     Trainer,
     client_round,
     pass_minibatches,
+    round_prefix_cache,
     train_steps,
 )
-from spearfl.lm.prefix_cache import PrefixCache
 from spearfl.lm.training import MicroBatch, collate
 from spearfl.losses.policy import reinforce_loss, rltf_advantages
 
@@ -75,7 +75,7 @@ def collect_groups(context: ClientContext, work: ClientRound, sample: Sampler, e
     its completions with a non-zero weight, and the round's metrics."""
     settings = context.config.rltf_sd
     num_prompts, group_size = len(prompts), settings.group_size
-    prefixes = PrefixCache()  # each revision prompt begins with its task prompt: its prefill runs only the rest
+    prefixes = round_prefix_cache(context)  # each revision prompt begins with its task prompt: its prefill runs only the rest
     first, feedback = sample(prompts * group_size, examples * group_size, "first-attempt", "first attempts", prefixes)
     wrong = [index for index, verdict in enumerate(feedback) if not verdict.correct]  # sample-major: g * n + p
     prefixes.retain([prompts[index % num_prompts] for index in wrong])

@@ -30,12 +30,12 @@ from spearfl.algorithms.base import (
     client_round,
     draw,
     envelope,
+    round_prefix_cache,
     train_steps,
 )
 from spearfl.data.store import Interaction
 from spearfl.lm.generation import Completion, eos_token_ids
 from spearfl.lm.models import lora_parameters
-from spearfl.lm.prefix_cache import PrefixCache
 from spearfl.lm.training import MicroBatch, collate
 from spearfl.losses.spear import (
     anchor_loss,
@@ -100,7 +100,7 @@ def format_token_flags(tokenizer, completion: Completion, strings: list[str]) ->
 def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> tuple[list, list, dict]:
     """Attempt, judge, revise; return (wins, losses, metrics)."""
     settings = context.config.spear
-    prefixes = PrefixCache()  # a revision prompt begins with its task prompt: its prefill runs only the rest
+    prefixes = round_prefix_cache(context)  # a revision prompt begins with its task prompt: its prefill runs only the rest
     first, feedback = sample(prompts, examples, "first-attempt", "first attempts", prefixes)
     wins = [Trace(prompts[index], first[index].token_ids, prompt_index=index) for index, f in enumerate(feedback) if f.correct]
     pending = [index for index, f in enumerate(feedback) if not f.correct]

@@ -7,8 +7,10 @@ the tokens after the longest stored common prefix. Keys and values of a token de
 so the result equals a full prefill (up to float rounding, as batching already allows).
 
 The cache lives for one client round; it costs 2 x layers x key/value width x 4 bytes per
-token (about 46 kB a token for SmolLM2-135M in float32).
-Left out on purpose: eviction (a round's prompts are few) and sharing across rounds (the adapter changes).
+token (about 46 kB a token for SmolLM2-135M in float32: 128 prompts of 150 tokens would hold 880 MB). So it holds
+at most `max_bytes`: a prompt that does not fit is not stored, and a later prompt that begins with it runs its
+prefill whole, which gives the same states.
+Left out on purpose: eviction (the first prompts stored stay) and sharing across rounds (the adapter changes).
 """
 
 from __future__ import annotations
@@ -22,17 +24,25 @@ LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values
 class PrefixCache:
     """Per prompt (token ids), the key/value states of each layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: float | None = None) -> None:
         self.entries: dict[tuple[int, ...], LayerStates] = {}
         self.adding = True
+        self.max_bytes = max_bytes  # None: no bound
+        self.num_bytes = 0
 
     def store(self, prompts: list[list[int]], attention_mask: torch.Tensor, cache: DynamicCache) -> None:
         """Keep each row's states after a prefill: the positions its attention mask marks as real."""
         if not self.adding:
             return
         for row, prompt in enumerate(prompts):
+            key = tuple(prompt)
             real = attention_mask[row].bool()
-            self.entries[tuple(prompt)] = [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in cache.layers]
+            tokens = int(real.sum())
+            size = sum(2 * tokens * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size() for layer in cache.layers)
+            if key in self.entries or (self.max_bytes is not None and self.num_bytes + size > self.max_bytes):
+                continue
+            self.entries[key] = [(layer.keys[row][:, real], layer.values[row][:, real]) for layer in cache.layers]
+            self.num_bytes += size
 
     def longest_prefix(self, prompt: list[int]) -> tuple[int, LayerStates | None]:
         """(tokens reusable, states) for the stored prompt sharing the longest prefix; at least one token is left to run."""
@@ -47,6 +57,7 @@ class PrefixCache:
         """Keep only the states of these prompts, and store no more (later prompts reuse, they do not add)."""
         wanted = {tuple(prompt) for prompt in prompts}
         self.entries = {key: entry for key, entry in self.entries.items() if key in wanted}
+        self.num_bytes = sum(2 * keys.nelement() * keys.element_size() for entry in self.entries.values() for keys, _ in entry)
         self.adding = False
 
     @property

@@ -23,7 +23,13 @@ from spearfl.lm.forward import (
     plain_output_layer,
     token_logprobs,
 )
-from spearfl.lm.memory import StepPlan, layer_checkpointing, micro_batches, release_free_memory, resident_mb
+from spearfl.lm.memory import (
+    StepPlan,
+    layer_checkpointing,
+    micro_batches,
+    release_free_memory,
+    resident_mb,
+)
 
 
 @dataclass
@@ -142,8 +148,12 @@ def accumulate_gradients(model, batch: CompletionBatch, plan: StepPlan, contribu
     the plain step; with several the gradient is the same sum, in another order (float32 rounding apart).
     """
     total, parts = 0.0, {}
-    # freed memory goes back to the system when the process holds more than this step was planned to add
-    ceiling_mb = resident_mb() + plan.estimated_mb if batch.targets.device.type == "cpu" else None
+    ceiling_mb = None
+    if plan.checkpoint and batch.targets.device.type == "cpu":
+        # freed memory goes back to the system when the process holds more than this step was planned to add to what
+        # it uses now (handed back first, or the last step's freed blocks would raise every later step's ceiling)
+        release_free_memory()
+        ceiling_mb = resident_mb() + plan.estimated_mb
     with layer_checkpointing(model, plan.checkpoint, ceiling_mb):
         groups = micro_batches(batch.row_lengths(), plan.micro_batch_rows)
         for rows in groups:

@@ -285,3 +285,24 @@ def test_a_prompt_extending_an_earlier_one_runs_only_its_new_tokens_and_samples_
     assert [c.token_ids for c in reused] == [c.token_ids for c in plain]
     for left, right in zip(reused, plain):
         assert torch.allclose(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=1e-5)
+
+
+def test_the_prefix_cache_keeps_within_its_bytes_and_a_prompt_it_left_out_runs_whole(tiny_lora_model, tokenizer):
+    from spearfl.lm.prefix_cache import PrefixCache
+
+    tasks = [[1, 100, 200, 300, 400], [1, 5, 6, 7]]  # prefilled longest first: the 5-token task is stored first
+    revisions = [tasks[0] + [11, 12, 13], tasks[1] + [21, 22]]
+    settings = dict(temperature=1.0, seed=4, max_new_tokens=5)
+    plain = run(tiny_lora_model, tokenizer, revisions, **settings)
+    unbounded = PrefixCache()
+    run(tiny_lora_model, tokenizer, tasks, prefixes=unbounded, **settings)
+    per_token = unbounded.num_bytes / unbounded.num_tokens
+    bounded = PrefixCache(max_bytes=6 * per_token)  # room for the first task's 5 tokens, not for the second's 4 more
+    run(tiny_lora_model, tokenizer, tasks, prefixes=bounded, **settings)
+    assert list(bounded.entries) == [tuple(tasks[0])] and bounded.num_bytes == 5 * per_token <= bounded.max_bytes
+    reused = run(tiny_lora_model, tokenizer, revisions, prefixes=bounded, **settings)
+    assert [c.token_ids for c in reused] == [c.token_ids for c in plain]
+    for left, right in zip(reused, plain):
+        assert torch.allclose(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=1e-5)
+    bounded.retain([tasks[1]])  # a prompt never stored: nothing left, and nothing counted
+    assert bounded.entries == {} and bounded.num_bytes == 0
