@@ -146,6 +146,7 @@ class Sampler:
         context = self.context
         started = time.perf_counter()
         context.model.eval()
+        release_free_memory()  # what the last batch of prompts freed (their caches, states no longer kept)
         completions = generate(
             context.model, context.prompts.tokenizer, prompts, settings=self.sampling, seed=self.work.seed(purpose),
             progress=context.progress or False, description=f"client {self.work.client_id} {what}", prefixes=prefixes,

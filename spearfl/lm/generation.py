@@ -81,9 +81,7 @@ def generate(
     """
     if any(not prompt for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
-    # Longest first: similar lengths share a batch (little padding) and memory peaks at the start;
-    # copies of one prompt (a group of samples) sit together, so a batch runs each of them once.
-    order = sorted(range(len(prompts)), key=lambda index: (-len(prompts[index]), prompts[index]))
+    order = batch_order(prompts, prefixes)
     batches = [order[start : start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     batches = with_progress(batches, progress, description)
     results: list[Completion | None] = [None] * len(prompts)
@@ -94,6 +92,17 @@ def generate(
             for index, completion in zip(batch, completions):
                 results[index] = completion
     return results
+
+
+def batch_order(prompts: list[list[int]], prefixes: PrefixCache | None) -> list[int]:
+    """The order rows are batched in. Longest first: similar lengths share a batch (little padding) and memory peaks
+    at the start; copies of one prompt (a group of samples) sit together, so a batch runs each of them once. With
+    stored prefixes, rows that reuse alike come first and together: a row that reuses a long prefix beside one that
+    reuses little would pad their batch to the longer reuse plus the longer rest."""
+    reuse = [0] * len(prompts)
+    if prefixes is not None and prefixes.entries:
+        reuse = [prefixes.longest_prefix(prompt)[0] for prompt in prompts]
+    return sorted(range(len(prompts)), key=lambda index: (-reuse[index], -len(prompts[index]), prompts[index]))
 
 
 def with_progress(batches: list, progress: bool | str | Progress, description: str):

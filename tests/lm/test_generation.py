@@ -306,3 +306,18 @@ def test_the_prefix_cache_keeps_within_its_bytes_and_a_prompt_it_left_out_runs_w
         assert torch.allclose(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=1e-5)
     bounded.retain([tasks[1]])  # a prompt never stored: nothing left, and nothing counted
     assert bounded.entries == {} and bounded.num_bytes == 0
+
+
+def test_rows_that_reuse_alike_share_a_batch(tiny_lora_model, tokenizer):
+    from spearfl.lm.generation import batch_order
+    from spearfl.lm.prefix_cache import PrefixCache
+
+    task = [1, 100, 200, 300, 400, 500, 600]
+    prompts = [task + [11, 12], [1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 9, 9, 9, 9, 9, 9, 9], task + [13]]
+    assert batch_order(prompts, None) == [1, 0, 2, 3]  # by length alone: a revision beside a new prompt
+    prefixes = PrefixCache()
+    run(tiny_lora_model, tokenizer, [task], prefixes=prefixes, temperature=1.0, seed=4, max_new_tokens=2)
+    assert batch_order(prompts, prefixes) == [0, 3, 1, 2]  # the two that reuse the task's 7 tokens, then the rest
+    plain = run(tiny_lora_model, tokenizer, prompts, temperature=1.0, seed=4, max_new_tokens=5, batch_size=2)
+    reused = run(tiny_lora_model, tokenizer, prompts, prefixes=prefixes, temperature=1.0, seed=4, max_new_tokens=5, batch_size=2)
+    assert [c.token_ids for c in reused] == [c.token_ids for c in plain]  # results in the prompts' order
