@@ -124,7 +124,7 @@ class ClientConfig(Section):
     local_steps: int = Field(5, ge=1)  # optimizer steps a client round (the reference's 5)
     # Peak resident memory a client round may reach, MB (the whole process; on a GPU, the device's allocated
     # memory). Each training step is planned to fit (micro-batches, activation checkpointing, the vocabulary in
-    # chunks), and the prompt states kept for revisions take at most half the room (spearfl.lm.memory). None:
+    # chunks), and the prompt states kept for revisions take at most that room (spearfl.lm.memory). None:
     # plan for 192 MB of working memory. Not a learning setting: the gradient and the states are the same
     # whatever the plan (float32 rounding apart).
     memory_budget_mb: float | None = Field(None, gt=0)

@@ -114,6 +114,8 @@ def collect_traces(context: ClientContext, work: ClientRound, sample: Sampler, e
         revision_prompts = [
             context.prompts.revision(examples[index], latest[index][0].text, latest[index][1].text) for index in open_items
         ]
+        prefixes.retain([prompts[index] for index in open_items])  # a prompt fixed already is not revised again
+        prefixes.forget_after_use = attempt == settings.num_revisions  # the states' last use
         revised, revised_feedback = sample(
             revision_prompts, [examples[index] for index in open_items], f"revision-{attempt}", f"revision {attempt}", prefixes
         )

@@ -29,6 +29,7 @@ from rich.progress import Progress, track
 
 from spearfl.data.scoring import completion_has_answer
 from spearfl.lm.forward import prefill, prefill_after, token_logprobs
+from spearfl.lm.memory import release_free_memory
 from spearfl.lm.models import evaluation_mode
 from spearfl.lm.prefix_cache import PrefixCache
 
@@ -137,6 +138,9 @@ def generate_batch(
     device = next(model.parameters()).device
     eos_ids = torch.tensor(sorted(eos_token_ids(model, tokenizer)), device=device)
     attention_mask, logits, cache = prefill_batch(model, prompts, device, prefixes)  # [B, P], [B, V]
+    # A prefill that extends stored states frees the smaller copies it grew from, between blocks still in use; the
+    # allocator would keep those holes (about the prefix's states again) through the decoding.
+    release_free_memory()
     generated: list[list[int]] = [[] for _ in prompts]
     logprobs: list[list[float]] = [[] for _ in prompts]
     finished_by: list[str | None] = [None] * len(prompts)
@@ -176,6 +180,8 @@ def prefill_batch(model, prompts: list[list[int]], device, prefixes: PrefixCache
     else:
         attention_mask, logits, cache = prefill_distinct(model, prompts, device)
     prefixes.store(prompts, attention_mask, cache)
+    if prefixes.forget_after_use:
+        prefixes.forget(prompts)
     return attention_mask, logits, cache
 
 

@@ -29,6 +29,7 @@ class PrefixCache:
         self.adding = True
         self.max_bytes = max_bytes  # None: no bound
         self.num_bytes = 0
+        self.forget_after_use = False  # the states' last use: a prefill that reuses an entry drops it (`forget`)
 
     def store(self, prompts: list[list[int]], attention_mask: torch.Tensor, cache: DynamicCache) -> None:
         """Keep each row's states after a prefill: the positions its attention mask marks as real."""
@@ -56,9 +57,16 @@ class PrefixCache:
     def retain(self, prompts: list[list[int]]) -> None:
         """Keep only the states of these prompts, and store no more (later prompts reuse, they do not add)."""
         wanted = {tuple(prompt) for prompt in prompts}
-        self.entries = {key: entry for key, entry in self.entries.items() if key in wanted}
-        self.num_bytes = sum(2 * keys.nelement() * keys.element_size() for entry in self.entries.values() for keys, _ in entry)
+        self._keep(lambda key: key in wanted)
         self.adding = False
+
+    def forget(self, prompts: list[list[int]]) -> None:
+        """Drop the stored prompts these prompts begin with: a batch's cache holds copies of their states now."""
+        self._keep(lambda key: not any(tuple(prompt[: len(key)]) == key for prompt in prompts))
+
+    def _keep(self, wanted) -> None:
+        self.entries = {key: entry for key, entry in self.entries.items() if wanted(key)}
+        self.num_bytes = sum(2 * keys.nelement() * keys.element_size() for entry in self.entries.values() for keys, _ in entry)
 
     @property
     def num_tokens(self) -> int:

@@ -45,6 +45,7 @@ COLUMNS = (  # (key in a point, heading, format)
     ("peak_memory_mb", "round peak MB", "{:,.0f}"),
     ("reference_mb", "weights + adapter + optimizer MB", "{:,.0f}"),
     ("trained_tokens", "trained tokens", "{:,.0f}"),
+    ("training_ms_per_token", "training ms / trained token", "{:.2f}"),
     ("micro_batch_rows", "micro-batch rows", "{:.0f}"),
     ("checkpointed_steps", "checkpointed steps", "{:.0f}"),
 )
@@ -178,7 +179,15 @@ def run_scaling(config_path: Path, output_dir: Path, axes: tuple[str, ...] = AXE
     return report
 
 
+def _with_rates(point: dict) -> dict:
+    """A point with its training time per trained token: rounds that train on fewer rows compare by it."""
+    if point.get("trained_tokens"):
+        return point | {"training_ms_per_token": 1000 * point["training_seconds"] / point["trained_tokens"]}
+    return point
+
+
 def _cells(point: dict) -> list[str]:
+    point = _with_rates(point)
     return [form.format(point[key]) if key in point else "-" for key, _, form in COLUMNS]
 
 

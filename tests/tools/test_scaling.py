@@ -61,6 +61,7 @@ def test_the_sweep_saves_each_point_resumes_and_writes_its_table_and_plot(config
         return {
             "round_seconds": prompts / 2, "generation_seconds": prompts / 4, "training_seconds": 1.0,
             "generation_peak_memory_mb": 100.0 + prompts, "training_peak_memory_mb": 150.0, "peak_memory_mb": 150.0 + prompts,
+            "trained_tokens": 500,
         }
 
     output = tmp_path / "scaling"
@@ -69,7 +70,7 @@ def test_the_sweep_saves_each_point_resumes_and_writes_its_table_and_plot(config
     assert [point["round_seconds"] for point in report["points"]] == [3.0, 8.0, 16.0, 32.0, 64.0]
     assert (output / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (output / "scaling.md").read_text()
-    assert "| prompts | 128 | 64.0 | 32.0 | 1.0 | 228 | 150 | 278 |" in table
+    assert "| prompts | 128 | 64.0 | 32.0 | 1.0 | 228 | 150 | 278 | - | 500 | 2.00 | - | - |" in table
     (output / "points" / f"{calls[-1].key}.json").unlink()  # as if stopped before the last point
     calls.clear()
     again = run_scaling(config_path, output, ("prompts",), measure=measure)
