@@ -321,3 +321,16 @@ def test_rows_that_reuse_alike_share_a_batch(tiny_lora_model, tokenizer):
     plain = run(tiny_lora_model, tokenizer, prompts, temperature=1.0, seed=4, max_new_tokens=5, batch_size=2)
     reused = run(tiny_lora_model, tokenizer, prompts, prefixes=prefixes, temperature=1.0, seed=4, max_new_tokens=5, batch_size=2)
     assert [c.token_ids for c in reused] == [c.token_ids for c in plain]  # results in the prompts' order
+
+
+def test_a_last_use_drops_the_states_a_batch_copied_and_keeps_the_rest(tiny_lora_model, tokenizer):
+    from spearfl.lm.prefix_cache import PrefixCache
+
+    tasks = [[1, 100, 200, 300, 400], [1, 5, 6, 7]]
+    prefixes = PrefixCache()
+    run(tiny_lora_model, tokenizer, tasks, prefixes=prefixes, temperature=1.0, seed=4, max_new_tokens=2)
+    per_token = prefixes.num_bytes / prefixes.num_tokens
+    prefixes.retain(tasks)
+    prefixes.forget_after_use = True
+    run(tiny_lora_model, tokenizer, [tasks[0] + [11, 12]], prefixes=prefixes, temperature=1.0, seed=4, max_new_tokens=2)
+    assert list(prefixes.entries) == [tuple(tasks[1])] and prefixes.num_bytes == 4 * per_token
