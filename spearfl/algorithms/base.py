@@ -24,6 +24,7 @@ from spearfl.lm.forward import plain_output_layer
 from spearfl.lm.generation import Completion, SamplingSettings, generate
 from spearfl.lm.memory import (
     StepPlan,
+    generation_cache_bytes,
     measure_activation_costs,
     plan_step,
     prefix_cache_bytes,
@@ -130,8 +131,10 @@ class Sampler:
     def __init__(self, context: ClientContext, work: ClientRound):
         self.context, self.work = context, work
         settings = context.config.generation
+        working_mb = working_memory_mb(context.config.client.memory_budget_mb, context.model, context.device)
         self.sampling = SamplingSettings(
-            settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, text_prefix=context.prompts.prefix
+            settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size,
+            text_prefix=context.prompts.prefix, cache_bytes=generation_cache_bytes(working_mb),
         )
         self.counts = {"generations": 0, "generated_tokens": 0, "hints_dropped": 0}
         self.seconds = {"generation_seconds": 0.0, "feedback_seconds": 0.0}

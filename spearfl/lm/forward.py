@@ -9,6 +9,7 @@ ids (what `generate` returned, or an option's encoding), never re-tokenised text
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -290,31 +291,26 @@ def common_beginning(prompts: list[list[int]]) -> int:
 
 
 def prefill_after(
-    model, prompts: list[list[int]], reused: list[tuple[int, LayerStates | None]], device
+    model, prompts: list[list[int]], reused: list[tuple[int, LayerStates | None]], device,
+    release_reused: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
     """`prefill` after prefixes already run: `reused[i]` = (tokens of prompt i already run, their LayerStates),
     at least one nonempty. Returns the attention mask [B, P + S], the last logits [B, V] and the cache.
 
     Rows are laid out [padding, reused prefix, padding, new tokens]: every row's last prompt token sits in
     the last column, as decoding expects, and the attention mask and position ids skip the padding.
+    Once the prefixes are copied into the cache, `reused` is emptied and release_reused (if given) called, before
+    the new tokens run: states nothing else holds are freed before the prefill's own memory is taken.
     """
-    prefix_length = max(length for length, _ in reused)
-    cache = DynamicCache()
-    first = next(states for length, states in reused if length)
-    for layer, (keys, _) in enumerate(first):
-        heads, _, width = keys.shape
-        layer_keys = keys.new_zeros(len(prompts), heads, prefix_length, width)
-        layer_values = keys.new_zeros(len(prompts), heads, prefix_length, width)
-        for row, (length, states) in enumerate(reused):
-            if length:
-                layer_keys[row, :, prefix_length - length :] = states[layer][0][:, :length]
-                layer_values[row, :, prefix_length - length :] = states[layer][1][:, :length]
-        cache.update(layer_keys.to(device), layer_values.to(device), layer)
-    prefix_mask = torch.zeros(len(prompts), prefix_length, dtype=torch.long)
-    for row, (length, _) in enumerate(reused):
-        prefix_mask[row, prefix_length - length :] = 1
-    suffix_ids, suffix_mask = left_pad([prompt[length:] for prompt, (length, _) in zip(prompts, reused)], PADDING_ID)
     lengths = torch.tensor([length for length, _ in reused])
+    prefix_length = int(lengths.max())
+    cache = DynamicCache()
+    write_prefixes(cache, reused, prefix_length, device)
+    reused.clear()
+    if release_reused is not None:
+        release_reused()
+    prefix_mask = (torch.arange(prefix_length)[None, :] >= prefix_length - lengths[:, None]).long()  # [B, prefix]
+    suffix_ids, suffix_mask = left_pad([prompt[length:] for prompt, length in zip(prompts, lengths.tolist())], PADDING_ID)
     position_ids = (lengths[:, None] + suffix_mask.cumsum(-1) - 1).clamp(min=0)
     attention_mask = torch.cat([prefix_mask, suffix_mask], dim=-1).to(device)
     logits = model(
@@ -326,6 +322,20 @@ def prefill_after(
         logits_to_keep=1,
     ).logits[:, -1]
     return attention_mask, logits, cache
+
+
+def write_prefixes(cache: DynamicCache, reused: list[tuple[int, LayerStates | None]], prefix_length: int, device) -> None:
+    """Each row's reused states as the cache's first `prefix_length` tokens, right-aligned (padding first)."""
+    first = next(states for length, states in reused if length)
+    for layer, (like, _) in enumerate(first):
+        heads, _, width = like.shape
+        layer_keys = like.new_zeros(len(reused), heads, prefix_length, width)
+        layer_values = like.new_zeros(len(reused), heads, prefix_length, width)
+        for row, (length, states) in enumerate(reused):
+            if length:
+                layer_keys[row, :, prefix_length - length :] = states[layer][0][:, :length]
+                layer_values[row, :, prefix_length - length :] = states[layer][1][:, :length]
+        cache.update(layer_keys.to(device), layer_values.to(device), layer)
 
 
 def score_options_batch(model, prompts, options, device, prefixes=None, end_ids=None) -> list[list[float]]:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from rich.progress import Progress, track
 
 from spearfl.data.scoring import completion_has_answer
 from spearfl.lm.forward import prefill, prefill_after, token_logprobs
-from spearfl.lm.memory import release_free_memory
+from spearfl.lm.memory import generation_rows, kv_cache_bytes_per_token, release_free_memory
 from spearfl.lm.models import evaluation_mode
 from spearfl.lm.prefix_cache import PrefixCache
 
@@ -59,6 +60,7 @@ class SamplingSettings:
     batch_size: int
     stop_after_answer: bool = True  # stop a row once its answer line is complete
     text_prefix: str = ""  # text the prompt already wrote into the reply (e.g. "Answer:"); the stop reads it first
+    cache_bytes: float | None = None  # a batch's key/value cache at its final length stays within this (fewer rows)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -82,8 +84,7 @@ def generate(
     """
     if any(not prompt for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
-    order = batch_order(prompts, prefixes)
-    batches = [order[start : start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
+    batches = generation_batches(model, prompts, settings, prefixes)
     batches = with_progress(batches, progress, description)
     results: list[Completion | None] = [None] * len(prompts)
     with evaluation_mode(model):
@@ -93,6 +94,20 @@ def generate(
             for index, completion in zip(batch, completions):
                 results[index] = completion
     return results
+
+
+def generation_batches(model, prompts: list[list[int]], settings: SamplingSettings, prefixes: PrefixCache | None) -> list[list[int]]:
+    """Prompt indices in batches of `settings.batch_size` rows, fewer where a batch's key/value cache at its final
+    length would pass `settings.cache_bytes` (spearfl.lm.memory.generation_rows)."""
+    order = batch_order(prompts, prefixes)
+    per_token = kv_cache_bytes_per_token(model) if settings.cache_bytes is not None else 0
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(len(prompts[index]) for index in order[start : start + settings.batch_size])
+        rows = generation_rows(settings.batch_size, longest + settings.max_new_tokens, per_token, settings.cache_bytes)
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
 
 
 def batch_order(prompts: list[list[int]], prefixes: PrefixCache | None) -> list[int]:
@@ -171,17 +186,23 @@ def generate_batch(
 
 
 def prefill_batch(model, prompts: list[list[int]], device, prefixes: PrefixCache | None):
-    """Prefill a batch, after whatever prefixes it can reuse; the batch's states join `prefixes` for later prompts."""
+    """Prefill a batch, after whatever prefixes it can reuse; the batch's states join `prefixes` for later prompts.
+
+    When the stored states have their last use here (`prefixes.forget_after_use`), they leave the cache as soon as
+    the batch has copied them, before its new tokens run.
+    """
     if prefixes is None:
         return prefill_distinct(model, prompts, device)
     reused = [prefixes.longest_prefix(prompt) for prompt in prompts]
+    last_use = partial(prefixes.forget, prompts) if prefixes.forget_after_use else None
     if any(length for length, _ in reused):
-        attention_mask, logits, cache = prefill_after(model, prompts, reused, device)
+        attention_mask, logits, cache = prefill_after(model, prompts, reused, device, release_reused=last_use)
     else:
         attention_mask, logits, cache = prefill_distinct(model, prompts, device)
-    prefixes.store(prompts, attention_mask, cache)
-    if prefixes.forget_after_use:
-        prefixes.forget(prompts)
+    if last_use is not None:
+        last_use()  # also drops what nothing here reused: a prompt stored now would be forgotten at once
+    else:
+        prefixes.store(prompts, attention_mask, cache)
     return attention_mask, logits, cache
 
 

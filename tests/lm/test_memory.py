@@ -3,6 +3,8 @@ costs and the order in which the plan gives up speed for memory."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import tiny_lora_model
@@ -151,3 +153,38 @@ def test_checkpointed_layers_hand_memory_back_only_above_the_ceiling(tokenizer, 
         target_logprobs(model, batch).sum().backward()
     assert len(calls) == (2 * layers if expected == "every" else 0)
     assert not any(getattr(layer, "gradient_checkpointing", False) for layer in memory.decoder_layers(model))
+
+
+def test_a_generation_batch_halves_until_its_final_cache_fits():
+    per_token = 46_080  # SmolLM2-135M in float32: 2 x 30 layers x 3 heads x 64 x 4 bytes
+    assert memory.generation_rows(16, 94, per_token, 96 * memory.MB) == 16  # 69 MB
+    assert memory.generation_rows(16, 160, per_token, 96 * memory.MB) == 8  # 118 MB -> 59 MB
+    assert memory.generation_rows(16, 160, per_token, 10 * memory.MB) == 1
+    assert memory.generation_rows(16, 10_000, per_token, None) == 16
+
+
+def test_the_key_value_bytes_per_token_are_what_a_cache_holds(tiny_lora_model):
+    from spearfl.lm.forward import prefill
+
+    _, _, cache = prefill(tiny_lora_model, [[1, 2, 3, 4, 5]], torch.device("cpu"))
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert memory.kv_cache_bytes_per_token(tiny_lora_model) * 5 == held
+
+
+def test_generation_batches_keep_to_the_cache_bound_and_give_the_same_completions(tiny_lora_model, tokenizer, monkeypatch):
+    import spearfl.lm.generation as generation
+
+    prompts = [[1 + index, 2, 3, 4, 5, 6, 7, 8][: 3 + index % 5] for index in range(8)]  # 3 to 7 tokens
+    settings = generation.SamplingSettings(4, temperature=1.0, top_p=0.9, batch_size=8)
+    per_token = memory.kv_cache_bytes_per_token(tiny_lora_model)
+    rows_seen = []
+    original = generation.generate_batch
+    monkeypatch.setattr(
+        generation, "generate_batch", lambda model, tok, rows, *rest: rows_seen.append(len(rows)) or original(model, tok, rows, *rest)
+    )
+    whole = generation.generate(tiny_lora_model, tokenizer, prompts, settings, seed=1)
+    bound = 33 * per_token  # 33 tokens: 3 rows of the longest prompt (7) and its 4 new tokens, 4 rows of 4 + 4
+    bounded = generation.generate(tiny_lora_model, tokenizer, prompts, dataclasses.replace(settings, cache_bytes=bound), seed=1)
+    # longest first: lengths 7, 6 | 5, 5 | 4, 4, 3, 3; each batch halved from 8 rows until rows x (longest + 4) <= 33
+    assert rows_seen == [8, 2, 2, 4]
+    assert [c.token_ids for c in bounded] == [c.token_ids for c in whole]
