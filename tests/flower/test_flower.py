@@ -3,6 +3,7 @@ the simulation engine, each run through `flwr run` and compared with the local r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import urllib.request
@@ -133,10 +134,12 @@ def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_bfloat16_ref
     finally:
         family = [p for link in superlinks for p in [link, *link.children(recursive=True)]]
         for process in family:
-            process.terminate()
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may exit between the listing and the signal
+                process.terminate()
         _, alive = psutil.wait_procs(family, timeout=20)
         for process in alive:
-            process.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 # Secure aggregation's quantization error: each client's weighted update (weight / prompts asked, at most 1) is
