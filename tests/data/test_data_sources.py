@@ -158,7 +158,6 @@ def test_prepare_skips_an_unavailable_dataset(monkeypatch):
 
     monkeypatch.setattr(models, "resolve_model_path", lambda name: None)
     monkeypatch.setattr(models, "load_tokenizer", lambda name: None)
-    monkeypatch.setattr(sources, "load_examples", load)
     monkeypatch.setattr("spearfl.data.load_examples", load)
     result = CliRunner().invoke(cli.app, ["prepare"])
     assert result.exit_code == 0, result.output
