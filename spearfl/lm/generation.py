@@ -199,9 +199,9 @@ def prefill_batch(model, prompts: list[list[int]], device, prefixes: PrefixCache
         attention_mask, logits, cache = prefill_after(model, prompts, reused, device, release_reused=last_use)
     else:
         attention_mask, logits, cache = prefill_distinct(model, prompts, device)
-    if last_use is not None:
-        last_use()  # also drops what nothing here reused: a prompt stored now would be forgotten at once
-    else:
+        if last_use is not None:
+            last_use()  # prefill_after forgets the prompts itself; a prefill without reuse forgets them here
+    if last_use is None:  # at a last use, a prompt stored now would be forgotten at once
         prefixes.store(prompts, attention_mask, cache)
     return attention_mask, logits, cache
 
