@@ -87,6 +87,35 @@ def tiny_lora_model(tokenizer, seed: int = 0, rank: int = 4, dropout: float = 0.
     return attach_lora(model, LoraConfig(rank=rank, alpha=2 * rank, dropout=dropout), seed=seed + 1)
 
 
+# Float32 rounding, the unit every tolerance between two float32 computations of one quantity is counted in.
+FLOAT32_UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2
+# How many times the plain computation's own rounding error another order of the same arithmetic may reach. Both
+# orders' errors are bounded alike (gamma_n times the sum of the terms' magnitudes) and in practice are random
+# walks of unit roundoffs of the same length, so their ratio is of order 1: micro-batched training steps measured
+# up to 6 on one CPU (tests/algorithms/test_micro_batches.py). A lost term is 10^4-10^11 times float32 rounding.
+ROUNDING_FACTOR = 16
+
+
+def rounding_excess(got: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor) -> float:
+    """How far `got` is from the float64 `reference`, in units of how far `plain` (the same float32 quantity
+    computed the plain way) is from it, or of the quantity's own float32 rounding where `plain` is closer.
+
+    Both float32 results carry rounding; the float64 reference carries about 2^-29 as much. So a correct `got`
+    scores about 1 whatever the CPU's kernels, and a wrong one scores its error over float32 rounding.
+    """
+    reference = reference.double()
+    own_rounding = FLOAT32_UNIT_ROUNDOFF * float(reference.norm())
+    scale = max(float((plain.double() - reference).norm()), own_rounding, torch.finfo(torch.float64).tiny)
+    return float((got.double() - reference).norm()) / scale
+
+
+def assert_float32_close(got, plain, reference, name: str = "") -> None:
+    """`got` (a tensor, or a float) is as close to the float64 `reference` as float32 rounding lets `plain` be."""
+    got, plain, reference = (torch.as_tensor(value, dtype=torch.float64) for value in (got, plain, reference))
+    excess = rounding_excess(got, plain, reference)
+    assert excess <= ROUNDING_FACTOR, f"{name}: {excess:.1f} times float32 rounding from the float64 reference"
+
+
 def encode_task(tokenizer, example: Example) -> list[int]:
     """Token ids of an example's first-attempt prompt, without an answer prefix."""
     return PromptFormat(tokenizer, answer_prefix=False).task(example)

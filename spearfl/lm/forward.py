@@ -129,11 +129,11 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, chunk: int):
-        logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        logprobs = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         normalisers = torch.empty_like(logprobs)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
-            logits = torch.nn.functional.linear(hidden[part], weight, bias).float() / temperature  # [c, V]
+            logits = at_least_float32(torch.nn.functional.linear(hidden[part], weight, bias)) / temperature  # [c, V]
             normalisers[part] = torch.logsumexp(logits, dim=-1)
             logprobs[part] = logits.gather(-1, targets[part, None]).squeeze(-1) - normalisers[part]
         ctx.save_for_backward(hidden, weight, bias, targets, normalisers)
@@ -146,7 +146,7 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
         gradient = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
-            logits = torch.nn.functional.linear(hidden[part], weight, bias).float() / ctx.temperature  # [c, V]
+            logits = at_least_float32(torch.nn.functional.linear(hidden[part], weight, bias)) / ctx.temperature  # [c, V]
             scale = upstream[part, None] / ctx.temperature  # [c, 1]
             logit_gradient = torch.exp(logits.sub_(normalisers[part, None])).mul_(-scale)  # -softmax x upstream / T
             logit_gradient.scatter_add_(-1, targets[part, None], scale)
@@ -157,7 +157,7 @@ class _ChunkedTargetLogprobs(torch.autograd.Function):
 def chunked_target_logprobs(
     hidden: torch.Tensor, layer: torch.nn.Linear, targets: torch.Tensor, temperature: float = 1.0, chunk: int = 64
 ) -> torch.Tensor:
-    """Log-probability of each target under softmax(layer(hidden) / temperature), float32, with at most `chunk`
+    """Log-probability of each target under softmax(layer(hidden) / temperature), float32 or wider, with at most `chunk`
     positions' logits in memory at once (forward and backward).  hidden [P, H], targets [P] -> [P]"""
     return _ChunkedTargetLogprobs.apply(hidden, layer.weight, layer.bias, targets, temperature, chunk)
 
@@ -215,9 +215,15 @@ def shared_prefix_outputs(model, batch: TokenBatch, shared: int, predicting: tor
     return decoder(model)(**inputs).last_hidden_state[:, predicting - rest_start]
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16 and float16 widened to float32; float32 and float64 as they are (a float64 model is the reference
+    the tests measure float32 rounding against)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token, in float32.  logits [B, T, V], targets [B, T] -> [B, T]"""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """Log-probability of each target token, in float32 or wider.  logits [B, T, V], targets [B, T] -> [B, T]"""
+    return torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

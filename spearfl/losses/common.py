@@ -22,3 +22,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: int | torch.Ten
     total = torch.where(mask, values, 0.0).sum()
     count = mask.sum() if count is None else torch.as_tensor(count, device=values.device)
     return total / count.clamp(min=1).to(values.dtype)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """bfloat16 and float16 widened to float32; float32 and float64 as they are (float64: the tests' reference)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from spearfl.losses.common import masked_mean
+from spearfl.losses.common import at_least_float32, masked_mean
 
 
 def token_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,9 @@ def token_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor
     Tokens p gives probability 0 contribute nothing (0 log 0 = 0), even where its log-probability is -inf,
     so they never turn the sum into NaN.
     """
-    p_logprobs = p_logprobs.float()
+    p_logprobs = at_least_float32(p_logprobs)
     p_probs = p_logprobs.exp()  # [B, T, V]
-    per_token = p_probs * (p_logprobs - q_logprobs.float())  # [B, T, V]
+    per_token = p_probs * (p_logprobs - at_least_float32(q_logprobs))  # [B, T, V]
     return torch.where(p_probs > 0, per_token, 0.0).sum(dim=-1)
 
 
@@ -46,7 +46,7 @@ def token_jsd(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, be
     log M is a logsumexp of the weighted log-probabilities, so tiny probabilities never underflow; tokens the
     teacher (or the student) gives probability 0 contribute nothing to its own term, as in token_kl.
     """
-    weighted = torch.stack([teacher_logprobs.float() + math.log(beta), student_logprobs.float() + math.log(1 - beta)])
+    weighted = torch.stack([at_least_float32(teacher_logprobs) + math.log(beta), at_least_float32(student_logprobs) + math.log(1 - beta)])
     mixture_logprobs = torch.logsumexp(weighted, dim=0)  # [B, T, V]
     return beta * token_kl(teacher_logprobs, mixture_logprobs) + (1 - beta) * token_kl(student_logprobs, mixture_logprobs)
 
@@ -72,6 +72,6 @@ def distillation_loss(
     [B, T, V], mask [B, T] bool -> []. Every completion token weighs the same, so long completions weigh more.
     jsd_beta is used by "jsd" only; count: the tokens to average over (`masked_mean`), the masked ones by default.
     """
-    student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # [B, T, V]
+    student_logprobs = torch.log_softmax(at_least_float32(student_logits), dim=-1)  # [B, T, V]
     per_token = DIVERGENCES[divergence](teacher_logprobs.detach(), student_logprobs, jsd_beta)  # [B, T]
     return masked_mean(per_token, mask, count)
