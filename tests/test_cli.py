@@ -203,3 +203,34 @@ def test_the_privacy_budget_is_the_accountants_and_bad_values_are_named():
     assert result.exit_code == 2 and "--per-round 20 exceeds --clients 10" in output
     result, output = invoke("privacy-budget", "--clients", 10, "--per-round", 5, "--noise", 0)
     assert result.exit_code == 2 and "--noise" in output and "greater than 0" in output
+
+
+def test_data_lists_every_dataset_and_marks_the_ones_whose_source_is_missing(tmp_path, monkeypatch):
+    """Without the bigbench archive (PyPI serves no 1.0.0), `spearfl data` still lists every dataset, marks the
+    two it cannot build with the reason and the variable that supplies them, and exits 0."""
+    from spearfl import cli
+    from spearfl import data as data_package
+    from spearfl.data import sources
+    from spearfl.data.schema import Example
+
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for bigbench==1.0.0\n")
+    monkeypatch.setattr(sources.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.delenv(sources.BIGBENCH_ARCHIVE_VARIABLE, raising=False)
+    monkeypatch.setenv("SPEARFL_CACHE", str(tmp_path))
+    here = [Example(f"small/{index}", f"Question {index}?", ("yes", "no"), index % 2, label_style="text") for index in range(10)]
+    small = sources.DatasetSpec("small", "CC0", "made by this test", "yes-no", "text", lambda cache_root: here)
+    registry = {"strategyqa": sources.DATASETS["strategyqa"], "small": small, "math_mc": sources.DATASETS["math_mc"]}
+    monkeypatch.setattr(sources, "DATASETS", registry)
+    monkeypatch.setattr(data_package, "DATASETS", registry)
+    monkeypatch.setattr(cli.console, "width", 250)  # one table row a line
+    result, output = invoke("data", "--heldout-size", "4")
+    assert result.exit_code == 0, output
+    table = result.output.split("Sources", 1)[0]
+    rows = {cells[0]: cells[1:] for line in table.splitlines() if (cells := [cell.strip() for cell in line.split("│")[1:-1]])}
+    assert [name for name in rows if name in registry] == list(registry)
+    assert rows["strategyqa"][:4] == ["yes-no", "unavailable", "-", "-"] and rows["math_mc"][1] == "unavailable"
+    assert rows["small"] == ["yes-no", "10", "6", "4", "CC0"]
+    missing = output.split("Not on this machine:", 1)[1]
+    assert missing.count(sources.BIGBENCH_ARCHIVE_VARIABLE) == 2 and "No matching distribution" in missing
+    assert "hint leak rates" in output
+    assert not list(tmp_path.rglob("*strategyqa*"))  # nothing half-built is cached
