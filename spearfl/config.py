@@ -66,9 +66,9 @@ class FeedbackConfig(Section):
     max_hint_sentences: int = Field(2, ge=1)  # our choice: short enough that a solution's last step stays hidden
     remind_format: bool = False  # an unparseable answer is told so (names no option)
     # Where verdicts come from (spearfl.feedback.verifiers, .judge): the dataset's own scoring (oracle), a rule
-    # (numeric within `tolerance`, exact, a regex `pattern` with {answer} for the gold, a Python `function`
+    # (numeric within `tolerance`, exact, math (LaTeX final answers equivalent, by math-verify), a regex `pattern` with {answer} for the gold, a Python `function`
     # named module:function), or a local model (`judge_model`) with a `rubric`.
-    provider: Literal["oracle", "numeric", "exact", "regex", "python", "judge"] = "oracle"
+    provider: Literal["oracle", "numeric", "exact", "math", "regex", "python", "judge"] = "oracle"
     tolerance: float = Field(1e-6, ge=0)
     pattern: str | None = None
     function: str | None = None

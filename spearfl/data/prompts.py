@@ -28,6 +28,10 @@ REASONING_INSTRUCTIONS = {
     "text": 'Think step by step, then end with a line "Answer: " followed by the correct option, written exactly as it is listed.',
 }
 REASONING_FREE_FORM_INSTRUCTION = 'Solve the problem step by step. End with a line "Answer: " followed by the final number only.'
+MATH_INSTRUCTION = 'Solve the problem. End with a line "Answer: " followed by the final answer only, in LaTeX.'
+REASONING_MATH_INSTRUCTION = (
+    'Solve the problem step by step. End with a line "Answer: " followed by the final answer only, in LaTeX.'
+)
 REVISION_INSTRUCTION = "Answer the question again from scratch, in the same format."
 
 
@@ -35,6 +39,8 @@ def instruction(example: Example, reasoning: bool = False) -> str:
     """The answer-format instruction of a task: the answer line alone, or after step-by-step reasoning."""
     if example.is_multiple_choice:
         return (REASONING_INSTRUCTIONS if reasoning else INSTRUCTIONS)[example.label_style]
+    if example.answer_format == "math":
+        return REASONING_MATH_INSTRUCTION if reasoning else MATH_INSTRUCTION
     return REASONING_FREE_FORM_INSTRUCTION if reasoning else FREE_FORM_INSTRUCTION
 
 

@@ -6,6 +6,9 @@ import string
 from dataclasses import dataclass
 
 LABEL_STYLES = ("letters", "numbers", "text")
+# How a free-form answer is judged: "plain", a number (or, for a non-numeric gold, the normalised text); "math",
+# mathematical equivalence of LaTeX final answers (spearfl.data.scoring, with math-verify).
+ANSWER_FORMATS = ("plain", "math")
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,19 @@ class Example:
     # The task as a ranked-classification (cloze) context in its dataset's own format (OLMES), which each
     # option's text continues; None: "Question: <question>\nAnswer:" (`spearfl.data.prompts.cloze_context`).
     cloze_context: str | None = None
+    answer_format: str = "plain"  # free-form only: see ANSWER_FORMATS
+    # The example's category in its dataset (MATH's subject), the class label-skew partitions by when set.
+    category: str | None = None
     # A person's question on a device: nobody gave its answer, the person judges the model's (no gold, no answer).
     asked: bool = False
 
     def __post_init__(self) -> None:
         if self.label_style not in LABEL_STYLES:
             raise ValueError(f"{self.uid}: label_style must be one of {LABEL_STYLES}, got {self.label_style!r}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"{self.uid}: answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
+        if self.answer_format != "plain" and self.options:
+            raise ValueError(f"{self.uid}: answer_format {self.answer_format!r} is for free-form examples, not options")
         if self.asked:
             if self.gold is not None or self.answer is not None:
                 raise ValueError(f"{self.uid}: a person's question carries no gold answer")
@@ -65,11 +75,15 @@ class Example:
 
     @property
     def class_label(self) -> str:
-        """The class used for label-skew partitioning: the gold option's position, or the answer's last digit.
+        """The class used for label-skew partitioning: the category when set, else the gold option's position, or
+        the answer's last character.
 
         Position rather than text, so that tasks whose options change from question to question still
-        have a few classes to skew over.
+        have a few classes to skew over. A LaTeX answer's last character ("}" of "\\frac{1}{2}") says nothing, so
+        MATH skews over its seven subjects.
         """
+        if self.category is not None:
+            return self.category
         if self.is_multiple_choice:
             return str(self.gold)
         return self.answer.strip()[-1:] or "?"

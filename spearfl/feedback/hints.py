@@ -19,11 +19,12 @@ from spearfl.data.schema import Example
 # Opening words of the correct option the leaky hint quotes (the reference quoted "the first words";
 # the count is ours).
 LEAKY_PREFIX_WORDS = 3
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A sentence ends at ".", "!" or "?" before white space, also where the stop closes a maths span ("than $x.$ Then").
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?]\$)\s+")
 # gsm8k calculator annotations "<<16-3-4=9>>" repeat results that the prose already shows.
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
-# Lines of a worked solution that carry the final answer itself.
-_FINAL_ANSWER_LINE = re.compile(r"^\s*####|\\boxed|answer is", re.IGNORECASE)
+# Sentences of a worked solution that carry the final answer itself: GSM8K's "#### 13" line, MATH's \boxed{}.
+_FINAL_ANSWER_SENTENCE = re.compile(r"^\s*####|\\boxed|\\fbox|answer is", re.IGNORECASE)
 
 
 def no_hint(example: Example, max_sentences: int) -> str | None:
@@ -76,14 +77,14 @@ def split_sentences(text: str) -> list[str]:
 
 
 def solution_steps(solution: str) -> list[str]:
-    """Steps of a worked solution: its sentences, line by line, without calculator annotations or answer lines.
+    """Steps of a worked solution: its sentences, line by line, without calculator annotations or the sentences
+    that state the final answer (a MATH solution is often one paragraph whose last sentence holds the \\boxed{}).
 
     A step without closing punctuation gets a full stop, so that steps joined into one hint stay apart.
     """
     steps = []
     for line in _CALCULATOR_ANNOTATION.sub("", solution).splitlines():
-        if line.strip() and not _FINAL_ANSWER_LINE.search(line):
-            steps.extend(split_sentences(line))
+        steps.extend(sentence for sentence in split_sentences(line) if not _FINAL_ANSWER_SENTENCE.search(sentence))
     steps = [step.rstrip(",;: ") for step in steps]
     return [step if step[-1] in ".!?" else step + "." for step in steps if step]
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 
+import sympy
+
 from spearfl.data.schema import Example
-from spearfl.data.scoring import format_number, normalise_text
+from spearfl.data.scoring import equivalent_math, format_number, normalise_text, parsed_math
 from spearfl.feedback.hints import (
     HINT_STYLES,
     LEAKY_HINT_STYLES,
@@ -34,6 +36,8 @@ STOPWORDS = frozenset(
     """.split()
 )
 
+# Maths in a hint: $$...$$ before $...$, then \[...\] and \(...\).
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
 # A word or a number (thousands commas and decimals kept together, sign dropped: see `_tokens`).
 _TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|[^\W\d_]+")
 # Words that introduce a label as the answer: "answer is B", "option: B", "choice B".
@@ -48,6 +52,8 @@ def leaks_answer(example: Example, hint: str) -> bool:
     (True, False)
     """
     if not example.is_multiple_choice:
+        if example.answer_format == "math" and _states_math_answer(example.answer, hint):
+            return True
         return _mentions_free_form_answer(example.answer, hint)
     gold_option = example.options[example.gold]
     return _states_label(example.gold_label, example.label_style, hint) or _quotes_option(gold_option, hint)
@@ -88,6 +94,42 @@ def _mentions_free_form_answer(answer: str, hint: str) -> bool:
     return _contains_sequence(hint_tokens, answer_tokens)
 
 
+def math_spans(text: str, whole_equations: bool = False) -> list[str]:
+    r"""The maths of a text: each $...$, $$...$$, \(...\) and \[...\] span, or of a span with "=" the side after each
+    (and the whole equation too with `whole_equations`, for a gold that is itself one, "y = 2x + 3").
+
+    >>> math_spans(r"So $x = \frac{1}{2}$ and \[y=3\], $z^2$.")
+    ['\\frac{1}{2}', '3', 'z^2']
+    """
+    candidates = []
+    for match in _MATH_SPAN.finditer(text):
+        span = next(group for group in match.groups() if group is not None).strip()
+        sides = [side.strip() for side in re.split(r"(?<![<>\\!])=", span)[1:]]
+        # an equation is read as its right-hand side, so its sides stand for it
+        candidates += ([span] if whole_equations and sides else []) + ([side for side in sides if side] or [span])
+    return candidates
+
+
+def _states_math_answer(gold: str, hint: str) -> bool:
+    """A maths span of the hint, or the right-hand side of an "=" in one, is equivalent to the gold (math-verify).
+
+    A candidate that is an expression in unknowns ("x^2+x-6") cannot equal a gold that is a number, so it is passed
+    over without the equivalence check (most spans of a worked solution are such; an equation is not passed over:
+    math-verify reads "x = 3" as its right-hand side).
+    """
+    gold_number = _is_number(parsed_math(gold))
+    candidates = math_spans(hint, whole_equations="=" in gold)
+    return any(equivalent_math(gold, candidate) for candidate in candidates if not (gold_number and _has_unknowns(parsed_math(candidate))))
+
+
+def _is_number(parsed: tuple) -> bool:
+    return bool(parsed) and isinstance(parsed[0], sympy.Expr) and parsed[0].is_number
+
+
+def _has_unknowns(parsed: tuple) -> bool:
+    return bool(parsed) and isinstance(parsed[0], sympy.Expr) and bool(parsed[0].free_symbols)
+
+
 def content_words(text: str) -> set[str]:
     """Distinct normalised words and canonical numbers of a text, stopwords removed."""
     return {token for token in _tokens(text) if token not in STOPWORDS}
@@ -120,7 +162,7 @@ def match_credit(example: Example, hint: str) -> float:
     about any option earns exactly chance (1/#options). Free-form: 1 when the gold number is in the hint.
     """
     if not example.is_multiple_choice:
-        return float(_mentions_free_form_answer(example.answer, hint))
+        return float(leaks_answer(example, hint))
     overlaps = option_overlaps(example, hint)
     return _tied_credit(overlaps, example.gold, max(overlaps))
 

@@ -51,6 +51,8 @@ def format_reminder(example: Example) -> str:
     """What a user says to an answer that names no option (or no number): the format, nothing of the content."""
     if example.is_multiple_choice:
         return "Your answer does not name one of the listed options; reply with one of them, written as listed."
+    if example.answer_format == "math":
+        return 'Your answer does not end with a line "Answer: " and the final answer.'
     return "Your answer does not end with a number."
 
 

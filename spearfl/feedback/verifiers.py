@@ -1,4 +1,4 @@
-"""Programmatic verifiers: verdicts from a rule instead of the dataset's own scoring, usable wherever the oracle is.
+r"""Programmatic verifiers: verdicts from a rule instead of the dataset's own scoring, usable wherever the oracle is.
 
 A verifier is `(example, answer_text) -> bool`, answer_text being the reply as the person sees it (the answer
 line included). `spearfl.feedback.providers.make_provider` wraps one with the configured hint style, leak filter
@@ -6,6 +6,8 @@ and format reminder, exactly as the oracle wraps the dataset's scoring:
 - numeric: the answer line's number equals the gold number within a relative tolerance;
 - exact: the answer line equals the gold answer (the gold option's text, or the free-form answer), ignoring
   case, spacing and punctuation at the ends;
+- math: the final answer (the answer line, or the last \\boxed{}) is mathematically equivalent to the gold answer,
+  both read as LaTeX by math-verify, as MATH is scored (`spearfl.data.scoring.equivalent_math`);
 - regex: a pattern, in which `{answer}` stands for the gold answer (escaped), matches the answer line;
 - python: a function the user names as `module:function`, called with (example, answer_text).
 """
@@ -18,7 +20,7 @@ import re
 from collections.abc import Callable
 
 from spearfl.data.schema import Example
-from spearfl.data.scoring import answer_text, normalise_text, parse_number
+from spearfl.data.scoring import answer_text, equivalent_math, final_math_answer, normalise_text, parse_number
 
 Verifier = Callable[[Example, str], bool]
 
@@ -51,6 +53,16 @@ def exact(example: Example, text: str) -> bool:
     """
     line = answer_text(text)
     return line is not None and normalise_text(line) == normalise_text(gold_text(example))
+
+
+def math_equivalent(example: Example, text: str) -> bool:
+    r"""Right when the final answer is the gold answer up to mathematical equivalence.
+
+    >>> math_equivalent(Example(uid="v/3", question="Half of one?", answer=r"\frac{1}{2}"), "It is $0.5$.\nAnswer: 0.5")
+    True
+    """
+    answer = final_math_answer(text)
+    return answer is not None and equivalent_math(gold_text(example), answer)
 
 
 def regex(pattern: str) -> Verifier:

@@ -138,6 +138,7 @@ def verdict_for(config: RunConfig):
         return {
             "numeric": lambda: verifiers.numeric(feedback.tolerance),
             "exact": lambda: verifiers.exact,
+            "math": lambda: verifiers.math_equivalent,
             "regex": lambda: verifiers.regex(feedback.pattern),
             "python": lambda: verifiers.python_function(feedback.function),
         }[feedback.provider]()

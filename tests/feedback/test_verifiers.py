@@ -108,3 +108,14 @@ def test_judge_agreement_answers_and_judges_the_held_out_questions(tmp_path):
     assert result.total == len(rows) == 6 and [row["uid"] for row in rows] == [e.uid for e in heldout]
     assert [row["oracle"] for row in rows] == [is_correct(e, row["answer"]) for e, row in zip(heldout, rows)]
     assert result.both_right + result.oracle_only_right == sum(row["oracle"] for row in rows)
+
+
+def test_the_math_provider_judges_latex_answers_by_equivalence():
+    """`feedback.provider: math`: a device's own free-form questions judged as MATH is, whatever their answer_format."""
+    provider = client_feedback(load_config(None, ["feedback.provider=math", "feedback.hint=solution_steps"]))
+    question = Example(uid="d/0", question="What is a half, as a fraction?", answer=r"\frac{1}{2}")
+    assert provider(question, "It is one of two equal parts.\nAnswer: 0.5\n").correct
+    assert provider(question, r"So the result is \boxed{2/4}.").correct
+    wrong = provider(question, "Answer: 0.55\n")
+    assert not wrong.correct and wrong.style == "solution_steps"
+    assert not verifiers.math_equivalent(question, "no final answer")
