@@ -12,7 +12,12 @@ import re
 import sympy
 
 from spearfl.data.schema import Example
-from spearfl.data.scoring import equivalent_math, format_number, normalise_text, parsed_math
+from spearfl.data.scoring import (
+    equivalent_math,
+    format_number,
+    normalise_text,
+    parsed_math,
+)
 from spearfl.feedback.hints import (
     HINT_STYLES,
     LEAKY_HINT_STYLES,

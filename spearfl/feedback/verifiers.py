@@ -20,7 +20,13 @@ import re
 from collections.abc import Callable
 
 from spearfl.data.schema import Example
-from spearfl.data.scoring import answer_text, equivalent_math, final_math_answer, normalise_text, parse_number
+from spearfl.data.scoring import (
+    answer_text,
+    equivalent_math,
+    final_math_answer,
+    normalise_text,
+    parse_number,
+)
 
 Verifier = Callable[[Example, str], bool]
 
