@@ -103,7 +103,7 @@ def rounding_excess(got: torch.Tensor, plain: torch.Tensor, reference: torch.Ten
     Both float32 results carry rounding; the float64 reference carries about 2^-29 as much. So a correct `got`
     scores about 1 whatever the CPU's kernels, and a wrong one scores its error over float32 rounding.
     """
-    reference = reference.double()
+    got, plain, reference = (value.detach().double() for value in (got, plain, reference))
     own_rounding = FLOAT32_UNIT_ROUNDOFF * float(reference.norm())
     scale = max(float((plain.double() - reference).norm()), own_rounding, torch.finfo(torch.float64).tiny)
     return float((got.double() - reference).norm()) / scale
@@ -114,6 +114,13 @@ def assert_float32_close(got, plain, reference, name: str = "") -> None:
     got, plain, reference = (torch.as_tensor(value, dtype=torch.float64) for value in (got, plain, reference))
     excess = rounding_excess(got, plain, reference)
     assert excess <= ROUNDING_FACTOR, f"{name}: {excess:.1f} times float32 rounding from the float64 reference"
+
+
+def float64_twin(model):
+    """A float64 copy of a model: the reference float32 results are measured against (`assert_float32_close`)."""
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64)
 
 
 def encode_task(tokenizer, example: Example) -> list[int]:

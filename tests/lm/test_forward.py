@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
-from helpers import completion_logprobs
+from helpers import assert_float32_close, completion_logprobs, float64_twin
 
 from spearfl.lm.forward import (
+    at_least_float32,
     batch_for_training,
     completion_token_logits,
     left_pad,
@@ -21,7 +22,7 @@ def manual_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Te
     """One unpadded full forward, log-softmax everywhere: the definition."""
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]  # [T, V]
-    log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+    log_probabilities = torch.log_softmax(at_least_float32(logits), dim=-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
     return log_probabilities[positions, torch.tensor(completion)]
 
@@ -68,15 +69,17 @@ def test_completion_token_logits_line_up_with_targets(tiny_model):
     expected = manual_logprobs(tiny_model, PROMPTS[row], COMPLETIONS[row])
     targets = batch.input_ids[row, -num_positions:]
     observed = torch.log_softmax(logits[row], -1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(observed, expected, rtol=0, atol=1e-5)
+    assert_float32_close(observed, expected, manual_logprobs(float64_twin(tiny_model), PROMPTS[row], COMPLETIONS[row]))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4])
 def test_logprobs_match_a_manual_full_forward(tiny_model, batch_size):
     observed = completion_logprobs(tiny_model, PROMPTS, COMPLETIONS, batch_size=batch_size)
+    twin = float64_twin(tiny_model)
     for prompt, completion, row in zip(PROMPTS, COMPLETIONS, observed):
         assert row.dtype == torch.float32 and row.device.type == "cpu"
-        torch.testing.assert_close(row, manual_logprobs(tiny_model, prompt, completion), rtol=0, atol=1e-5)
+        expected = manual_logprobs(tiny_model, prompt, completion)
+        assert_float32_close(row, expected, manual_logprobs(twin, prompt, completion))
 
 
 def test_logprobs_through_lora_match_the_base_at_initialisation(tiny_model, tiny_lora_model):
@@ -104,9 +107,13 @@ def test_option_logprobs_with_a_shared_prompt_cache_match_full_sequences(tokeniz
          tokenizer.encode(" Answer: green grass", add_special_tokens=False)],
     ]
     cached = option_logprobs(tiny_model, prompts, options, batch_size=2)
+    twin = float64_twin(tiny_model)
     for prompt, choices, scores in zip(prompts, options, cached):
-        expected = [float(row.sum()) for row in completion_logprobs(tiny_model, [prompt] * len(choices), choices, batch_size=1)]
-        assert scores == pytest.approx(expected, abs=1e-4)
+        expected, reference = (
+            [float(row.sum()) for row in completion_logprobs(model, [prompt] * len(choices), choices, batch_size=1)]
+            for model in (tiny_model, twin)
+        )
+        assert_float32_close(scores, expected, reference)
 
 
 def test_option_scores_with_line_ends_add_the_mass_of_ending_the_line_there(tokenizer, tiny_model):
@@ -117,13 +124,17 @@ def test_option_scores_with_line_ends_add_the_mass_of_ending_the_line_there(toke
     options = [tokenizer.encode(" Answer: cat", add_special_tokens=False), tokenizer.encode(" Answer: catfish", add_special_tokens=False)]
     end_ids = [tokenizer.eos_token_id, *tokenizer.encode("\n", add_special_tokens=False)]
     scores, = option_logprobs(tiny_model, [prompt], [options], batch_size=2, end_ids=end_ids)
-    for choice, score in zip(options, scores):
+
+    def by_definition(model, choice):
         with torch.no_grad():
-            logits = tiny_model(input_ids=torch.tensor([prompt + choice])).logits[0].float()  # [T, V]
+            logits = at_least_float32(model(input_ids=torch.tensor([prompt + choice])).logits[0])  # [T, V]
         logprobs = torch.log_softmax(logits, dim=-1)
         body = sum(float(logprobs[len(prompt) - 1 + t, token]) for t, token in enumerate(choice))
-        ending = float(torch.logsumexp(logprobs[-1, end_ids], dim=0))
-        assert score == pytest.approx(body + ending, abs=1e-4)
+        return body + float(torch.logsumexp(logprobs[-1, end_ids], dim=0))
+
+    twin = float64_twin(tiny_model)
+    for choice, score in zip(options, scores):
+        assert_float32_close(score, by_definition(tiny_model, choice), by_definition(twin, choice))
 
 
 SYSTEM = list(range(300, 312))  # 12 tokens every prompt begins with, like a chat model's system turn
@@ -155,23 +166,27 @@ def test_a_shared_beginning_runs_once_with_the_same_logits_and_gradients(tokeniz
         lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
     )
 
-    def logits_and_gradients():
+    twin = float64_twin(tiny_lora_model)
+
+    def logits_and_gradients(model):
         torch.manual_seed(0)
-        logits = completion_token_logits(tiny_lora_model, batch)
-        (logits.float().logsumexp(-1) * batch.completion_mask[:, -logits.shape[1]:]).sum().backward()
-        gradients = {name: p.grad.clone() for name, p in tiny_lora_model.named_parameters() if p.grad is not None}
-        tiny_lora_model.zero_grad(set_to_none=True)
+        logits = completion_token_logits(model, batch)
+        (at_least_float32(logits).logsumexp(-1) * batch.completion_mask[:, -logits.shape[1]:]).sum().backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
         return logits.detach(), gradients
 
-    shared_logits, shared_gradients = logits_and_gradients()
+    shared_logits, shared_gradients = logits_and_gradients(tiny_lora_model)
     hook.remove()
     assert widths[0][0] == 1  # the shared beginning ran as one row
     monkeypatch.setattr(scoring_lm, "MIN_SHARED_PREFIX", 10**6)
-    plain_logits, plain_gradients = logits_and_gradients()
+    plain_logits, plain_gradients = logits_and_gradients(tiny_lora_model)
+    reference_logits, reference_gradients = logits_and_gradients(twin)
     mask = batch.completion_mask[:, -plain_logits.shape[1]:]
-    assert torch.allclose(shared_logits[mask], plain_logits[mask], atol=1e-5)
-    assert shared_gradients.keys() == plain_gradients.keys()
-    assert all(torch.allclose(shared_gradients[name], plain_gradients[name], atol=1e-5) for name in plain_gradients)
+    assert_float32_close(shared_logits[mask], plain_logits[mask], reference_logits[mask], "logits")
+    assert shared_gradients.keys() == plain_gradients.keys() == reference_gradients.keys()
+    for name in plain_gradients:
+        assert_float32_close(shared_gradients[name], plain_gradients[name], reference_gradients[name], name)
 
 
 def test_a_prefill_runs_a_shared_beginning_once_with_the_same_results(tiny_model, monkeypatch):
@@ -181,13 +196,20 @@ def test_a_prefill_runs_a_shared_beginning_once_with_the_same_results(tiny_model
     prompts = [SYSTEM + [5, 6, 7], SYSTEM + [8], SYSTEM + [9, 10, 11, 12, 13]]
     device = torch.device("cpu")
 
-    def prefill_then_step():
+    next_tokens = None  # the plain float32 run's picks, fed to every run so that all decode the same step
+
+    def prefill_then_step(model):
         with torch.no_grad():
-            mask, logits, cache = scoring_lm.prefill(tiny_model, prompts, device)
-            _, next_logits = decode_step(tiny_model, logits.argmax(-1), mask, cache)
+            mask, logits, cache = scoring_lm.prefill(model, prompts, device)
+            picked = logits.argmax(-1) if next_tokens is None else next_tokens
+            _, next_logits = decode_step(model, picked, mask, cache)
         return logits, next_logits
 
-    shared = prefill_then_step()
+    shared = prefill_then_step(tiny_model)
     monkeypatch.setattr(scoring_lm, "MIN_SHARED_PREFIX", 10**6)
-    plain = prefill_then_step()
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(shared, plain))
+    plain = prefill_then_step(tiny_model)
+    next_tokens = plain[0].argmax(-1)
+    assert torch.equal(shared[0].argmax(-1), next_tokens)
+    reference = prefill_then_step(float64_twin(tiny_model))
+    for got, expected, exact in zip(shared, plain, reference):
+        assert_float32_close(got, expected, exact)

@@ -3,11 +3,12 @@ costs and the order in which the plan gives up speed for memory."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
-from helpers import tiny_lora_model
+from helpers import assert_float32_close, float64_twin, tiny_lora_model
 
 import spearfl.lm.memory as memory
 from spearfl.lm.forward import chunked_target_logprobs, token_logprobs
@@ -33,14 +34,20 @@ def test_chunked_log_probs_equal_the_whole_softmax_with_their_gradient(chunk, te
     targets = torch.randint(0, 50, (7,), generator=generator)
     upstream = torch.randn(7, generator=generator)
 
-    whole = token_logprobs((layer(hidden) / temperature)[None], targets[None])[0]
-    (whole * upstream).sum().backward()
-    expected = hidden.grad.clone()
+    def whole_softmax(layer, hidden, upstream):
+        whole = token_logprobs((layer(hidden) / temperature)[None], targets[None])[0]
+        (whole * upstream).sum().backward()
+        return whole.detach(), hidden.grad
+
+    whole, expected = whole_softmax(layer, hidden, upstream)
+    reference, reference_gradient = whole_softmax(
+        copy.deepcopy(layer).double(), hidden.detach().double().requires_grad_(), upstream.double()
+    )
     hidden.grad = None
     chunked = chunked_target_logprobs(hidden, layer, targets, temperature, chunk)
     (chunked * upstream).sum().backward()
-    assert torch.allclose(chunked, whole, atol=1e-6)
-    assert torch.allclose(hidden.grad, expected, atol=1e-6)
+    assert_float32_close(chunked, whole, reference, "log-probs")
+    assert_float32_close(hidden.grad, expected, reference_gradient, "gradient")
 
 
 def test_target_log_probs_in_chunks_match_the_whole_logits_on_the_completion_tokens(tokenizer):
@@ -48,8 +55,9 @@ def test_target_log_probs_in_chunks_match_the_whole_logits_on_the_completion_tok
     batch = collate([[1, 5, 6, 7], [1, 8], [1, 9, 10]], [[20, 21, 22], [23], [24, 25]], 0, torch.device("cpu"))
     whole = target_logprobs(model, batch, 0.8)
     chunked = target_logprobs(model, batch, 0.8, vocabulary_chunk=2)
+    reference = target_logprobs(float64_twin(model), batch, 0.8)
     mask = batch.completion_mask
-    assert torch.allclose(chunked[mask], whole[mask], atol=1e-5)
+    assert_float32_close(chunked[mask], whole[mask], reference[mask])
     assert torch.all(chunked[~mask] == 0)
 
 
@@ -62,8 +70,9 @@ def test_a_selection_of_rows_scores_them_as_the_whole_batch_does(tokenizer):
     assert part.tokens.input_ids.shape[1] < batch.tokens.input_ids.shape[1]  # the long row's padding is gone
     assert part.targets.shape[1] == batch.targets.shape[1] == 3
     selected = target_logprobs(model, part)
+    reference = target_logprobs(float64_twin(model), batch)
     mask = part.completion_mask
-    assert torch.allclose(selected[mask], whole[[2, 1]][mask], atol=1e-5)
+    assert_float32_close(selected[mask], whole[[2, 1]][mask], reference[[2, 1]][mask])
     short = collate([[1], [1, 2]], [[20, 21, 22], [23]], 0, torch.device("cpu")).select([1])
     assert short.tokens.input_ids.shape[1] >= 4  # never fewer columns than the K + 1 that predict the targets
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_tiny_model
+from helpers import assert_float32_close, build_tiny_model
 from peft import get_peft_model_state_dict
 
 from spearfl.config import LoraConfig, ModelConfig
@@ -259,8 +259,9 @@ def test_checkpointed_lora_layers_give_the_same_gradients(tokenizer):
 
     prompts, completions = [[1, 100, 200, 300], [1, 5, 6]], [[7, 8, 9], [10, 11]]
 
-    def gradients(checkpointed: bool):
+    def gradients(checkpointed: bool, dtype=torch.float32):
         model = attach_lora(build_tiny_model(tokenizer, seed=0), LoraConfig(rank=4, alpha=8, dropout=0.1, layers=[1]), seed=3)
+        model.to(dtype)
         if checkpointed:
             assert checkpoint_lora_layers(model) == 1  # only the layer that has LoRA
         model.train()
@@ -272,6 +273,7 @@ def test_checkpointed_lora_layers_give_the_same_gradients(tokenizer):
         assert len(calls) == (2 if checkpointed else 1)  # the backward pass ran the layer again
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
-    plain, checkpointed = gradients(False), gradients(True)
-    assert plain.keys() == checkpointed.keys() and len(plain) > 0
-    assert all(torch.allclose(plain[name], checkpointed[name], atol=1e-6) for name in plain)
+    plain, checkpointed, reference = gradients(False), gradients(True), gradients(False, torch.float64)
+    assert plain.keys() == checkpointed.keys() == reference.keys() and len(plain) > 0
+    for name in plain:  # dropout draws the same masks in float64 from the same seed, so the twin is the same function
+        assert_float32_close(checkpointed[name], plain[name], reference[name], name)
