@@ -7,11 +7,13 @@ import torch
 from helpers import (
     ScriptedGeneration,
     StubModel,
+    assert_float32_close,
     completion_from_ids,
     completion_from_text,
     completion_logprobs,
     encode_task,
     end_to_end_assets,
+    float64_twin,
     make_config,
     make_context,
     multiple_choice,
@@ -399,21 +401,25 @@ def test_spear_loss_matches_a_hand_assembly(tokenizer):
     model.eval()
     total, parts = spear_step(context, Trainer(context), wins, losses, reference)
 
-    win_rows = completion_logprobs(model, [w.prompt for w in wins], [w.completion for w in wins], batch_size=4)
-    lose_rows = completion_logprobs(model, [l.prompt for l in losses], [l.completion for l in losses], batch_size=4)
-    win_nll = -sum(float(row.sum()) for row in win_rows) / sum(len(row) for row in win_rows)
-    per_sequence = []
-    for loss, row in zip(losses, lose_rows):
-        tail = range(len(loss.completion) - 4, len(loss.completion))
-        kept = [t for t in tail if loss.completion[t] != eos and not loss.protected[t]]
-        costs = [-math.log(1 - math.exp(float(row[t]))) for t in kept]
-        per_sequence.append(loss.confidence * sum(costs) / len(costs))
-    unlikelihood = sum(per_sequence) / len(per_sequence)
+    def by_hand(scorer):
+        """The step's two terms from each token's log-probability, as the module docstring defines them."""
+        win_rows = completion_logprobs(scorer, [w.prompt for w in wins], [w.completion for w in wins], batch_size=4)
+        lose_rows = completion_logprobs(scorer, [l.prompt for l in losses], [l.completion for l in losses], batch_size=4)
+        win_nll = -sum(float(row.sum()) for row in win_rows) / sum(len(row) for row in win_rows)
+        per_sequence = []
+        for loss, row in zip(losses, lose_rows):
+            tail = range(len(loss.completion) - 4, len(loss.completion))
+            kept = [t for t in tail if loss.completion[t] != eos and not loss.protected[t]]
+            costs = [-math.log(1 - math.exp(float(row[t]))) for t in kept]
+            per_sequence.append(loss.confidence * sum(costs) / len(costs))
+        return win_nll, sum(per_sequence) / len(per_sequence)
+
+    (win_nll, unlikelihood), (exact_nll, exact_unlikelihood) = by_hand(model), by_hand(float64_twin(model))
     num_lora_values = sum(value.numel() for value in reference.values())
-    anchor = 0.01 * num_lora_values
-    assert parts["win_nll"] == pytest.approx(win_nll, rel=1e-4)
-    assert parts["lose_unlikelihood"] == pytest.approx(unlikelihood, rel=1e-3)
-    assert total == pytest.approx(win_nll + 0.5 * unlikelihood + 0.25 * anchor, rel=1e-4)
+    anchor = 0.01 * num_lora_values  # (0.1)^2 per value: float32 rounding of 0.1 is far below the check's unit
+    assert_float32_close(parts["win_nll"], win_nll, exact_nll, "win_nll")
+    assert_float32_close(parts["lose_unlikelihood"], unlikelihood, exact_unlikelihood, "lose_unlikelihood")
+    assert_float32_close(total, win_nll + 0.5 * unlikelihood + 0.25 * anchor, exact_nll + 0.5 * exact_unlikelihood + 0.25 * anchor)
 
 
 def test_unlikelihood_skips_every_end_of_turn_id_the_sampler_stops_on(tokenizer):
@@ -432,9 +438,11 @@ def test_unlikelihood_skips_every_end_of_turn_id_the_sampler_stops_on(tokenizer)
     context = make_context(model, tokenizer, config)
     _, parts = spear_step(context, Trainer(context), [win], [loss], reference={})
     # Score both rows in one batch, padded as spear_step pads them, so the numbers match to float precision.
-    _, row = completion_logprobs(model, [prompt, prompt], [win.completion, completion], batch_size=2)
-    newline_only = -math.log(1 - math.exp(float(row[-2])))  # the tail is "\n" and the end-of-turn id
-    assert parts["lose_unlikelihood"] == pytest.approx(newline_only, rel=1e-3)
+    newline_only = [  # the tail is "\n" and the end-of-turn id: only "\n" counts
+        -math.log(1 - math.exp(float(completion_logprobs(scorer, [prompt, prompt], [win.completion, completion], batch_size=2)[1][-2])))
+        for scorer in (model, float64_twin(model))
+    ]
+    assert_float32_close(parts["lose_unlikelihood"], *newline_only)
 
 
 # ---------------------------------------------------------------------------------------------- learning
