@@ -4,8 +4,10 @@ import pytest
 import torch
 from helpers import (
     answers,
+    assert_float32_close,
     completion_logprobs,
     first_calls_beside_spear,
+    float64_twin,
     make_config,
     make_context,
     multiple_choice,
@@ -88,8 +90,9 @@ def test_old_logprobs_are_the_samplers_under_the_round_start_adapter(tokenizer, 
     set_adapter_state(model, global_state)
     prompts, completions = [r.prompt for r in rollouts], [r.completion for r in rollouts]
     expected = completion_logprobs(model, prompts, completions, batch_size=1, temperature=1.5)
-    for rollout, row in zip(rollouts, expected):
-        assert torch.allclose(rollout.old_logprobs, row, atol=1e-4)
+    exact = completion_logprobs(float64_twin(model), prompts, completions, batch_size=1, temperature=1.5)
+    for rollout, row, reference in zip(rollouts, expected, exact):
+        assert_float32_close(rollout.old_logprobs, row, reference)
 
 
 def test_groups_that_all_agree_skip_training(tokenizer, monkeypatch):

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import completion_logprobs
+from helpers import assert_float32_close, completion_logprobs, float64_twin
 from transformers import GenerationConfig
 
 from spearfl.lm.generation import (
@@ -258,10 +258,11 @@ def test_sampled_ids_come_with_their_log_probabilities(tiny_lora_model, tokenize
     token_ids = [c.token_ids for c in completions]
     scored = completion_logprobs(tiny_lora_model, prompts, token_ids, batch_size=1, temperature=0.7)
     untempered = completion_logprobs(tiny_lora_model, prompts, token_ids, batch_size=1)
-    for completion, row, plain in zip(completions, scored, untempered):
+    exact = completion_logprobs(float64_twin(tiny_lora_model), prompts, token_ids, batch_size=1, temperature=0.7)
+    for completion, row, plain, reference in zip(completions, scored, untempered, exact):
         assert len(completion.logprobs) == len(completion.token_ids)
         # the distribution each id was drawn from: the sampling temperature's, before the nucleus cut
-        assert torch.allclose(torch.tensor(completion.logprobs), row, atol=1e-4)
+        assert_float32_close(torch.tensor(completion.logprobs), row, reference)
         assert not torch.allclose(torch.tensor(completion.logprobs), plain, atol=1e-3)
 
 
@@ -283,8 +284,9 @@ def test_a_prompt_extending_an_earlier_one_runs_only_its_new_tokens_and_samples_
         hook.remove()
     assert widths[0] == 4  # the new tokens only: the longest row runs 4 of its 7
     assert [c.token_ids for c in reused] == [c.token_ids for c in plain]
-    for left, right in zip(reused, plain):
-        assert torch.allclose(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=1e-5)
+    exact = completion_logprobs(float64_twin(tiny_lora_model), revisions, [c.token_ids for c in plain], batch_size=1)
+    for left, right, reference in zip(reused, plain, exact):
+        assert_float32_close(torch.tensor(left.logprobs), torch.tensor(right.logprobs), reference)
 
 
 def test_the_prefix_cache_keeps_within_its_bytes_and_a_prompt_it_left_out_runs_whole(tiny_lora_model, tokenizer):
@@ -302,8 +304,9 @@ def test_the_prefix_cache_keeps_within_its_bytes_and_a_prompt_it_left_out_runs_w
     assert list(bounded.entries) == [tuple(tasks[0])] and bounded.num_bytes == 5 * per_token <= bounded.max_bytes
     reused = run(tiny_lora_model, tokenizer, revisions, prefixes=bounded, **settings)
     assert [c.token_ids for c in reused] == [c.token_ids for c in plain]
-    for left, right in zip(reused, plain):
-        assert torch.allclose(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=1e-5)
+    exact = completion_logprobs(float64_twin(tiny_lora_model), revisions, [c.token_ids for c in plain], batch_size=1)
+    for left, right, reference in zip(reused, plain, exact):
+        assert_float32_close(torch.tensor(left.logprobs), torch.tensor(right.logprobs), reference)
     bounded.retain([tasks[1]])  # a prompt never stored: nothing left, and nothing counted
     assert bounded.entries == {} and bounded.num_bytes == 0
 
