@@ -7,8 +7,10 @@ import pytest
 import torch
 from helpers import (
     answers,
+    assert_float32_close,
     completion_logprobs,
     first_calls_beside_spear,
+    float64_twin,
     make_config,
     make_context,
     multiple_choice,
@@ -20,8 +22,7 @@ from helpers import (
 
 import spearfl.algorithms.rltf_sd as rltf_sd
 from spearfl.algorithms import ALGORITHMS
-from spearfl.algorithms.base import ClientRound, sample_examples
-from spearfl.algorithms.base import Trainer
+from spearfl.algorithms.base import ClientRound, Trainer, sample_examples
 from spearfl.algorithms.rltf_sd import Weighted, rltf_sd_step
 from spearfl.feedback.providers import VERDICT_WRONG
 from spearfl.lm.models import get_adapter_state
@@ -103,15 +104,21 @@ def test_loss_matches_a_hand_assembly(tokenizer):
     context = make_context(model, tokenizer, make_config("rltf_sd.distill_coef=0.7"))
     total, parts = rltf_sd_step(context, Trainer(context), weighted)
 
-    def term(name):
+    def term(scorer, name):
         rows = [item for item in weighted if item.term == name]
-        scores = completion_logprobs(model, [item.prompt for item in rows], [item.completion for item in rows])
+        scores = completion_logprobs(scorer, [item.prompt for item in rows], [item.completion for item in rows])
         return -sum(item.advantage * float(row.sum()) for item, row in zip(rows, scores)) / sum(len(row) for row in scores)
 
-    expected = {name: term(name) for name in rltf_sd.TERMS}
+    twin = float64_twin(model)
+    expected = {name: term(model, name) for name in rltf_sd.TERMS}
+    exact = {name: term(twin, name) for name in rltf_sd.TERMS}
     for name, value in expected.items():
-        assert parts[name] == pytest.approx(value, rel=1e-4)
-    assert total == pytest.approx(expected["first_turn_pg"] + expected["second_turn_pg"] + 0.7 * expected["distill"], rel=1e-4)
+        assert_float32_close(parts[name], value, exact[name], name)
+
+    def combined(terms):
+        return terms["first_turn_pg"] + terms["second_turn_pg"] + 0.7 * terms["distill"]
+
+    assert_float32_close(total, combined(expected), combined(exact), "total")
     assert parts["trained_tokens"] == sum(len(item.prompt) + len(item.completion) for item in weighted)  # one forward
 
 
