@@ -8,6 +8,7 @@ falls back to a default.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,6 +221,9 @@ class SecAggPlusConfig(Section):
     # Seconds the server waits for each of the protocol's four stages (the training happens in the third);
     # None: the ServerApp's reply-timeout. A client that misses a stage drops out of the round.
     timeout: float | None = Field(None, gt=0)
+    # The fewest clients whose weighted updates (weight > 0) may make up a round's sum: with two, each learns the
+    # other's update from the new global adapter; a round with fewer aggregates nothing.
+    min_contributors: int = Field(3, ge=3)
 
     @model_validator(mode="after")
     def _check_shares(self) -> "SecAggPlusConfig":
@@ -231,6 +235,16 @@ class SecAggPlusConfig(Section):
         if isinstance(shares, int) and isinstance(threshold, int) and threshold >= shares:
             raise ValueError(f"reconstruction_threshold ({threshold}) must be below num_shares ({shares})")
         return self
+
+
+def trim_count(num_clients: int, fraction: float) -> int:
+    """The trimmed mean's values dropped at each end: floor(fraction * n), leaving at least one."""
+    return min(math.floor(fraction * num_clients), (num_clients - 1) // 2)
+
+
+def krum_malicious(num_clients: int, assumed: int) -> int:
+    """Multi-Krum's f: as configured, lowered until Krum's n > 2f + 2 holds (0 when the clients are too few for any)."""
+    return max(min(assumed, (num_clients - 3) // 2), 0)
 
 
 MODULUS_RANGE = 2**32  # SecAgg+ masks and sums modulo this (Flower's default, its largest)
@@ -297,9 +311,11 @@ class PrivacyConfig(Section):
     clip_norm: float = Field(1.0, gt=0)  # C: the demo's SPEAR updates have norms near 1 (docs/security.md)
     noise_multiplier: float = Field(1.0, gt=0)  # z: the noise's standard deviation in units of C
     delta: float = Field(1e-5, gt=0, lt=1)
-    epsilon_budget: float | None = Field(None, gt=0)  # the run stops after the last round within it
-    # run_seed: noise repeats with the run (exact resume); os: unpredictable noise for deployments
-    noise_source: Literal["run_seed", "os"] = "run_seed"
+    # central: the run stops after the last round within it; local: the device's own budget, past which it
+    # refuses to release (a device's own config sets it; a work order cannot raise it)
+    epsilon_budget: float | None = Field(None, gt=0)
+    # Noise, and under central DP the choice of each round's clients, always come from the OS CSPRNG: the run
+    # seed is in every device's config, so noise drawn from it would be public (spearfl.federated.privacy).
 
 
 class AttackConfig(Section):
@@ -402,13 +418,49 @@ class RunConfig(Section):
             raise ValueError(f"attacks name clients {sorted(set(listed))} outside 0..{self.data.num_clients - 1}")
         if len(listed) != len(set(listed)):
             raise ValueError(f"attacks list a client twice: {sorted(c for c in set(listed) if listed.count(c) > 1)}")
-        if self.privacy.mode == "central" and self.defense.aggregator != "mean":
-            raise ValueError(f"privacy.mode central bounds each client's share of the mean; defense.aggregator {self.defense.aggregator!r} has no such bound")
+        self._check_central_privacy()
+        self._check_robust_combiner()
         self._check_secure_aggregation()
         steps = self.budget("grpo").local_steps
         if self.grpo.passes > steps:
             raise ValueError(f"grpo.passes ({self.grpo.passes}) exceeds the local steps ({steps}): a pass takes at least one step")
         return self
+
+    def _check_central_privacy(self) -> None:
+        """Central DP's epsilon holds only where one client moves the noised sum by at most 2C and the round's
+        clients are a uniform sample of K of N: whatever breaks either is refused beside it."""
+        if self.privacy.mode != "central":
+            return
+        if self.defense.aggregator != "mean":
+            raise ValueError(f"privacy.mode central bounds each client's share of the mean; defense.aggregator {self.defense.aggregator!r} has no such bound")
+        if self.defense.screening != "none":
+            raise ValueError(
+                f"privacy.mode central with defense.screening {self.defense.screening!r}: the screening sets every client's "
+                "factor and reputation from the medians and similarities of all updates, so one client's update moves "
+                "the others' shares and later rounds, and the sensitivity 2C the accountant assumes no longer holds; "
+                "set defense.screening to none, or use privacy.mode local (the screening then reads noised updates only)"
+            )
+        if self.live.round_period_seconds is not None:
+            raise ValueError(
+                "privacy.mode central with live.round_period_seconds: such rounds take the devices that are ready first, "
+                "not a uniform sample of K of N, which the accountant's sampling event assumes; unset round_period_seconds"
+            )
+
+    def _check_robust_combiner(self) -> None:
+        """A robust combiner that, at the round's size, leaves nothing out is the plain mean under another name."""
+        clients, settings = self.server.clients_per_round, self.defense
+        if settings.aggregator == "trimmed_mean" and trim_count(clients, settings.trim_fraction) == 0:
+            raise ValueError(
+                f"defense.aggregator trimmed_mean with trim_fraction {settings.trim_fraction} over server.clients_per_round "
+                f"{clients} trims floor({settings.trim_fraction} x {clients}) = 0 values at each end: it is the plain mean; "
+                f"raise trim_fraction to at least {1 / clients:.3g} or clients_per_round to at least {math.ceil(1 / settings.trim_fraction) if settings.trim_fraction else 'more'}"
+            )
+        if settings.aggregator == "multi_krum" and krum_malicious(clients, settings.assumed_malicious) == 0:
+            raise ValueError(
+                f"defense.aggregator multi_krum over server.clients_per_round {clients} can assume no malicious client "
+                f"(Krum needs n > 2f + 2; defense.assumed_malicious is {settings.assumed_malicious}): it is the plain mean; "
+                f"take at least {2 * max(settings.assumed_malicious, 1) + 3} clients a round"
+            )
 
     def _check_secure_aggregation(self) -> None:
         """Secure aggregation hides single updates: whatever must read one is refused beside it."""
@@ -428,6 +480,8 @@ class RunConfig(Section):
         settings, clients = self.server.secaggplus, self.server.clients_per_round
         if clients < 3:
             raise ValueError(f"server.clients_per_round ({clients}) must be at least 3 under secure aggregation: with 2, each learns the other's update from the sum, and no dropout is survivable")
+        if settings.min_contributors > clients:
+            raise ValueError(f"server.secaggplus.min_contributors ({settings.min_contributors}) exceeds server.clients_per_round ({clients}): no round could aggregate")
         if isinstance(settings.num_shares, int) and settings.num_shares > clients:
             raise ValueError(f"server.secaggplus.num_shares ({settings.num_shares}) exceeds server.clients_per_round ({clients})")
         if settings.quantization_range * clients >= MODULUS_RANGE:

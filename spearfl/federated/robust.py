@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from spearfl.config import krum_malicious, trim_count
 from spearfl.federated.aggregation import AdapterState, check_same_layout, weighted_average
 
 # (global adapter, client adapters, weights, settings) -> (combined adapter or None, notes for the history)
@@ -106,15 +107,12 @@ def trimmed(stacked: torch.Tensor, trim: int) -> torch.Tensor:
     return ordered[trim : ordered.shape[0] - trim].mean(dim=0)
 
 
-def trim_count(num_clients: int, fraction: float) -> int:
-    """Values dropped at each end: floor(fraction * n), leaving at least one."""
-    return min(math.floor(fraction * num_clients), (num_clients - 1) // 2)
-
-
 def trimmed_mean(global_state, states, weights, settings) -> tuple[AdapterState | None, dict]:
     """Coordinate-wise trimmed mean of the updates (unweighted)."""
-    trim = trim_count(len(contributing(states, weights)), settings.trim_fraction)
-    return per_coordinate(global_state, states, weights, lambda stacked: trimmed(stacked, trim)), {"trimmed_each_end": trim}
+    count = len(contributing(states, weights))
+    trim = trim_count(count, settings.trim_fraction)
+    notes = {"trimmed_each_end": trim} | ({"degenerate": f"{count} clients: nothing trimmed, the plain mean"} if count and not trim else {})
+    return per_coordinate(global_state, states, weights, lambda stacked: trimmed(stacked, trim)), notes
 
 
 def krum_scores(vectors: torch.Tensor, num_malicious: int) -> torch.Tensor:
@@ -123,11 +121,6 @@ def krum_scores(vectors: torch.Tensor, num_malicious: int) -> torch.Tensor:
     neighbours = max(vectors.shape[0] - num_malicious - 2, 1)
     nearest = distances.sort(dim=1).values[:, 1 : neighbours + 1]  # column 0 is the row's distance to itself
     return nearest.sum(dim=1)
-
-
-def krum_malicious(num_clients: int, assumed: int) -> int:
-    """f as configured, lowered until Krum's n > 2f + 2 holds (0 when the clients are too few for any)."""
-    return max(min(assumed, (num_clients - 3) // 2), 0)
 
 
 def multi_krum(global_state, states, weights, settings) -> tuple[AdapterState | None, dict]:
@@ -142,6 +135,8 @@ def multi_krum(global_state, states, weights, settings) -> tuple[AdapterState | 
     selected = [kept[index] for index in chosen]
     combined = weighted_average([states[index] for index in selected], [weights[index] for index in selected])
     notes = {"krum_f": num_malicious, "selected": selected, "krum_scores": [float(score) for score in scores]}
+    if num_malicious < settings.assumed_malicious:
+        notes["degenerate"] = f"{len(kept)} clients: Krum assumes f = {num_malicious} of the {settings.assumed_malicious} configured"
     return combined, notes
 
 
@@ -160,11 +155,21 @@ def norm_clip(global_state, states, weights, settings) -> tuple[AdapterState | N
 
 
 def clipped(update: AdapterState, bound: float) -> tuple[AdapterState, bool]:
-    """The update scaled down to norm at most `bound`, and whether it was."""
+    """The update scaled down to norm at most `bound`, and whether it was.
+
+    The bound holds for the tensors as they are returned, in their own dtype: scaling a float32 tensor by
+    bound / norm rounds every value, and the rounded vector's norm can come out a few ulps above the bound, so
+    the factor is shrunk by float32 ulps until the stored result's norm, measured in float64, is within it."""
     norm = float(flatten(update).double().norm())
     if norm <= bound:
         return update, False
-    return {name: tensor * (bound / norm) for name, tensor in update.items()}, True
+    factor = bound / norm
+    for _ in range(64):
+        scaled = {name: (tensor.double() * factor).to(tensor.dtype) for name, tensor in update.items()}
+        if float(flatten(scaled).double().norm()) <= bound:
+            return scaled, True
+        factor *= 1 - 2.0**-23
+    raise ArithmeticError(f"could not scale an update of norm {norm} within {bound} in its own dtype")
 
 
 COMBINERS: dict[str, Combiner] = {

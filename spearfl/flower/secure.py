@@ -142,6 +142,7 @@ def round_replies(
     asked: int,
     redeem: Callable[[int, str], None],
     required_metrics: tuple[str, ...],
+    settings: SecAggPlusConfig,
 ) -> tuple[list[tuple[int, ClientResult]], list[dict]]:
     """(accepted results, rejected {"client", "reason"}) of the round's clients that had a node (`nodes`: client ->
     node). `redeem(client, nonce)` closes the client's work order, raising InvalidReply for a wrong nonce."""
@@ -160,7 +161,12 @@ def round_replies(
     if voiding or outcome.failure:
         why = outcome.failure or f"the round's secure sum holds the update of client(s) {voiding}, whose reply failed its checks"
         return [], rejected + [{"client": client, "reason": why} for client, _, _ in contributed]
-    if sum(weight for _, weight, _ in contributed) == 0:  # nothing was trained: the aggregate is 0 / 0
+    weighted = sum(weight > 0 for _, weight, _ in contributed)
+    if 0 < weighted < settings.min_contributors:  # a sum of so few updates gives each away to the others
+        why = (f"only {weighted} client(s) contributed a weighted update to the secure sum, fewer than "
+               f"server.secaggplus.min_contributors ({settings.min_contributors}): the round aggregates nothing")
+        return [], rejected + [{"client": client, "reason": why} for client, _, _ in contributed]
+    if weighted == 0:  # nothing was trained: the aggregate is 0 / 0
         return [(client, ClientResult(global_state, 0.0, metrics)) for client, _, metrics in contributed], rejected
     try:
         first = next(iter(outcome.contributions.values()))  # every contribution carries the same aggregate

@@ -14,7 +14,6 @@ where Flower runs the ServerApp. Running the same config again resumes it.
 
 from __future__ import annotations
 
-import shlex
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from spearfl.algorithms import CONFIG_SECTIONS
 from spearfl.algorithms.base import REPORTED_METRICS, ClientResult
-from spearfl.config import RunConfig, config_to_dict, load_config
+from spearfl.config import RunConfig
 from spearfl.federated.codec import WorkOrders, decode_upload
 from spearfl.flower.records import (
     InvalidReply,
@@ -35,20 +34,19 @@ from spearfl.flower.records import (
     secure_work,
     work_content,
 )
+from spearfl.flower.run_config import configured
 from spearfl.flower.secure import round_replies, run_secure_round
 from spearfl.lm.models import quiet_library_output
+from spearfl.runtime.client import work_order_config
 from spearfl.runtime.server import FederatedRun, RoundReplies, choose_clients, console
 from spearfl.runtime.setup import check_config
 
-APP_FOLDER = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.2  # between pulls for replies; Flower's own send_and_receive waits 3 s between pulls
 
 
 def config_from_run_config(run_config: dict) -> RunConfig:
-    """The spearfl config named by the run config's `config`, with its `set` overrides, validated."""
-    name = str(run_config.get("config", ""))
-    path = None if not name else Path(name) if Path(name).is_absolute() else APP_FOLDER / name
-    config = load_config(path, shlex.split(str(run_config.get("set", ""))))
+    """The spearfl config named by the run config's `config`, with its `set` overrides, validated and checked."""
+    config = configured(run_config)
     check_config(config)
     return config
 
@@ -98,7 +96,7 @@ class FlowerClients:
 
     def work_order(self, round_index: int, client: int, lr: float) -> dict:
         """The TrainRequest fields of a client's round, with a fresh one-time nonce."""
-        order = {"config": config_to_dict(self.config), "client_id": client, "round_index": round_index, "lr": lr,
+        order = {"config": work_order_config(self.config), "client_id": client, "round_index": round_index, "lr": lr,
                  "nonce": self.orders.issue(round_index, client)}
         return order | self.settled_for(client)
 
@@ -111,7 +109,7 @@ class FlowerClients:
         asked = self.config.budget(CONFIG_SECTIONS[self.config.algorithm]).prompts_per_round
         outcome = run_secure_round(self.exchange, work, round_index, settings, asked, settings.timeout or self.reply_timeout)
         accepted, rejected = round_replies(
-            outcome, nodes, global_state, asked, lambda client, nonce: self.orders.redeem(round_index, client, nonce), REPORTED_METRICS
+            outcome, nodes, global_state, asked, lambda client, nonce: self.orders.redeem(round_index, client, nonce), REPORTED_METRICS, settings
         )
         rejected += [{"client": client, "reason": "no SuperNode of this client is connected"} for client in clients if client not in nodes]
         console.print(f"round {round_index}: the secure sum of {len(accepted)} of {len(clients)} clients aggregated")
@@ -150,7 +148,7 @@ class FlowerClients:
         if reply is None:
             raise InvalidReply(f"no reply within {self.reply_timeout:g} s")
         if reply.has_error():
-            raise InvalidReply(f"the client failed: {reply.error.reason[:500]}")
+            raise InvalidReply(f"the client failed: {reply.error.reason[-500:]}")
         received = read_reply(reply.content, expected, REPORTED_METRICS)
         metrics = received.metrics | {"upload_bytes": received.payload_bytes}
         if received.payload is None:

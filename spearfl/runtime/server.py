@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from spearfl.federated.aggregation import (
     initial_server_state,
     lora_average_error,
 )
-from spearfl.federated.privacy import affordable_rounds, central_mean, epsilon_after, noise_generator
+from spearfl.federated.privacy import affordable_rounds, central_mean, epsilon_after, released_row
 from spearfl.federated.robust import COMBINERS
 from spearfl.federated.trust import SCREENINGS
 from spearfl.federated.codec import decode_upload, payload_bytes
@@ -118,7 +119,11 @@ def base_eval_key(config: RunConfig, heldout) -> str:
 
 
 def choose_clients(config: RunConfig, round_index: int) -> list[int]:
-    """The K clients of a round, drawn without replacement from a round-specific seed."""
+    """The K clients of a round, drawn uniformly without replacement: from a round-specific seed, or under central
+    DP from the OS CSPRNG (the accountant's amplification by sampling needs a draw no one can predict, and the
+    seed is in every device's config)."""
+    if config.privacy.mode == "central":
+        return sorted(random.SystemRandom().sample(range(config.data.num_clients), config.server.clients_per_round))
     rng = numpy_generator(derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "client-selection"))
     chosen = rng.choice(config.data.num_clients, size=config.server.clients_per_round, replace=False)
     return sorted(int(client) for client in chosen)
@@ -284,7 +289,7 @@ class FederatedRun:
                     row = {"round": 0, "lr": 0.0, "clients": []}
                 else:
                     global_state, server_state, row, replies = self.train_round(runner, round_index, global_state, server_state)
-                    if row["lora_average_error"] is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
+                    if row.get("lora_average_error") is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
                         progress.update(rounds_bar, description=f"rounds (LoRA average error {row['lora_average_error']:.3f})")
                 if round_index % config.eval.every == 0 or round_index == last:
                     set_adapter_state(model, global_state)
@@ -321,10 +326,11 @@ class FederatedRun:
         )
         if config.privacy.mode == "central":
             factors = [screened / result.weight if result.weight > 0 else 0.0 for screened, (_, result) in zip(screened.weights, results)]
-            generator = noise_generator(config.privacy, derive_seed(config.seed, round_index, SERVER_CLIENT_ID, "dp-noise"))
-            combined, notes = central_mean(global_state, screened.states, factors, len(chosen), config.privacy, generator)
+            combined, notes = central_mean(global_state, screened.states, factors, len(chosen), config.privacy)
         else:
             combined, notes = self.combine(global_state, screened.states, screened.weights, config.defense)
+        if "degenerate" in notes:
+            console.print(f"[bold yellow]round {round_index}: defense.aggregator {config.defense.aggregator} defends nothing this round ({notes['degenerate']})[/bold yellow]")
         new_global, new_server_state = self.step(global_state, combined, server_state, config.server)
         server_seconds = time.perf_counter() - started
         self.reputation = screened.reputation
@@ -346,6 +352,10 @@ class FederatedRun:
             row["privacy"] = {"epsilon": self.epsilon(self.private_rounds), "delta": config.privacy.delta}
         if replies.rejected:
             row["rejected"] = replies.rejected
+        if config.privacy.mode == "central":
+            row = released_row(row)
+        elif config.privacy.mode == "local":
+            row["online"] = None  # the devices release no counters under local DP (spearfl.federated.privacy.public_reply)
         return new_global, new_server_state, row, replies
 
     def planned_last_round(self) -> int | None:
@@ -409,16 +419,14 @@ class FederatedRun:
         """summary.json (first and last held-out figures, totals) and the plot, from the history so far."""
         history = self.folder.read_history()
         evals = [row for row in history if "eval" in row]
-        online = [row["online"] for row in history if "online" in row]
+        online = [row["online"] for row in history if row.get("online") is not None]
         extra = {
             "algorithm": self.config.algorithm,
             "dataset": self.config.data.dataset,
             "seed": self.config.seed,
             "rounds": history[-1]["round"],
-            "generated_tokens": sum(o["generated_tokens"] for o in online),
-            "trained_tokens": sum(o["trained_tokens"] for o in online),
-            "upload_bytes": sum(o["upload_bytes"] for o in online),
-            "client_seconds": sum(o["client_seconds"] for o in online),
+            # None under DP, whose history releases no client counters
+            **{key: sum(o[key] for o in online) if online else None for key in ("generated_tokens", "trained_tokens", "upload_bytes", "client_seconds")},
             "peak_memory_mb": max((o["peak_memory_mb"] for o in online if o["peak_memory_mb"] is not None), default=None),
         }
         private = [row["privacy"] for row in history if "privacy" in row]

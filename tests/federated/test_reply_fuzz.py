@@ -92,7 +92,7 @@ class RefusingHost:
     def __init__(self):
         self.ran = 0
 
-    def train_arrays(self, arrays, request):
+    def train_arrays(self, arrays, request, device=None):
         from spearfl.runtime.client import TrainRequest
 
         TrainRequest(**request)  # TypeError on unknown or missing fields

@@ -26,7 +26,8 @@ from spearfl.flower.records import (
     reply_content,
     work_content,
 )
-from spearfl.flower.server_app import APP_FOLDER, FlowerClients, config_from_run_config
+from spearfl.flower.run_config import APP_FOLDER
+from spearfl.flower.server_app import FlowerClients, config_from_run_config
 from spearfl.io import load_tensors
 from spearfl.runtime.client import wire_array
 from spearfl.runtime.server import FederatedRun
@@ -266,7 +267,7 @@ class RecordingHost:
         self.requests = []
         self.models_loaded = 0
 
-    def train_arrays(self, arrays, request):
+    def train_arrays(self, arrays, request, device=None):
         self.requests.append(request)
         if request["client_id"] < 0:
             raise RuntimeError("no such client")

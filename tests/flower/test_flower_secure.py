@@ -277,3 +277,13 @@ def test_a_round_where_nobody_trained_keeps_the_global_adapter(task_identity):
     replies = secure_round(SecureGrid({c: 0.0 for c in range(3)}, {c: 0.1 for c in range(3)}), 3)
     assert [r.weight for _, r in replies.results] == [0.0, 0.0, 0.0]
     assert all(torch.equal(r.state[name], global_state()[name]) for _, r in replies.results for name in r.state)
+
+
+def test_a_round_with_fewer_weighted_updates_than_the_minimum_aggregates_nothing(task_identity):
+    """With two updates in the sum each client would read the other's from the new global adapter."""
+    weights, shift = {0: 4.0, 1: 4.0, 2: 0.0, 3: 4.0}, {0: 0.01, 1: 0.02, 2: 0.0, 3: 0.9}
+    replies = secure_round(SecureGrid(weights, shift, silent={103}), 4)  # client 3 drops out, client 2 trained nothing
+    assert replies.results == []
+    reasons = {entry["client"]: entry["reason"] for entry in replies.rejected}
+    assert sorted(reasons) == [0, 1, 2, 3]
+    assert all("fewer than server.secaggplus.min_contributors (3)" in reasons[client] for client in (0, 1, 2))

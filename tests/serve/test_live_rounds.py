@@ -34,7 +34,8 @@ def devices(tmp_path):
     running = []
     with single_thread():
         for device in range(2):
-            device_config = load_config(config_path, [f"live.store={tmp_path / f'device{device}.sqlite'}"])
+            # a device's live settings are its own: no work order sets how many interactions a round needs
+            device_config = load_config(config_path, [f"live.store={tmp_path / f'device{device}.sqlite'}", "live.min_interactions=2"])
             running.append(ServiceThread(build_service(device_config, max_batch=8)))
         yield assets, config_path, running
     for service in running:

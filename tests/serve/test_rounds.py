@@ -1,6 +1,11 @@
 """A device's rounds on its store: stale answers skipped and counted, claims consumed only on acceptance, a failed
 round releasing what it claimed, and work orders for another model refused."""
 
+import contextlib
+import math
+import os
+
+import numpy as np
 import pytest
 from helpers import (
     encode_task,
@@ -12,7 +17,8 @@ from helpers import (
 )
 
 import spearfl.serve.rounds
-from spearfl.config import config_to_dict
+from spearfl.federated.privacy import PrivacyBudgetSpent, local_epsilon
+from spearfl.runtime.client import work_order_config
 from spearfl.data.store import Attempt, InteractionStore
 from spearfl.errors import UserError
 from spearfl.lm.generation import SamplingSettings
@@ -23,11 +29,16 @@ from spearfl.serve.rounds import DeviceRounds
 FRUIT = multiple_choice("t/fruit", "Which of these is a fruit?", ("apple", "rock", "car"), gold=0)
 
 
-@pytest.fixture
-def device(tokenizer, tmp_path):
+DEVICE = ("live.min_interactions=2", "live.max_staleness=1", "spear.local_steps=1")
+
+
+@contextlib.contextmanager
+def device_with(tokenizer, tmp_path, *overrides: str, ledger_path=None):
+    """A device with five judged interactions, answered by adapter versions 0, 0, 3, 3, 4; its config is DEVICE
+    with `overrides`, and it keeps its privacy ledger at `ledger_path`."""
     with single_thread():
         model = tiny_lora_model(tokenizer)
-        config = make_config("live.min_interactions=2", "live.max_staleness=1", "spear.local_steps=1")
+        config = make_config(*DEVICE, *overrides)
         context = make_context(model, tokenizer, config)
         engine = AnswerEngine(model, tokenizer, SamplingSettings(4, 1.0, 1.0, 4))
         store = InteractionStore(tmp_path / "device.sqlite")
@@ -37,14 +48,23 @@ def device(tokenizer, tmp_path):
             interaction = store.add(FRUIT.question, Attempt(prompt, "Answer: apple", answer, version, "stop"), list(FRUIT.options))
             store.judge(interaction, 0, True)
             ids.setdefault(version, []).append(interaction)
-        yield DeviceRounds(context, store, engine), config, ids
-        engine.close()
-        store.close()
+        try:
+            yield DeviceRounds(context, store, engine, ledger_path=ledger_path), config, ids
+        finally:
+            engine.close()
+            store.close()
 
 
-def work_order(config, round_index, model):
+@pytest.fixture
+def device(tokenizer, tmp_path):
+    with device_with(tokenizer, tmp_path) as made:
+        yield made
+
+
+def work_order(config, round_index, model, nonce=""):
     arrays = {name: tensor.numpy() for name, tensor in get_adapter_state(model).items()}
-    return arrays, {"request": {"config": config_to_dict(config), "client_id": 0, "round_index": round_index, "lr": 0.01}}
+    request = {"config": work_order_config(config), "client_id": 0, "round_index": round_index, "lr": 0.01, "nonce": nonce}
+    return arrays, {"request": request}
 
 
 def test_stale_answers_are_skipped_and_only_accepted_rounds_consume(device):
@@ -84,7 +104,7 @@ def test_a_work_order_for_another_model_or_algorithm_is_refused(device):
     rounds, config, _ = device
     arrays, header = work_order(config, 1, rounds.context.model)
     for change, words in ((("lora", "rank", 2), "another model or LoRA shape"), (("algorithm", None, "grpo"), "cannot learn")):
-        bad = config_to_dict(config)
+        bad = work_order_config(config)
         section, field, value = change
         if field is None:
             bad[section] = value
@@ -104,3 +124,69 @@ def test_a_round_takes_at_most_its_prompts_oldest_first(device):
     assert rounds.settle(5, accepted=True) == 2
     consumed = {i.id: i.consumed_round for i in rounds.store.recent()}
     assert [consumed[i] for i in ids[3]] == [5, 5] and consumed[ids[4][0]] is None  # version 4's waits for the next
+
+
+def update_norm(payload, model) -> float:
+    start = get_adapter_state(model)
+    return math.sqrt(sum(float(np.square(payload[name].astype(np.float64) - start[name].numpy()).sum()) for name in payload))
+
+
+def test_a_work_order_cannot_turn_off_or_weaken_the_devices_local_dp(tokenizer, tmp_path):
+    own = ("privacy.mode=local", "privacy.noise_multiplier=2", "privacy.clip_norm=0.5")
+    with device_with(tokenizer, tmp_path, *own) as (rounds, _, _):
+        size = sum(tensor.numel() for tensor in get_adapter_state(rounds.context.model).values())
+        noise_norm = 2 * 0.5 * math.sqrt(size)  # z C sqrt(d); the clipped update adds at most C = 0.5
+        server = make_config(*DEVICE)  # the server's run has no DP at all
+        lowered = make_config(*DEVICE, "privacy.mode=local", "privacy.noise_multiplier=0.01")
+        for round_index, config in ((5, server), (6, lowered)):
+            arrays, header = work_order(config, round_index, rounds.context.model)
+            payload, result = rounds.train_arrays(arrays, header)
+            # the norm of d Gaussian values has relative spread 1 / sqrt(2 d), under 1% here
+            assert update_norm(payload, rounds.context.model) == pytest.approx(noise_norm, rel=0.05 + 0.5 / noise_norm)
+            assert result["weight"] == config.client.prompts_per_round and result["metrics"]["first_try_correct"] == 0
+            assert "pending" not in result["metrics"]  # nothing about the store travels un-noised
+            rounds.settle(round_index, accepted=True)
+
+
+def test_a_re_sent_work_order_gets_the_same_reply_and_no_other(tokenizer, tmp_path):
+    with device_with(tokenizer, tmp_path, "privacy.mode=local") as (rounds, config, _):
+        arrays, header = work_order(config, 5, rounds.context.model, nonce="a1")
+        first = rounds.train_arrays(arrays, header)
+        again = rounds.train_arrays(arrays, header)
+        assert again[1] == first[1] and all(np.array_equal(again[0][name], first[0][name]) for name in first[0])
+        for round_index, nonce in ((5, "b2"), (4, "c3")):  # the same round under another nonce, an older round
+            with pytest.raises(UserError, match="answered already"):
+                rounds.train_arrays(*work_order(config, round_index, rounds.context.model, nonce=nonce))
+        assert len(rounds.device.ledger.releases) == 1
+
+
+def test_the_device_accounts_every_release_and_refuses_past_its_own_budget(tokenizer, tmp_path):
+    ledger = tmp_path / "device.privacy.json"
+    budget = local_epsilon([3.0, 3.0], 1e-5) * 1.001  # two releases at z = 3, not three
+    own = ("privacy.mode=local", "privacy.noise_multiplier=3", f"privacy.epsilon_budget={budget}")
+    server = make_config(*DEVICE, "privacy.mode=local", "privacy.epsilon_budget=1000")  # a work order cannot raise it
+    with device_with(tokenizer, tmp_path, *own, ledger_path=ledger) as (rounds, _, _):
+        for round_index in (5, 6):
+            rounds.train_arrays(*work_order(server, round_index, rounds.context.model, nonce=f"n{round_index}"))
+            rounds.settle(round_index, accepted=False)
+        with pytest.raises(PrivacyBudgetSpent, match="privacy budget"):
+            rounds.train_arrays(*work_order(server, 7, rounds.context.model, nonce="n7"))
+        assert rounds.store.claimed_rounds() == []
+    assert os.stat(ledger).st_mode & 0o777 == 0o600
+    with device_with(tokenizer, tmp_path / "restarted", *own, ledger_path=ledger) as (restarted, _, _):
+        view = restarted.privacy()
+        assert view["releases"] == 2 and view["spent"] and view["epsilon"] == pytest.approx(local_epsilon([3.0, 3.0], 1e-5))
+        with pytest.raises(UserError, match="answered already"):  # a release on the ledger is never made again
+            restarted.train_arrays(*work_order(server, 6, restarted.context.model, nonce="x"))
+        with pytest.raises(PrivacyBudgetSpent):
+            restarted.train_arrays(*work_order(server, 8, restarted.context.model, nonce="n8"))
+
+
+def test_a_server_sent_verifier_or_data_path_is_refused(device):
+    rounds, config, _ = device
+    arrays, header = work_order(config, 5, rounds.context.model)
+    for section, value in (("feedback", {"provider": "python", "function": "os:system"}), ("data", {"dataset": "jsonl:/etc/passwd"})):
+        order = header["request"] | {"config": header["request"]["config"] | {section: value}}
+        with pytest.raises(UserError, match=f"the work order sets {section}"):
+            rounds.train_arrays(arrays, {"request": order})
+    assert rounds.store.claimed_rounds() == []
