@@ -27,3 +27,20 @@ def test_an_ffa_run_with_another_seed_gets_that_seeds_shared_a(tokenizer, monkey
     assert host.models_loaded == 2
     assert all((first[name] == again[name]).all() for name in first)
     assert any((first[name] != other[name]).any() for name in first)
+
+
+def test_a_worker_with_its_own_config_refuses_a_work_order_that_sets_its_verifier(tokenizer, monkeypatch):
+    """The client worker's device config is its own: a server-sent `python` verifier never reaches an import."""
+    import pytest
+
+    from spearfl.errors import UserError
+    from spearfl.runtime.client import Device, work_order_config
+
+    host = host_loading_tiny_models(tokenizer, monkeypatch)
+    host.device = Device(make_config())
+    order = work_order_config(make_config()) | {"feedback": {"provider": "python", "function": "os:system"}}
+    with pytest.raises(UserError, match="the work order sets feedback"):
+        host.train_arrays({}, {"config": order, "client_id": 0, "round_index": 1, "lr": 0.01})
+    assert host.models_loaded == 0
+    with pytest.raises(UserError, match="no device config of its own"):
+        client.ClientHost().train_arrays({}, {"config": work_order_config(make_config()), "client_id": 0, "round_index": 1, "lr": 0.01})
