@@ -6,6 +6,11 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml; `flwr run . --run-config
                    "server.rounds=2 seed=1 output_dir=/data/runs/flower"
   reply-timeout    seconds a round waits for its replies; a client that has not answered by then is dropped
   connect-timeout  seconds the first round waits for every client's SuperNode to connect
+  node-binding     run (default): a client id, once a SuperNode claims it, belongs to that node for the rest of
+                   the ServerApp's run, and a node holds one client id; persistent: the binding is kept in the
+                   checkpoint too, for a SuperLink with `--enable-supernode-auth`, where a node's id is that of
+                   its registered public key and survives its restarts (without authentication a restarted
+                   SuperNode gets a fresh id, which a persistent binding would refuse)
 
 The run folder (config.yaml, history.jsonl, summary.json, adapters, checkpoint, plot) is the one the local
 runtime writes, in `output_dir`; a relative output_dir is taken from the SuperLink's working directory,
@@ -54,8 +59,10 @@ def config_from_run_config(run_config: dict) -> RunConfig:
 class FlowerClients:
     """Runs a round's client updates on the SuperNodes that hold those clients, and checks every reply."""
 
-    def __init__(self, grid: Grid, config: RunConfig, reply_timeout: float, connect_timeout: float):
+    def __init__(self, grid: Grid, config: RunConfig, reply_timeout: float, connect_timeout: float, persistent_binding: bool = False):
         self.grid = grid
+        self.bound: dict[int, int] = {}  # client id -> the node that first claimed it, connected or not
+        self.persistent_binding = persistent_binding
         self.config = config
         self.reply_timeout = reply_timeout
         self.connect_timeout = connect_timeout
@@ -200,12 +207,23 @@ class FlowerClients:
             console.print(f"[yellow]SuperNode {node} did not say which client it is: {reason}[/yellow]")
             return
         client = read_node(reply.content)
-        if client in self.nodes:
-            console.print(f"[yellow]SuperNodes {self.nodes[client]} and {node} both hold client {client}; using the first[/yellow]")
-        elif 0 <= client < self.config.data.num_clients:
-            self.nodes[client] = node
-        else:
+        held = next((other for other, bound_node in self.bound.items() if bound_node == node), None)
+        if not 0 <= client < self.config.data.num_clients:
             console.print(f"[yellow]SuperNode {node} holds client {client}, outside 0..{self.config.data.num_clients - 1}[/yellow]")
+        elif client in self.bound and self.bound[client] != node:
+            console.print(f"[yellow]SuperNode {node} claims client {client}, which belongs to SuperNode {self.bound[client]}; refused[/yellow]")
+        elif held is not None and held != client:
+            console.print(f"[yellow]SuperNode {node} holds client {held} and now claims client {client}; refused[/yellow]")
+        else:
+            self.bound[client] = self.nodes[client] = node
+
+    def state(self) -> dict:
+        """The bindings a restarted ServerApp keeps (with `node-binding: persistent`)."""
+        return {"bound": {str(client): node for client, node in self.bound.items()}} if self.persistent_binding else {}
+
+    def restore(self, state: dict) -> None:
+        if self.persistent_binding:
+            self.bound = {int(client): int(node) for client, node in state.get("bound", {}).items()}
 
 
 app = ServerApp()
@@ -219,9 +237,12 @@ def main(grid: Grid, context: Context) -> None:
     # Flower fills the run config from pyproject.toml's [tool.flwr.app.config], where the defaults live.
     reply_timeout = float(context.run_config["reply-timeout"])
     connect_timeout = float(context.run_config["connect-timeout"])
+    binding = str(context.run_config.get("node-binding", "run"))
+    if binding not in ("run", "persistent"):
+        raise ValueError(f"run config node-binding={binding!r}: choose run or persistent")
     console.print(f"spearfl run folder: {Path(config.output_dir).resolve()}")
 
     def runner(server_context, federation, progress) -> FlowerClients:
-        return FlowerClients(grid, config, reply_timeout, connect_timeout)
+        return FlowerClients(grid, config, reply_timeout, connect_timeout, persistent_binding=binding == "persistent")
 
     FederatedRun(config, runner, show_progress=False).run()

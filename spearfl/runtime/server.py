@@ -231,6 +231,7 @@ class FederatedRun:
         self.private_rounds = 0  # rounds the privacy accountant has composed, kept in the checkpoint
         self.last_round = self.planned_last_round()
         self.shared_lora: dict[str, torch.Tensor] = {}  # LoRA weights no client sends (FFA-LoRA's A), from the model
+        self.runner: ClientRunner | None = None
 
     def run(self) -> dict:
         """Run (or resume) every round; returns the summary."""
@@ -282,6 +283,9 @@ class FederatedRun:
         with self.progress() as progress:
             self.context.progress = progress if self.show_progress else None
             runner = self.make_runner(self.context, federation, self.context.progress)
+            self.runner = runner
+            if checkpoint is not None and "runner" in checkpoint.info and hasattr(runner, "restore"):
+                runner.restore(checkpoint.info["runner"])
             last = self.last_round  # None: until stopped
             rounds_bar = progress.add_task("rounds", total=None if last is None else last + 1, completed=start_round)
             for round_index in itertools.count(start_round) if last is None else range(start_round, last + 1):
@@ -380,6 +384,8 @@ class FederatedRun:
     def checkpoint_info(self, round_index: int) -> dict:
         """What a resumed run needs beside the adapters: the reputation and the privacy accountant's rounds."""
         info = {"round": round_index, "reputation": self.reputation}
+        if hasattr(self.runner, "state"):  # what the runner keeps across a restart (Flower: clients bound to nodes)
+            info["runner"] = self.runner.state()
         if self.config.privacy.mode != "none":
             info["privacy"] = {"rounds": self.private_rounds, "epsilon": self.epsilon(self.private_rounds)}
         return info

@@ -291,3 +291,35 @@ def test_the_worker_serves_rounds_and_reports_failures():
         server.server_close()
     with pytest.raises(WorkerError, match="unreachable"):
         train_on_worker(address, adapter(), {"client_id": 1})
+
+
+class ClaimingGrid(FakeGrid):
+    """SuperNodes that say which client they are: `claims` maps node id -> the client it claims."""
+
+    def __init__(self, claims: dict[int, int]):
+        super().__init__()
+        self.claims = claims
+
+    def get_node_ids(self):
+        return list(self.claims)
+
+    def answer(self, message):
+        return node_content(self.claims[message.metadata.dst_node_id])
+
+
+def test_a_client_id_belongs_to_the_node_that_first_claimed_it(task_identity):
+    config = load_config(None, ["data.num_clients=3", "server.clients_per_round=3"])
+    grid = ClaimingGrid({100: 0, 101: 1, 102: 2})
+    clients = FlowerClients(grid, config, 5.0, 5.0)
+    clients.find_nodes([0, 1, 2], wait=True)
+    assert clients.nodes == {0: 100, 1: 101, 2: 102}
+    grid.claims = {200: 0, 101: 2, 102: 2}  # node 100 left; a new node squats its id, node 101 switches to 2
+    clients.find_nodes([0, 1, 2], wait=False)
+    assert clients.nodes == {1: 101, 2: 102}  # client 0 has no node now; 101 keeps its own id, not 2
+    grid.claims = {100: 0, 101: 1, 102: 2}  # the owner of client 0 is back
+    clients.find_nodes([0, 1, 2], wait=False)
+    assert clients.nodes == {0: 100, 1: 101, 2: 102}
+    restarted = FlowerClients(ClaimingGrid({200: 0, 101: 1, 102: 2}), config, 5.0, 5.0, persistent_binding=True)
+    restarted.restore({"bound": {"0": 100, "1": 101, "2": 102}})  # as the checkpoint keeps it
+    restarted.find_nodes([0, 1, 2], wait=False)
+    assert restarted.nodes == {1: 101, 2: 102} and restarted.state() == {"bound": {"0": 100, "1": 101, "2": 102}}
