@@ -121,16 +121,40 @@ def compare(
     console.print(f"comparison: {files}")
 
 
+TlsCertOption = Annotated[
+    Optional[Path], typer.Option(help="Certificate (PEM) to serve https with; with --tls-key. Clients verify it against their CA file.")
+]
+TlsKeyOption = Annotated[Optional[Path], typer.Option(help="Private key (PEM) of --tls-cert.")]
+
+
+def tls_files(certificate: Optional[Path], key: Optional[Path]) -> tuple[str, str] | None:
+    """(certificate, key) to serve https with, both or neither; None for plain http."""
+    if (certificate is None) != (key is None):
+        fail("--tls-cert and --tls-key go together")
+    for path in (certificate, key):
+        if path is not None and not path.is_file():
+            fail(f"TLS file not found: {path}")
+    return None if certificate is None else (str(certificate), str(key))
+
+
 @app.command()
 def serve(
     config_path: Annotated[
         Optional[Path], typer.Argument(metavar="[CONFIG.yaml]", help="Config naming the model and task format (default: the packaged model).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on; beyond 127.0.0.1 an access token is required.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; beyond 127.0.0.1 both tokens are required.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     token: Annotated[
-        Optional[str], typer.Option(help="Access token clients must send (Authorization: Bearer ...); default: $SPEARFL_TOKEN.")
+        Optional[str], typer.Option(help="The people's token, for the page and the API (Authorization: Bearer ...); default: $SPEARFL_PEOPLE_TOKEN.")
     ] = None,
+    server_token: Annotated[
+        Optional[str], typer.Option(help="The federation server's token, for work orders and round notices only; default: $SPEARFL_SERVER_TOKEN.")
+    ] = None,
+    allow_host: Annotated[
+        Optional[list[str]], typer.Option(help="A host name this device is reached by, beside the loopback names and --host (repeatable).")
+    ] = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     adapter: Annotated[Optional[Path], typer.Option(help="Adapter (.safetensors) to answer with; default: none yet (version 0).")] = None,
     adapter_version: Annotated[int, typer.Option(min=0, help="Version (round) of --adapter, recorded with every answer.")] = 0,
     set_: SetOption = None,
@@ -141,15 +165,20 @@ def serve(
     import uvicorn
 
     from spearfl.serve.app import create_app
-    from spearfl.serve.device import access_token, build_service, store_path
+    from spearfl.serve.device import access_tokens, allowed_hosts, build_service, store_path
 
-    required = access_token(host, token)
+    people, server = access_tokens(host, token, server_token)
+    tls = tls_files(tls_cert, tls_key)
     if adapter is not None and not adapter.is_file():
         fail(f"adapter file not found: {adapter}")
-    service = build_service(config, required, adapter, adapter_version)
-    console.print(f"serving {config.model.name} on http://{host}:{port} (page /, API docs /docs); store {store_path(config)}")
+    hosts = allowed_hosts(host, allow_host or ())
+    service = build_service(config, people, adapter, adapter_version, server_token=server, hosts=hosts)
+    scheme = "https" if tls else "http"
+    console.print(f"serving {config.model.name} on {scheme}://{host}:{port} (page /, API docs /docs); store {store_path(config)}")
+    console.print(f"answering to the host names {', '.join(sorted(hosts))}")
+    certificate, key = tls or (None, None)
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", ws="none")
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", ws="none", ssl_certfile=certificate, ssl_keyfile=key)
     finally:
         service.engine.close()
         service.store.close()
@@ -665,7 +694,12 @@ def client_worker(
     port: Annotated[int, typer.Option(help="Port to listen on; give it to the SuperNode as --node-config \"worker='127.0.0.1:PORT'\".")] = 7301,
     host: Annotated[str, typer.Option(help="Interface to listen on; beyond 127.0.0.1 an access token is required.")] = "127.0.0.1",
     token: Annotated[
-        Optional[str], typer.Option(help="Access token the ClientApp must send (Authorization: Bearer ...); default: $SPEARFL_TOKEN.")
+        Optional[str], typer.Option(help="The server's token the ClientApp must send with work orders (Authorization: Bearer ...); default: $SPEARFL_SERVER_TOKEN.")
+    ] = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    config: Annotated[
+        Optional[Path], typer.Option(help="This device's own config: its data, feedback verifiers, privacy and limits, which no work order sets. Without it the run's config stands in, as in a simulation.")
     ] = None,
 ) -> None:
     """Keep one device's base model loaded across Flower rounds, for its SuperNode's ClientApp (see README).
@@ -676,11 +710,12 @@ def client_worker(
     import logging
 
     from spearfl.runtime.worker import serve
-    from spearfl.serve.device import access_token
+    from spearfl.serve.device import SERVER_TOKEN_VARIABLE, access_token
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    required, tls = access_token(host, token, SERVER_TOKEN_VARIABLE, "--token"), tls_files(tls_cert, tls_key)
     try:
-        serve(host, port, access_token(host, token))
+        serve(host, port, required, None if config is None else str(config), tls=tls)
     except OSError as error:
         fail(f"cannot listen on {host}:{port}: {error}")
 

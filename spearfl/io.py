@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place with permissions `mode`
+    (whatever the umask; 0o600 for what is one person's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(temporary, 0o644)  # mkstemp makes files private; results are for sharing
+        os.chmod(temporary, mode)  # mkstemp makes files private; results are for sharing by default
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -29,12 +30,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: str | os.PathLike, value: Any, mode: int = 0o644) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n", mode)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -43,7 +44,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save tensors as safetensors, atomically."""
+    """Save tensors as safetensors, atomically, readable by the owner only (an adapter, a client's update)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,7 +52,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     try:
         contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
         save_file(contiguous, temporary, metadata=metadata)
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, 0o600)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

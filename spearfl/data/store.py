@@ -15,6 +15,9 @@ once the server has accepted the round's reply `confirm` marks them consumed (or
 later round if it was not).
 An interaction a person deletes is gone with its attempts and claims: no later round sees it.
 
+The database and its WAL and shared-memory files are readable by their owner only (mode 0600, whatever the
+umask); a store made by an older spearfl is narrowed to that when opened.
+
 Left out: encryption at rest (the file lives on the person's own device, under its permissions).
 """
 
@@ -73,6 +76,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+PRIVATE = 0o600
+COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")  # SQLite's files beside the database
 
 
 class StoreError(UserError):
@@ -123,17 +128,25 @@ class InteractionStore:
     def __init__(self, path: str | os.PathLike, busy_timeout: float = 30.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE))  # SQLite gives its companions the file's mode
         # One connection per store, serialised by a lock: sqlite3 connections are not for concurrent use.
         self.connection = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         self.lock = threading.Lock()
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("PRAGMA synchronous=FULL")  # a commit is on disk before it returns
         self.connection.execute("PRAGMA foreign_keys=ON")
+        self.make_private()
         self.migrate()
 
     def close(self) -> None:
         with self.lock:
             self.connection.close()
+
+    def make_private(self) -> None:
+        """The database and its companions readable and writable by their owner only."""
+        for path in [self.path, *(self.path.with_name(self.path.name + suffix) for suffix in COMPANION_SUFFIXES)]:
+            if path.exists():
+                os.chmod(path, PRIVATE)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -7,8 +7,12 @@ Node config (`flower-supernode --node-config`; the simulation engine sets the fi
                   loaded across rounds (in a deployment Flower starts a new ClientApp process for every message)
   examples        str, optional: path of this device's own JSONL examples, used instead of its partition of the
                   configured dataset
+  device-config   str, optional: path of this device's own spearfl YAML config: its data, feedback verifiers,
+                  privacy and limits (a work order carries only training settings). Without it the device takes
+                  the run's config as its own, which is what a simulation means and a deployment must not do
   service         str, optional: host:port of this device's `spearfl serve`, whose people's judged interactions the
-                  rounds train on (a live run, `live.on_flower`); its access token comes from $SPEARFL_TOKEN
+                  rounds train on (a live run, `live.on_flower`); the server's token it sends comes from
+                  $SPEARFL_SERVER_TOKEN (as for a worker), an https:// address is verified against $SPEARFL_TLS_CA
 Without a worker the update runs in this process on a model cached for the life of the process: the
 simulation engine keeps its processes for the whole run, so there the model loads once per process.
 
@@ -37,9 +41,10 @@ from spearfl.flower.records import (
     reply_content,
     secure_reply_content,
 )
+from spearfl.flower.run_config import device_settings
 from spearfl.runtime.worker import exchange, train_on_worker
 
-TOKEN_VARIABLE = "SPEARFL_TOKEN"
+TOKEN_VARIABLE = "SPEARFL_SERVER_TOKEN"  # the token of work orders and round notices, never the people's
 
 app = ClientApp()
 
@@ -79,19 +84,19 @@ def train(message: Message, context: Context) -> Message:
     node, client = context.node_config, partition_id(context)
     if request["client_id"] != client:
         raise ValueError(f"work for client {request['client_id']} reached the node of client {client}")
-    num_clients = request["config"]["data"]["num_clients"]
-    if "num-partitions" in node and int(node["num-partitions"]) != num_clients:
-        raise ValueError(f"node config num-partitions={node['num-partitions']} but the run has data.num_clients={num_clients}")
     settled = request.pop("settled", {})  # round outcomes a live device has not heard yet
-    if "examples" in node:
-        request["examples_path"] = str(node["examples"])
-    if "service" in node:
+    if "service" in node:  # the device service holds its own config
         header = {"request": request, "settled": settled}
         state, result = exchange(str(node["service"]), "/worker/train", arrays, header, token=os.environ.get(TOKEN_VARIABLE))
-    elif "worker" in node:
-        state, result = train_on_worker(str(node["worker"]), arrays, request, token=os.environ.get(TOKEN_VARIABLE))
     else:
-        state, result = in_process_host().train_arrays(arrays, request)
+        device = device_settings(node, context.run_config)
+        num_clients = device["config"]["data"]["num_clients"]
+        if "num-partitions" in node and int(node["num-partitions"]) != num_clients:
+            raise ValueError(f"node config num-partitions={node['num-partitions']} but the device's config has data.num_clients={num_clients}")
+        if "worker" in node:
+            state, result = train_on_worker(str(node["worker"]), arrays, request, token=os.environ.get(TOKEN_VARIABLE), device=device)
+        else:
+            state, result = in_process_host().train_arrays(arrays, request, device)
     content = secure_reply_content(state, arrays, result) if secure else reply_content(state, result)
     return Message(content, reply_to=message)
 

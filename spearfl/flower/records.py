@@ -136,12 +136,13 @@ def read_node(content: RecordDict) -> int:
     return int(content.config_records[NODE]["partition-id"])
 
 
-def outcome_content(arrays: dict[str, np.ndarray], round_index: int, accepted: bool | None) -> RecordDict:
-    """A round's outcome for one node (its reply accepted, rejected, or it was not in the round) and the new adapter."""
+def outcome_content(arrays: dict[str, np.ndarray], round_index: int, accepted: bool | None, nonce: str = "") -> RecordDict:
+    """A round's outcome for one node (its reply accepted, rejected, or it was not in the round) and the new adapter,
+    with the nonce of the node's work order of that round (a device settles a round it answered only with it)."""
     outcome = "none" if accepted is None else "accepted" if accepted else "rejected"
     return RecordDict({
         ADAPTER: adapter_record(arrays),
-        OUTCOME: ConfigRecord({"round": round_index, "outcome": outcome, "version": round_index}),
+        OUTCOME: ConfigRecord({"round": round_index, "outcome": outcome, "version": round_index, "nonce": nonce}),
     })
 
 
@@ -152,6 +153,8 @@ def read_outcome(content: RecordDict) -> tuple[dict[str, np.ndarray], dict] | No
     record = content.config_records[OUTCOME]
     accepted = {"accepted": True, "rejected": False, "none": None}[str(record["outcome"])]
     header = {"round": int(record["round"]), "accepted": accepted, "version": int(record["version"])}
+    if record.get("nonce"):
+        header["nonce"] = str(record["nonce"])
     return record_arrays(content.array_records[ADAPTER]), header
 
 

@@ -62,6 +62,7 @@ class FlowerClients:
     def __init__(self, grid: Grid, config: RunConfig, reply_timeout: float, connect_timeout: float, persistent_binding: bool = False):
         self.grid = grid
         self.bound: dict[int, int] = {}  # client id -> the node that first claimed it, connected or not
+        self.issued: dict[tuple[int, int], str] = {}  # (round, client) -> the nonce of its work order, until the notice
         self.persistent_binding = persistent_binding
         self.config = config
         self.reply_timeout = reply_timeout
@@ -103,8 +104,9 @@ class FlowerClients:
 
     def work_order(self, round_index: int, client: int, lr: float) -> dict:
         """The TrainRequest fields of a client's round, with a fresh one-time nonce."""
-        order = {"config": work_order_config(self.config), "client_id": client, "round_index": round_index, "lr": lr,
-                 "nonce": self.orders.issue(round_index, client)}
+        nonce = self.orders.issue(round_index, client)
+        self.issued[(round_index, client)] = nonce  # the round's notice brings it back to the device
+        order = {"config": work_order_config(self.config), "client_id": client, "round_index": round_index, "lr": lr, "nonce": nonce}
         return order | self.settled_for(client)
 
     def train_securely(self, round_index: int, clients: list[int], global_state: dict[str, torch.Tensor], lr: float) -> RoundReplies:
@@ -139,7 +141,7 @@ class FlowerClients:
         clients = sorted(self.nodes)
         outcomes = {client: (client in accepted) if client in accepted | rejected else None for client in clients}
         messages = [
-            Message(outcome_content(arrays, round_index, outcomes[client]), dst_node_id=self.nodes[client],
+            Message(outcome_content(arrays, round_index, outcomes[client], self.issued.pop((round_index, client), "")), dst_node_id=self.nodes[client],
                     message_type=MessageType.QUERY, group_id=f"outcome-{round_index}")
             for client in clients
         ]

@@ -1,10 +1,12 @@
 """The server's side of the live loop: each client is a device service (`spearfl serve`) reached over HTTP.
 
-Client i is the device at `live.devices[i]`. A round sends each chosen device the global adapter and its work
-order (`/worker/train`, the client worker's safetensors payload, with the bearer token of $SPEARFL_TOKEN when
-set); a device that cannot be reached or refuses is dropped from the round with its reason, like a Flower reply
-that fails its check. Once the round is aggregated and checkpointed, every device hears the outcome
-(`/worker/result`): whether its reply was accepted (then its interactions are consumed) and the new global
+Client i is the device at `live.devices[i]` (`host:port`, or `https://host:port`, whose certificate is verified
+against the CA file $SPEARFL_TLS_CA). A round sends each chosen device the global adapter and its work order
+(`/worker/train`, the client worker's safetensors payload, with the server's token $SPEARFL_SERVER_TOKEN when
+set: it reaches a device's /worker/* routes and nothing of its people's); a device that cannot be reached or
+refuses is dropped from the round with its reason, like a Flower reply that fails its check. Once the round is
+aggregated and checkpointed, every device hears the outcome (`/worker/result`): whether its reply was accepted
+(then its interactions are consumed), with the nonce of the device's work order for the round, and the new global
 adapter, which it answers with from then on. A device that misses the notice gets it with its next work order.
 
 Left out: the outcomes a device missed are kept in the server's memory only, so a server restarted between a
@@ -14,7 +16,6 @@ the device is told; nothing is lost and nothing trained twice).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import time
@@ -24,14 +25,14 @@ import torch
 from rich.progress import Progress
 
 from spearfl.algorithms.base import REPORTED_METRICS, ClientContext, ClientResult
-from spearfl.config import config_to_dict
 from spearfl.federated.codec import WorkOrders, check_reply, layout_of, wire_array
+from spearfl.runtime.client import work_order_config
 from spearfl.runtime.server import RoundReplies, as_received, choose_clients
 from spearfl.runtime.setup import Federation
-from spearfl.runtime.worker import WorkerError, exchange
+from spearfl.runtime.worker import WorkerError, exchange, open_connection
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
 
-TOKEN_VARIABLE = "SPEARFL_TOKEN"
+TOKEN_VARIABLE = "SPEARFL_SERVER_TOKEN"
 POLL_SECONDS = 1.0  # how often a waiting server asks the devices how many interactions they hold
 
 
@@ -45,6 +46,7 @@ class DeviceClients:
         self.timeout = self.config.live.reply_timeout_seconds  # a device that takes longer is dropped from the round
         self.missed: dict[int, dict[int, bool]] = {}  # client -> round -> accepted, for devices the notice missed
         self.orders = WorkOrders()
+        self.nonces: dict[int, str] = {}  # client -> nonce of its work order in the round under way
 
     def choose(self, round_index: int) -> list[int]:
         """The round's devices: with `live.round_period_seconds`, wait until `clients_per_round` devices have
@@ -71,9 +73,10 @@ class DeviceClients:
         arrays = {name: wire_array(tensor) for name, tensor in global_state.items()}
         encoding = self.config.server.upload_encoding
         replies = RoundReplies([])
+        self.nonces = {client: self.orders.issue(round_index, client) for client in clients}
         for client in clients:
-            request = {"config": config_to_dict(self.config), "client_id": client, "round_index": round_index, "lr": lr,
-                       "nonce": self.orders.issue(round_index, client)}
+            request = {"config": work_order_config(self.config), "client_id": client, "round_index": round_index, "lr": lr,
+                       "nonce": self.nonces[client]}
             header = {"request": request, "settled": {str(r): ok for r, ok in self.missed.get(client, {}).items()}}
             try:
                 payload, result = exchange(self.addresses[client], "/worker/train", arrays, header, self.token, self.timeout)
@@ -95,6 +98,8 @@ class DeviceClients:
         for client, address in enumerate(self.addresses):
             outcome = (client in accepted) if client in accepted | rejected else None  # None: not in this round
             header = {"round": round_index, "accepted": outcome, "version": round_index}
+            if outcome is not None and client in self.nonces:  # the device checks it against the order it answered
+                header["nonce"] = self.nonces[client]
             try:
                 exchange(address, "/worker/result", arrays, header, self.token, timeout=60)
             except WorkerError:
@@ -104,8 +109,10 @@ class DeviceClients:
 
 def device_pending(address: str, token: str | None, timeout: float = 10.0) -> int:
     """Pending interactions a device service reports on /health; 0 when it cannot be reached."""
-    host, _, port = address.rpartition(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection = open_connection(address, timeout)
+    except WorkerError:
+        return 0
     try:
         connection.request("GET", "/health", headers={"Authorization": f"Bearer {token}"} if token else {})
         response = connection.getresponse()

@@ -11,10 +11,15 @@ weight and metrics) as JSON in its metadata. Nothing is pickled.
 
 This module imports neither torch nor Flower at the top, so the per-message ClientApp process that talks to
 the worker starts fast; the worker side imports the model code when it starts serving.
-With an access token ($SPEARFL_TOKEN or --token; required to listen beyond the loopback), /train needs
+With the server's token ($SPEARFL_SERVER_TOKEN or --token; required to listen beyond the loopback), /train needs
 `Authorization: Bearer <token>`. A body over `max_body_bytes` gets 413 before it is read, a payload that is not
 a spearfl safetensors file 400, and nothing in a payload is ever unpickled. Replies read back are bounded too.
-Left out on purpose: serving several requests at once (one model, one client round at a time).
+Each connection has its own thread and a socket timeout, so a stalled sender holds nothing but its own thread;
+one work order runs at a time (one model), and another arriving meanwhile gets 503.
+
+TLS: the worker serves https with a certificate and key (`--tls-cert`, `--tls-key`); `exchange` speaks https to
+an address written `https://host:port` and verifies the certificate against the CA file $SPEARFL_TLS_CA (the
+system's trusted CAs when unset). `host:port` and `http://host:port` stay plain HTTP.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ import hmac
 import http.client
 import json
 import logging
+import os
 import signal
+import ssl
+import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import safetensors.numpy
@@ -37,6 +45,8 @@ logger = logging.getLogger(__name__)
 METADATA_KEY = "spearfl"
 HEADER_SIZE_BYTES = 8  # safetensors: little-endian u64 length of the JSON header, then the header
 MAX_BODY_BYTES = 1 << 30  # a work order or a reply carries one adapter; the paper setting's is 28 MB
+SOCKET_TIMEOUT_SECONDS = 60.0  # the longest a worker waits for the next bytes of a request it is reading
+CA_VARIABLE = "SPEARFL_TLS_CA"  # the CA file that https devices' and workers' certificates are verified against
 
 
 class WorkerError(RuntimeError):
@@ -70,10 +80,11 @@ def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def train_on_worker(
-    address: str, arrays: dict[str, np.ndarray], request: dict, token: str | None = None
+    address: str, arrays: dict[str, np.ndarray], request: dict, token: str | None = None, device: dict | None = None
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Send one work order to the worker at host:port; returns (trained adapter, {"weight", "metrics", "nonce"})."""
-    return exchange(address, "/train", arrays, {"request": request}, token)
+    """Send one work order to the worker at host:port; returns (trained adapter, {"weight", "metrics", "nonce"}).
+    `device`: the device's own settings for a worker started without a config of its own (a simulation)."""
+    return exchange(address, "/train", arrays, {"request": request} | ({"device": device} if device else {}), token)
 
 
 def exchange(
@@ -82,9 +93,8 @@ def exchange(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """POST a safetensors payload to host:port `path`, read one back (a client worker, or a device service's
     /worker/... routes, with its bearer token). No timeout by default: a client round takes what it takes."""
-    host, _, port = address.rpartition(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     headers = {"Content-Type": "application/octet-stream"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    connection = open_connection(address, timeout)
     try:
         connection.request("POST", path, body=pack(arrays, header), headers=headers)
         response = connection.getresponse()
@@ -96,6 +106,8 @@ def exchange(
             raise WorkerError(f"client at {address} answered {path} with over {MAX_BODY_BYTES} bytes")
     except TimeoutError:
         raise WorkerError(f"client at {address} sent no reply to {path} within {timeout:g} s (a straggler)") from None
+    except ssl.SSLError as error:
+        raise WorkerError(f"client at {address}: TLS failed ({error}); is ${CA_VARIABLE} the CA that signed its certificate?") from None
     except OSError as error:
         raise WorkerError(f"client at {address} unreachable ({error}); is its worker or service running?") from None
     finally:
@@ -110,6 +122,33 @@ def exchange(
         raise WorkerError(f"client at {address} answered {path} with a malformed payload: {str(error)[:200]}") from None
 
 
+def open_connection(address: str, timeout: float | None) -> http.client.HTTPConnection:
+    """A connection to `host:port`, `http://host:port`, or `https://host:port` (verified against $SPEARFL_TLS_CA)."""
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if scheme not in ("", "http", "https") or not port.isdigit():
+        raise WorkerError(f"bad client address {address!r}: write host:port, http://host:port or https://host:port")
+    if scheme == "https":
+        return http.client.HTTPSConnection(host, int(port), timeout=timeout, context=client_tls())
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+
+def client_tls() -> ssl.SSLContext:
+    """Verification of a device's or worker's certificate (and its name) against $SPEARFL_TLS_CA, else the system's CAs."""
+    authority = os.environ.get(CA_VARIABLE) or None
+    try:
+        return ssl.create_default_context(cafile=authority)
+    except (OSError, ssl.SSLError) as error:
+        raise WorkerError(f"${CA_VARIABLE}={authority}: not a readable CA file ({error})") from None
+
+
+def server_tls(certificate: str, key: str) -> ssl.SSLContext:
+    """What a worker serves https with."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    return context
+
+
 def error_text(body: bytes) -> str:
     try:
         value = json.loads(body)
@@ -120,6 +159,8 @@ def error_text(body: bytes) -> str:
 
 class WorkerHandler(BaseHTTPRequestHandler):
     """HTTP front of one ClientHost (set on the server as `server.host`)."""
+
+    timeout = SOCKET_TIMEOUT_SECONDS
 
     def do_GET(self) -> None:
         if self.path == "/health":
@@ -142,8 +183,17 @@ class WorkerHandler(BaseHTTPRequestHandler):
         if int(declared) > self.server.max_body_bytes:
             self.reply_json(413, {"error": f"request body over the {self.server.max_body_bytes}-byte limit"})
             return
+        if not self.server.round_lock.acquire(blocking=False):  # refused before its body is read: one in memory
+            self.reply_json(503, {"error": "this worker is running another work order (one model, one round at a time)"})
+            return
         try:
-            arrays, header = unpack(self.rfile.read(int(declared)))
+            self.run_work_order(int(declared))
+        finally:
+            self.server.round_lock.release()
+
+    def run_work_order(self, size: int) -> None:
+        try:
+            arrays, header = unpack(self.rfile.read(size))
             request = header["request"]
             if not isinstance(request, dict):
                 raise ValueError(f"the work order is a {type(request).__name__}, not an object")
@@ -151,7 +201,7 @@ class WorkerHandler(BaseHTTPRequestHandler):
             self.reply_json(400, {"error": f"bad work order: {error}"})
             return
         try:
-            state, result = self.server.host.train_arrays(arrays, request)
+            state, result = self.server.host.train_arrays(arrays, request, header.get("device"))
         except (TypeError, ValueError, KeyError, UserError) as error:  # a work order it cannot run
             self.reply_json(400, {"error": f"bad work order: {type(error).__name__}: {str(error)[:500]}"})
             return
@@ -179,22 +229,40 @@ def stop_serving(signal_number, frame) -> None:
     raise KeyboardInterrupt(f"signal {signal_number}")
 
 
-def make_server(host: str, port: int, client_host, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> HTTPServer:
-    """An HTTP server in front of `client_host` (anything with ClientHost.train_arrays); port 0 picks a free one."""
-    server = HTTPServer((host, port), WorkerHandler)
+def make_server(
+    host: str, port: int, client_host, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+    tls: tuple[str, str] | None = None,
+) -> ThreadingHTTPServer:
+    """An HTTP server in front of `client_host` (anything with ClientHost.train_arrays), a thread per connection;
+    port 0 picks a free one; `tls`: (certificate file, key file) to serve https."""
+    server = ThreadingHTTPServer((host, port), WorkerHandler)
+    server.daemon_threads = True
+    if tls is not None:  # the handshake happens in the connection's thread, under its socket timeout
+        server.socket = server_tls(*tls).wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     server.host, server.token, server.max_body_bytes = client_host, token, max_body_bytes
+    server.round_lock = threading.Lock()
     return server
 
 
-def serve(host: str, port: int, token: str | None = None) -> None:
-    """Serve client rounds until SIGTERM or Ctrl-C; the model loads with the first round."""
-    from spearfl.runtime.client import (
-        ClientHost,  # the model code, imported only where it runs
+def serve(host: str, port: int, token: str | None = None, device_config: str | None = None,
+          tls: tuple[str, str] | None = None) -> None:
+    """Serve client rounds until SIGTERM or Ctrl-C; the model loads with the first round. `device_config`: this
+    device's own YAML config (its data, verifiers, privacy and limits; its local DP ledger goes to its output_dir);
+    None: each work order's ClientApp names the settings, as in a simulation."""
+    from spearfl.runtime.client import (  # the model code, imported only where it runs
+        ClientHost,
+        Device,
     )
 
-    server = make_server(host, port, ClientHost(), token)
+    device = None
+    if device_config is not None:
+        from spearfl.config import load_config
+
+        own = load_config(device_config)
+        device = Device(own, ledger_path=f"{own.output_dir}/privacy-ledger.json")
+    server = make_server(host, port, ClientHost(device), token, tls=tls)
     signal.signal(signal.SIGTERM, stop_serving)
-    logger.warning("spearfl client worker listening on http://%s:%d", *server.server_address[:2])
+    logger.warning("spearfl client worker listening on %s://%s:%d", "https" if tls else "http", *server.server_address[:2])
     try:
         server.serve_forever()
     except KeyboardInterrupt:

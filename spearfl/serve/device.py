@@ -20,9 +20,10 @@ from spearfl.serve.app import create_app
 from spearfl.serve.engine import AnswerEngine
 from spearfl.serve.limits import Limits
 from spearfl.serve.rounds import DeviceRounds
-from spearfl.serve.service import Service
+from spearfl.serve.service import LOOPBACK_NAMES, AnsweredOrders, Service
 
-TOKEN_VARIABLE = "SPEARFL_TOKEN"
+PEOPLE_TOKEN_VARIABLE = "SPEARFL_PEOPLE_TOKEN"  # the people's: the page, asking, their interactions
+SERVER_TOKEN_VARIABLE = "SPEARFL_SERVER_TOKEN"  # the federation server's: work orders and round notices
 
 
 def store_path(config: RunConfig) -> Path:
@@ -38,12 +39,26 @@ def label_style(config: RunConfig) -> str:
     return spec.label_style if spec is not None else "letters"
 
 
-def access_token(host: str, token: str | None) -> str | None:
-    """The token the service requires: the one given (or SPEARFL_TOKEN); listening beyond loopback needs one."""
-    token = token or os.environ.get(TOKEN_VARIABLE) or None
+def access_token(host: str, token: str | None, variable: str, option: str) -> str | None:
+    """A token the service requires: the one given, else $`variable`; listening beyond loopback needs one."""
+    token = token or os.environ.get(variable) or None
     if token is None and not is_loopback(host):
-        raise UserError(f"listening on {host} needs an access token: pass --token or set {TOKEN_VARIABLE}")
+        raise UserError(f"listening on {host} needs an access token: pass {option} or set {variable}")
     return token
+
+
+def access_tokens(host: str, people: str | None, server: str | None) -> tuple[str | None, str | None]:
+    """(the people's token, the server's token) of `spearfl serve`; beyond loopback both, and they must differ."""
+    people = access_token(host, people, PEOPLE_TOKEN_VARIABLE, "--token")
+    server = access_token(host, server, SERVER_TOKEN_VARIABLE, "--server-token")
+    if people is not None and people == server:
+        raise UserError("the people's token and the server's token must differ: each reaches only its own routes")
+    return people, server
+
+
+def allowed_hosts(host: str, extra: list[str] | tuple[str, ...] = ()) -> frozenset[str]:
+    """The Host names the service answers to: the loopback names, the address it listens on, and `extra`."""
+    return LOOPBACK_NAMES | {name.strip("[]").lower() for name in (host, *extra)}
 
 
 def is_loopback(host: str) -> bool:
@@ -57,9 +72,11 @@ def is_loopback(host: str) -> bool:
 
 def build_service(
     config: RunConfig, token: str | None = None, adapter: Path | None = None, adapter_version: int = 0,
-    limits: Limits | None = None, max_batch: int = 16, context=None,
+    limits: Limits | None = None, max_batch: int = 16, context=None, server_token: str | None = None,
+    hosts: frozenset[str] = LOOPBACK_NAMES,
 ) -> Service:
-    """The base model with the configured LoRA (and `adapter`'s weights, if given), its engine and its store."""
+    """The base model with the configured LoRA (and `adapter`'s weights, if given), its engine and its store;
+    `token` the people's, `server_token` the federation server's, `hosts` the Host names it answers to."""
     context = context or build_context(config)
     if adapter is not None:
         set_adapter_state(context.model, load_tensors(adapter))
@@ -73,19 +90,23 @@ def build_service(
         store.drop_older_than(config.live.retention_days * 86_400)
     return Service(
         engine=engine, store=store, prompts=context.prompts, label_style=label_style(config),
-        model_name=config.model.name, token=token, limits=limits or Limits(), rounds=DeviceRounds(context, store, engine),
+        model_name=config.model.name, token=token, limits=limits or Limits(), rounds=DeviceRounds(context, store, engine, ledger_path=store_path(config).with_suffix(".privacy.json")),
+        server_token=server_token, allowed_hosts=hosts, orders=AnsweredOrders(store_path(config).with_suffix(".orders.json")),
     )
 
 
 class ServiceThread:
     """A service listening on 127.0.0.1 (port 0: a free one) in a thread of this process, for demos, benchmarks and tests;
-    `stop` ends the server, the engine and the store."""
+    `tls`: (certificate file, key file) to serve https; `stop` ends the server, the engine and the store."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, startup_seconds: float = 30.0):
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0, startup_seconds: float = 30.0,
+                 tls: tuple[str, str] | None = None):
         import uvicorn
 
         self.service = service
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", ws="none"))
+        certificate, key = tls or (None, None)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", ws="none",
+                                                    ssl_certfile=certificate, ssl_keyfile=key))
         self.thread = threading.Thread(target=self.server.run, name="spearfl-service", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + startup_seconds

@@ -1,4 +1,4 @@
-"""What one request to the device service may hold, and the middleware that enforces the body size."""
+"""What one request to the device service may hold, how many may wait, and the middleware that enforces the body size."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may hold; beyond it the service answers 413 or 422 and stores nothing."""
+    """What one request may hold (beyond it the service answers 413 or 422 and stores nothing) and how many answers may
+    wait for the model at once (beyond that 503, with Retry-After)."""
 
     max_body_bytes: int = 64 * 1024
     max_question_chars: int = 4000
@@ -18,6 +19,7 @@ class Limits:
     max_prompt_tokens: int = 1024
     max_person_chars: int = 100
     max_adapter_bytes: int = 1 << 30  # a work order carries the global adapter
+    max_waiting_requests: int = 64  # four full batches of the engine's default 16
 
 
 class BodyLimit:

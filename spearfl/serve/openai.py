@@ -57,9 +57,11 @@ def chat_stream(service: Service, prompt_ids: list[int], record, completion_id: 
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
+    replies = events(service, prompt_ids, request_seed(completion_id))
+
     async def stream():
         yield chunk({"role": "assistant", "content": service.prompts.prefix})
-        async for kind, value in events(service, prompt_ids, request_seed(completion_id)):
+        async for kind, value in replies:
             if kind == "token":
                 yield chunk({"content": value})
             elif kind == "done":

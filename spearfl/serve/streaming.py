@@ -14,9 +14,18 @@ from spearfl.serve.service import Service
 
 
 def events(service: Service, prompt_ids: list[int], seed: int) -> AsyncIterator[tuple[str, object]]:
-    """The engine's events for one request, as an async iterator on the caller's event loop."""
+    """The engine's events for one request, as an async iterator on the caller's event loop. The request is queued
+    now (503 if the queue is full), so call this before a response starts; its place is freed when the engine
+    finishes it, whether or not anyone still reads."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    service.engine.submit(prompt_ids, seed, lambda kind, value: loop.call_soon_threadsafe(queue.put_nowait, (kind, value)))
+    service.admit()
+
+    def on_event(kind: str, value: object) -> None:
+        if kind != "token":
+            service.finished()
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+    service.engine.submit(prompt_ids, seed, on_event)
 
     async def iterate():
         while True:
@@ -34,12 +43,13 @@ def sse(event: str, data: object) -> str:
 
 def event_stream(service: Service, prompt_ids: list[int], seed: int, record) -> StreamingResponse:
     """Server-sent events: `token` {text} as the answer grows, then `done` (what `record` stored) or `error`."""
+    replies = events(service, prompt_ids, seed)
 
     async def stream():
         prefix = service.prompts.prefix
         if prefix:  # the reply's opening the prompt already wrote (prompt.answer_prefix): shown, not generated
             yield sse("token", {"text": prefix, "prefix": True})
-        async for kind, value in events(service, prompt_ids, seed):
+        async for kind, value in replies:
             if kind == "token":
                 yield sse("token", {"text": value})
             elif kind == "done":

@@ -2,6 +2,7 @@
 concurrent writers (threads and processes) and a kill -9 in the middle of writing."""
 
 import multiprocessing
+import os
 import signal
 import sqlite3
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import spearfl.data.store
 from spearfl.data.store import (
@@ -20,6 +22,7 @@ from spearfl.data.store import (
     InteractionStore,
     StoreError,
 )
+from spearfl.io import atomic_write_json, save_tensors
 
 
 def attempt(text="Answer: B", version=0, prompt_ids=(1, 2, 3), token_ids=(40, 41, 2)):
@@ -254,3 +257,29 @@ def test_a_hint_that_gave_the_answer_is_marked(store):
     assert store.get(interaction_id).first.hint_gave_answer
     with pytest.raises(StoreError, match="no attempt 1"):
         store.mark_hint_gave_answer(interaction_id, 1)
+
+
+def mode_of(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_the_store_its_companions_and_saved_adapters_are_private_whatever_the_umask(tmp_path):
+    previous = os.umask(0)  # the most permissive umask: nothing below may rely on it
+    try:
+        path = tmp_path / "interactions.sqlite"
+        store = InteractionStore(path)
+        store.add("Which is a fruit?", attempt())
+        files = sorted(tmp_path.glob("interactions.sqlite*"))
+        assert [file.name for file in files] == ["interactions.sqlite", "interactions.sqlite-shm", "interactions.sqlite-wal"]
+        assert {file.name: mode_of(file) for file in files} == dict.fromkeys((file.name for file in files), 0o600)
+        store.close()
+        os.chmod(path, 0o644)  # a store an older spearfl left world-readable is narrowed when opened
+        InteractionStore(path).close()
+        assert mode_of(path) == 0o600
+        atomic_write_json(tmp_path / "interactions.orders.json", {"1": "nonce"}, mode=0o600)
+        save_tensors(tmp_path / "adapter.safetensors", {"x": torch.zeros(2)})
+        assert mode_of(tmp_path / "interactions.orders.json") == 0o600 and mode_of(tmp_path / "adapter.safetensors") == 0o600
+        atomic_write_json(tmp_path / "summary.json", {"shared": True})  # results for sharing keep their mode
+        assert mode_of(tmp_path / "summary.json") == 0o644
+    finally:
+        os.umask(previous)

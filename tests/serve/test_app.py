@@ -7,19 +7,12 @@ import threading
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from helpers import make_config, make_context, single_thread, tiny_lora_model
+from helpers import single_thread
+from serving import local_client, make_service
 
 import spearfl.serve.engine
-from spearfl.data.store import InteractionStore
-from spearfl.errors import UserError
-from spearfl.lm.generation import SamplingSettings
 from spearfl.lm.models import get_adapter_state
-from spearfl.serve.app import create_app
-from spearfl.serve.device import access_token
-from spearfl.serve.engine import AnswerEngine
 from spearfl.serve.limits import Limits
-from spearfl.serve.service import Service
 
 OPTIONS = ["apple", "rock", "car"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,15 +22,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def one_thread():
     with single_thread():
         yield
-
-
-def make_service(tokenizer, tmp_path, token=None, limits=None, max_new_tokens=6, batch_window=0.02, *overrides):
-    model = tiny_lora_model(tokenizer)
-    context = make_context(model, tokenizer, make_config(*overrides))
-    settings = SamplingSettings(max_new_tokens, 1.0, 1.0, 8, text_prefix=context.prompts.prefix)
-    engine = AnswerEngine(model, tokenizer, settings, adapter_version=0, max_batch=8, batch_window=batch_window)
-    store = InteractionStore(tmp_path / "interactions.sqlite")
-    return Service(engine, store, context.prompts, "text", "tiny", token=token, limits=limits or Limits())
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ def service(tokenizer, tmp_path):
 
 @pytest.fixture
 def client(service):
-    with TestClient(create_app(service)) as client:
+    with local_client(service) as client:
         yield client
 
 
@@ -127,7 +111,7 @@ def test_listing_and_deleting_ones_interactions(client, service):
 
 def test_bad_requests_get_a_4xx_that_says_why_and_store_nothing(tokenizer, tmp_path):
     service = make_service(tokenizer, tmp_path, limits=Limits(max_body_bytes=2000, max_prompt_tokens=120))
-    with TestClient(create_app(service)) as client:
+    with local_client(service) as client:
         _, done = ask(client)
         interaction = done["interaction_id"]
         cases = [
@@ -156,31 +140,6 @@ def test_bad_requests_get_a_4xx_that_says_why_and_store_nothing(tokenizer, tmp_p
         assert len(stored.attempts) == 1 and stored.first.verdict is True
     service.engine.close()
     service.store.close()
-
-
-def test_with_a_token_every_data_route_needs_it(tokenizer, tmp_path):
-    service = make_service(tokenizer, tmp_path, token="s3cret")
-    with TestClient(create_app(service)) as client:
-        assert client.get("/health").json()["token_required"] is True
-        for method, path in (("post", "/ask"), ("get", "/interactions"), ("get", "/learning"), ("post", "/v1/chat/completions")):
-            response = client.request(method.upper(), path, json={"question": "q"} if method == "post" else None)
-            assert response.status_code == 401 and "access token" in response.text
-        wrong = client.get("/interactions", headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401
-        assert client.get("/interactions", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert stored_count(service) == 0
-    service.engine.close()
-    service.store.close()
-
-
-def test_listening_beyond_loopback_needs_a_token(monkeypatch):
-    monkeypatch.delenv("SPEARFL_TOKEN", raising=False)
-    assert access_token("127.0.0.1", None) is None and access_token("::1", None) is None
-    with pytest.raises(UserError, match="needs an access token"):
-        access_token("0.0.0.0", None)
-    assert access_token("0.0.0.0", "t") == "t"
-    monkeypatch.setenv("SPEARFL_TOKEN", "from-env")
-    assert access_token("192.168.1.5", None) == "from-env"
 
 
 def test_openai_compatible_completion_carries_the_interaction_id(client, service):
@@ -223,7 +182,7 @@ def test_a_new_adapter_answers_from_the_next_request_and_one_in_flight_finishes_
 
     monkeypatch.setattr(spearfl.serve.engine, "generate_batch", slow_generate)
     new_state = {name: value + 0.05 for name, value in get_adapter_state(service.engine.model).items()}
-    with TestClient(create_app(service)) as client:
+    with local_client(service) as client:
         first = {}
         thread = threading.Thread(target=lambda: first.update(ask(client)[1]))
         thread.start()
@@ -246,7 +205,7 @@ def test_concurrent_requests_decode_as_one_batch(tokenizer, tmp_path, monkeypatc
     sizes = []
     original = spearfl.serve.engine.generate_batch
     monkeypatch.setattr(spearfl.serve.engine, "generate_batch", lambda model, tokenizer, prompts, *a, **k: sizes.append(len(prompts)) or original(model, tokenizer, prompts, *a, **k))
-    with TestClient(create_app(service)) as client:
+    with local_client(service) as client:
         results = []
         threads = [threading.Thread(target=lambda i=i: results.append(ask(client, question=f"Question {i}?")[1])) for i in range(4)]
         for thread in threads:
@@ -261,11 +220,53 @@ def test_concurrent_requests_decode_as_one_batch(tokenizer, tmp_path, monkeypatc
 
 def test_an_answer_prefix_streams_first_marked_as_written_by_the_prompt(tokenizer, tmp_path):
     service = make_service(tokenizer, tmp_path, None, None, 6, 0.02, "prompt.answer_prefix=true")
-    with TestClient(create_app(service)) as client:
+    with local_client(service) as client:
         events, done = ask(client)
     assert events[0] == ("token", {"text": "Answer:", "prefix": True})
     assert all("prefix" not in data for name, data in events[1:] if name == "token")
     assert "".join(data["text"] for name, data in events if name == "token") == done["text"]
     assert service.store.get(done["interaction_id"]).first.text.startswith("Answer:")
+    service.engine.close()
+    service.store.close()
+
+
+def test_a_lone_surrogate_gets_422_and_stores_nothing(client, service):
+    _, done = ask(client)
+    bodies = [("/ask", '{"question": "Which \\ud800 is red?"}'), ("/ask", '{"question": "Which is red?", "person": "\\udfff"}'),
+              ("/ask", '{"question": "Which is red?", "options": ["\\ud800", "blue"]}'),
+              ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Which \\ud800?"}]}'),
+              ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Which?"}], "user": "\\ud800"}'),
+              (f"/interactions/{done['interaction_id']}/verdict", '{"attempt": 0, "correct": false, "hint": "\\ud800"}')]
+    for path, body in bodies:
+        response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+        assert response.status_code == 422 and "unicode string" in response.text, (path, response.text)
+    assert stored_count(service) == 1 and service.store.get(done["interaction_id"]).first.verdict is None
+
+
+def test_when_the_queue_is_full_a_request_gets_503_with_retry_after_and_stores_nothing(tokenizer, tmp_path, monkeypatch):
+    service = make_service(tokenizer, tmp_path, limits=Limits(max_waiting_requests=1))
+    started, release = threading.Event(), threading.Event()
+    original = spearfl.serve.engine.generate_batch
+
+    def held_generate(*args, **kwargs):  # the first request stays in the engine until released
+        started.set()
+        release.wait(timeout=30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(spearfl.serve.engine, "generate_batch", held_generate)
+    with local_client(service) as client:
+        first = {}
+        thread = threading.Thread(target=lambda: first.update(ask(client)[1]))
+        thread.start()
+        assert started.wait(timeout=30)
+        chat = {"messages": [{"role": "user", "content": "Which is a fruit?"}]}
+        for response in (client.post("/ask", json={"question": "Which is red?"}), client.post("/v1/chat/completions", json=chat),
+                         client.post("/v1/chat/completions", json=chat | {"stream": True})):
+            assert response.status_code == 503 and response.headers["retry-after"].isdigit() and "waiting" in response.text
+        release.set()
+        thread.join(timeout=60)
+        assert first["attempt"] == 0 and stored_count(service) == 1
+        ask(client, question="Which is red?")  # the place is free again
+        assert stored_count(service) == 2 and service.waiting == 0
     service.engine.close()
     service.store.close()

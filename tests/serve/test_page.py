@@ -34,7 +34,9 @@ def test_ask_judge_hint_revise_then_a_round_and_the_new_version(browser, tmp_pat
     assets = end_to_end_assets()
     config_path = write_run_config(assets, tmp_path / "run.yaml", tmp_path / "run")
     with single_thread():
-        device = ServiceThread(build_service(load_config(config_path, [f"live.store={tmp_path / 'device.sqlite'}"]), max_batch=4))
+        # the device's own config: its local DP and how many judged interactions a round needs are its own settings
+        own = [f"live.store={tmp_path / 'device.sqlite'}", "live.min_interactions=1", "privacy.mode=local", "privacy.noise_multiplier=1"]
+        device = ServiceThread(build_service(load_config(config_path, own), max_batch=4))
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
             page.goto(f"http://{device.address}/")
@@ -66,5 +68,7 @@ def test_ask_judge_hint_revise_then_a_round_and_the_new_version(browser, tmp_pat
             page.reload()
             page.wait_for_selector("#version:text('1')")
             page.wait_for_function("document.querySelectorAll('#learning tbody tr').length === 1")  # judged: version 0
+            # the round released one noised update, and the page shows the device's own ledger of it
+            page.wait_for_selector("#privacy:has-text('1 updates released')")
         finally:
             device.stop()
