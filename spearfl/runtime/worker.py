@@ -14,8 +14,10 @@ the worker starts fast; the worker side imports the model code when it starts se
 With the server's token ($SPEARFL_SERVER_TOKEN or --token; required to listen beyond the loopback), /train needs
 `Authorization: Bearer <token>`. A body over `max_body_bytes` gets 413 before it is read, a payload that is not
 a spearfl safetensors file 400, and nothing in a payload is ever unpickled. Replies read back are bounded too.
-Each connection has its own thread and a socket timeout, so a stalled sender holds nothing but its own thread;
-one work order runs at a time (one model), and another arriving meanwhile gets 503.
+Each connection has its own thread and a socket timeout, and a body is read whole before the work order takes
+the worker: a stalled or slow sender holds nothing but its own thread and one of READING_SLOTS reading slots,
+and is dropped at its deadline (SOCKET_TIMEOUT_SECONDS + its size at MIN_BYTES_PER_SECOND). One work order runs
+at a time (one model); another arriving meanwhile, or a body while every reading slot is taken, gets 503.
 
 TLS: the worker serves https with a certificate and key (`--tls-cert`, `--tls-key`); `exchange` speaks https to
 an address written `https://host:port` and verifies the certificate against the CA file $SPEARFL_TLS_CA (the
@@ -32,6 +34,7 @@ import os
 import signal
 import ssl
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -46,6 +49,8 @@ METADATA_KEY = "spearfl"
 HEADER_SIZE_BYTES = 8  # safetensors: little-endian u64 length of the JSON header, then the header
 MAX_BODY_BYTES = 1 << 30  # a work order or a reply carries one adapter; the paper setting's is 28 MB
 SOCKET_TIMEOUT_SECONDS = 60.0  # the longest a worker waits for the next bytes of a request it is reading
+MIN_BYTES_PER_SECOND = 256 * 1024  # a body's deadline: the socket timeout + its size at this rate
+READING_SLOTS = 2  # bodies read at once, so at most this many (plus the one running) are in memory
 CA_VARIABLE = "SPEARFL_TLS_CA"  # the CA file that https devices' and workers' certificates are verified against
 
 
@@ -183,17 +188,48 @@ class WorkerHandler(BaseHTTPRequestHandler):
         if int(declared) > self.server.max_body_bytes:
             self.reply_json(413, {"error": f"request body over the {self.server.max_body_bytes}-byte limit"})
             return
-        if not self.server.round_lock.acquire(blocking=False):  # refused before its body is read: one in memory
+        if not self.server.reading.acquire(blocking=False):
+            self.reply_json(503, {"error": f"this worker is reading {READING_SLOTS} other work orders; try again"})
+            return
+        try:
+            body = self.read_body(int(declared))
+        finally:
+            self.server.reading.release()
+        if body is None:
+            return
+        if not self.server.round_lock.acquire(blocking=False):
             self.reply_json(503, {"error": "this worker is running another work order (one model, one round at a time)"})
             return
         try:
-            self.run_work_order(int(declared))
+            self.run_work_order(body)
         finally:
             self.server.round_lock.release()
 
-    def run_work_order(self, size: int) -> None:
+    def read_body(self, size: int) -> bytes | None:
+        """The request body, or None (the connection dropped) where the sender stalls past the socket timeout or
+        is slower than its deadline allows."""
+        deadline = time.monotonic() + SOCKET_TIMEOUT_SECONDS + size / MIN_BYTES_PER_SECOND
+        parts, remaining = [], size
         try:
-            arrays, header = unpack(self.rfile.read(size))
+            while remaining:
+                part = self.rfile.read1(min(remaining, 1 << 20))
+                if not part:
+                    break
+                parts.append(part)
+                remaining -= len(part)
+                if remaining and time.monotonic() > deadline:
+                    break
+        except TimeoutError:
+            pass
+        if remaining:
+            logger.warning("%s: dropped a work order whose body stopped or crawled (%d of %d bytes)", self.address_string(), size - remaining, size)
+            self.close_connection = True
+            return None
+        return b"".join(parts)
+
+    def run_work_order(self, body: bytes) -> None:
+        try:
+            arrays, header = unpack(body)
             request = header["request"]
             if not isinstance(request, dict):
                 raise ValueError(f"the work order is a {type(request).__name__}, not an object")
@@ -241,6 +277,7 @@ def make_server(
         server.socket = server_tls(*tls).wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     server.host, server.token, server.max_body_bytes = client_host, token, max_body_bytes
     server.round_lock = threading.Lock()
+    server.reading = threading.BoundedSemaphore(READING_SLOTS)
     return server
 
 

@@ -1,5 +1,6 @@
 """The client worker's HTTP front: a thread per connection, so a sender that stalls mid-request is dropped after the
-socket timeout while others are answered; one work order at a time, another arriving meanwhile refused with 503."""
+socket timeout while others are answered; one work order at a time, another arriving meanwhile refused with 503; a body is read whole before the work order takes
+the worker, within a deadline."""
 
 import json
 import socket
@@ -79,3 +80,27 @@ def test_one_work_order_at_a_time_and_another_meanwhile_gets_503(served):
     host.release.set()
     thread.join(timeout=30)
     assert first["result"][1]["nonce"] == "n1" and host.rounds == 1
+
+
+def test_a_stalled_sender_does_not_hold_the_work_order_slot(served):
+    host, port = served
+    host.release.set()
+    with stall(port):  # stalled mid-body, under the full socket timeout
+        state, result = train_on_worker(f"127.0.0.1:{port}", {"x": np.ones(3, np.float32)}, {"nonce": "n1", "round_index": 1})
+    assert result["nonce"] == "n1" and host.rounds == 1
+
+
+def test_a_sender_slower_than_its_deadline_is_dropped(served, monkeypatch):
+    host, port = served
+    monkeypatch.setattr(worker, "SOCKET_TIMEOUT_SECONDS", 0.2)  # the deadline: 0.2 s + 1000 bytes at 256 kB/s
+    with stall(port) as stalled:
+        started = time.monotonic()
+        while time.monotonic() - started < 5:  # a byte at a time, each well within the socket timeout
+            try:
+                stalled.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.05)
+        stalled.settimeout(5)
+        assert stalled.recv(1024) == b"" and time.monotonic() - started < 5
+    assert host.rounds == 0
