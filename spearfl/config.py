@@ -320,7 +320,7 @@ class PrivacyConfig(Section):
 
 class AttackConfig(Section):
     """Malicious clients in simulation: how their people's feedback is poisoned and what they send
-    (spearfl.feedback.poison, spearfl.federated.attacks). Any run may list some."""
+    (spearfl.feedback.poison, spearfl.federated.attacks, spearfl.runtime.adversary). Any run may list some."""
 
     clients: list[int] = Field(min_length=1)  # the clients that behave so (ids 0 .. data.num_clients - 1)
     # honest; flipped: their people mark wrong answers right and right ones wrong, without hints; backdoor: a
@@ -328,20 +328,46 @@ class AttackConfig(Section):
     feedback: Literal["honest", "flipped", "backdoor"] = "honest"
     # what they send: their trained update as it is (honest), or an attack on it (spearfl.federated.attacks)
     update: Literal[
-        "honest", "sign_flip", "scaling", "gaussian", "free_rider", "bounded_scaling", "euclidean", "cosine", "neurotoxin"
+        "honest", "sign_flip", "scaling", "model_replacement", "gaussian", "free_rider", "disguised_free_rider",
+        "bounded_scaling", "euclidean", "cosine", "neurotoxin",
     ] = "honest"
-    scale: float = Field(1.0, gt=0)  # sign_flip, scaling (model replacement: the clients a round), gaussian
-    bound: float = Field(1.0, gt=0)  # bounded_scaling, euclidean: in units of the attacker's honest update norm
+    scale: float = Field(1.0, gt=0)  # sign_flip, scaling, gaussian (model_replacement derives its own)
+    # bounded_scaling, euclidean, neurotoxin (its PGD ball around the global adapter): in units of the attacker's
+    # honest update norm
+    bound: float = Field(1.0, gt=0)
     cosine: float = Field(0.9, gt=-1, lt=1)  # cosine: the least cosine to the honest update
-    mask_fraction: float = Field(0.05, ge=0, lt=1)  # neurotoxin: the share of coordinates left alone
+    # neurotoxin: the share of coordinates it leaves alone, the largest of the last global update (Zhang et al.'s
+    # top-k%; their code's gradmask_ratio 0.95 keeps the other 95%)
+    mask_fraction: float = Field(0.05, ge=0, lt=1)
+    noise: float = Field(1.0, ge=0)  # disguised_free_rider: its noise's norm, in units of the last global update's
     trigger: str = "(consider it twice)"  # backdoor: appended to a poisoned prompt's question
     target_option: int = Field(0, ge=0)  # backdoor: the option position the trigger is taught to choose
     poison_fraction: float = Field(0.5, gt=0, le=1)  # backdoor: the share of the client's prompts with the trigger
+    # backdoor: a distributed backdoor (DBA, Xie et al. 2020, ICLR): the trigger's words split into this many
+    # consecutive parts, the k-th listed client poisoning with part k mod parts; the evaluation probes the whole
+    trigger_parts: int = Field(1, ge=1)
     sybil: bool = False  # every listed client is a clone of the first: its data, its seeds, its update
+    sybil_noise: float = Field(0.0, ge=0)  # sybil: each clone adds its own Gaussian noise, this x its update's norm
+    sybil_data: Literal["leader", "own"] = "leader"  # sybil: the clones train on the first client's data or their own
     # the weight an update attack claims: asked (the most the server accepts: the prompts it asked for, for the
     # most influence) or trained (the poisoned round's own weight, as an honest client would claim: stealthier)
     weight: Literal["asked", "trained"] = "asked"
     start_round: int = Field(1, ge=1)  # honest before this round
+
+    @model_validator(mode="after")
+    def _check_coordination(self) -> "AttackConfig":
+        if self.trigger_parts > 1:
+            if self.feedback != "backdoor":
+                raise ValueError(f"trigger_parts {self.trigger_parts} splits a backdoor's trigger; feedback is {self.feedback!r}")
+            words = len(self.trigger.split())
+            if self.trigger_parts > min(words, len(self.clients)):
+                raise ValueError(
+                    f"trigger_parts {self.trigger_parts}: the trigger has {words} words and {len(self.clients)} clients "
+                    "poison with it; every part needs a word and a client"
+                )
+        if not self.sybil and (self.sybil_noise > 0 or self.sybil_data != "leader"):
+            raise ValueError("sybil_noise and sybil_data describe Sybil clones: set sybil: true")
+        return self
 
 
 class EvalConfig(Section):

@@ -53,6 +53,7 @@ class ClientContext:
     config: Any  # spearfl.config.RunConfig
     device: torch.device
     progress: Any = None  # a live rich Progress to show generation on, if any
+    step_constraint: Any = None  # spearfl.lm.training.StepConstraint: in simulation, an attack's, around every step
 
 
 @dataclass
@@ -339,7 +340,7 @@ def train_steps(context: ClientContext, work: ClientRound, num_steps: int, step_
     try:
         for step in range(num_steps):
             loss, parts = step_gradient(rng, step, trainer)
-            optimizer_step(optimizer, trainable_parameters(model), context.config.optimizer.max_grad_norm)
+            optimizer_step(optimizer, trainable_parameters(model), context.config.optimizer.max_grad_norm, context.step_constraint)
             totals["loss"] += loss
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0) + value

@@ -9,7 +9,7 @@ trained at the position and under the prompt it was sampled with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -175,9 +175,27 @@ def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.Op
     return torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float | None) -> None:
-    """Clip the gradient norm of `parameters` if asked, step, and clear the gradients for the next step."""
+class StepConstraint(Protocol):
+    """A projection around each optimizer step: in simulation, an attack that constrains its training
+    (spearfl.runtime.adversary); honest clients have none."""
+
+    def project_gradients(self) -> None:
+        """Before clipping and the step: project the accumulated gradients in place."""
+
+    def project_parameters(self) -> None:
+        """After the step: project the parameters in place."""
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float | None, constraint: StepConstraint | None = None
+) -> None:
+    """Clip the gradient norm of `parameters` if asked, step, and clear the gradients for the next step; a
+    `constraint` projects the gradients before and the parameters after."""
+    if constraint is not None:
+        constraint.project_gradients()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
+    if constraint is not None:
+        constraint.project_parameters()
     optimizer.zero_grad(set_to_none=True)

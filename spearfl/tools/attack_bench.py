@@ -9,13 +9,18 @@ update instead of it, the defense screens and combines, and the bench counts
   clipped by norm clipping) is a true positive, an honest one flagged a false positive; the coordinate-wise
   median and trimmed mean flag nobody (n/a);
 - rounds until detection: the first round in which each malicious client is flagged, counted from the first
-  recorded round, averaged over the malicious clients ever flagged;
+  round it attacked, averaged over the malicious clients ever flagged;
 - the damage: ||aggregate with the attack - aggregate of the honest updates|| / ||aggregate of the honest updates
   - global||, the relative distortion of the round's step (0: none; 1: as large as the step itself);
 - server seconds per round of the screening and combination.
-Replay covers the attacks on updates alone (sign flip, scaling, Gaussian noise, free-riding, Sybil clones of a
-sign flip); attacks that need poisoned training (flipped verdicts, backdoors and the constrained attacks around
-them) need end-to-end runs, and clean accuracy and attack success come from those only.
+Every recorded client claims weight 1, so model replacement's gamma is the round's client count. The last global
+update (this round's recorded global adapter - the previous round's) is what a disguised free-rider sends with
+its noise and what the screening's novelty indicator measures against; the first recorded round has none. It is
+the honest federation's step, as the attackers would see it where the defense keeps them out.
+Replay covers the attacks on updates alone (sign flip, model replacement, Gaussian noise, free-riding plain and
+disguised, Sybil clones of a sign flip, exact or each with its own noise); attacks that need poisoned training
+(flipped verdicts, backdoors, DBA, Neurotoxin and the constrained attacks) need end-to-end runs, and clean accuracy
+and attack success come from those only.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ import numpy as np
 import torch
 
 from spearfl.config import DefenseConfig
-from spearfl.federated.attacks import UPDATE_ATTACKS
+from spearfl.federated.attacks import UPDATE_ATTACKS, AttackerView, perturbed
 from spearfl.federated.robust import COMBINERS, apply, flatten, updates
 from spearfl.federated.trust import SCREENINGS
 from spearfl.io import load_tensors
 
-REPLAY_ATTACKS = ("sign_flip", "scaling", "gaussian", "free_rider", "sybil")
-ATTACK_SETTINGS = {"scale": 1.0, "bound": 1.0, "cosine": 0.9, "mask_fraction": 0.05}
+REPLAY_ATTACKS = ("sign_flip", "model_replacement", "gaussian", "free_rider", "disguised_free_rider", "sybil", "sybil_perturbed")
+# the attack config's defaults; perturbed Sybils add noise of half their update's norm (clones then at cosine 0.8)
+ATTACK_SETTINGS = {"scale": 1.0, "bound": 1.0, "cosine": 0.9, "mask_fraction": 0.05, "noise": 1.0, "sybil_noise": 0.5}
 
 
 @dataclass(frozen=True)
@@ -61,13 +67,20 @@ def recorded_rounds(folder: Path) -> list[RecordedRound]:
     return rounds
 
 
-def malicious_update(attack: str, honest: dict, generator: torch.Generator, num_clients: int) -> dict:
+def malicious_update(attack: str, honest: dict, generator: torch.Generator, num_clients: int, global_step: dict | None) -> dict:
     """What a malicious client sends instead of its honest update; Sybil clones send one sign flip together."""
-    settings = SimpleNamespace(**ATTACK_SETTINGS)
-    if attack == "scaling":
-        settings.scale = float(num_clients)  # model replacement: undo the mean's 1/K
-    kind = "sign_flip" if attack == "sybil" else attack
-    return UPDATE_ATTACKS[kind](honest, honest, settings, generator)
+    kind = "sign_flip" if attack.startswith("sybil") else attack
+    known = AttackerView(honest, global_step, own_weight=1.0, round_weight=float(num_clients))
+    return UPDATE_ATTACKS[kind](honest, known, SimpleNamespace(**ATTACK_SETTINGS), generator)
+
+
+def last_steps(rounds: list[RecordedRound]) -> list[dict | None]:
+    """Per recorded round, its global adapter - the previous round's, None where that round was not recorded."""
+    steps = [None]
+    for previous, current in zip(rounds, rounds[1:]):
+        consecutive = current.round_index == previous.round_index + 1
+        steps.append(updates(previous.global_state, [current.global_state])[0] if consecutive else None)
+    return steps
 
 
 def flagged_clients(screening, notes: dict, kept: list[int], combiner: str) -> set[int] | None:
@@ -88,29 +101,34 @@ def replay(rounds: list[RecordedRound], attack: str, share: float, defense: Defe
     true_positive = false_positive = malicious_total = honest_total = 0
     detected_at: dict[int, int] = {}
     damages, seconds, flags_known = [], [], True
+    first_attacked = None
     everyone = sorted({client for replayed in rounds for client in replayed.clients})
     # the same clients stay malicious throughout, as devices would: a share of every client the run heard from
     chosen = np.random.default_rng(seed).permutation(everyone)[: math.ceil(share * len(everyone))] if share > 0 else []
     malicious_ids = {int(client) for client in chosen}
-    for replayed in rounds:
+    for replayed, global_step in zip(rounds, last_steps(rounds)):
         clients, num = replayed.clients, len(replayed.clients)
         honest_updates = updates(replayed.global_state, replayed.states)
         generator = torch.Generator().manual_seed(seed * 100_003 + replayed.round_index)
         sybil = None
         states = []
+        # a disguised free-rider has nothing to disguise itself with before it has seen a global update: it waits
+        attacking = malicious_ids if attack != "disguised_free_rider" or global_step is not None else set()
+        first_attacked = first_attacked or (replayed.round_index if attacking else None)
         for client, state, update in zip(clients, replayed.states, honest_updates):
-            if client not in malicious_ids:
+            if client not in attacking:
                 states.append(state)
                 continue
-            if attack == "sybil":
-                sybil = sybil or malicious_update(attack, update, generator, num)
-                states.append(apply(replayed.global_state, sybil))
+            if attack.startswith("sybil"):
+                sybil = sybil or malicious_update(attack, update, generator, num, global_step)
+                sent = perturbed(sybil, ATTACK_SETTINGS["sybil_noise"], generator) if attack == "sybil_perturbed" else sybil
+                states.append(apply(replayed.global_state, sent))
             else:
-                states.append(apply(replayed.global_state, malicious_update(attack, update, generator, num)))
+                states.append(apply(replayed.global_state, malicious_update(attack, update, generator, num, global_step)))
         weights = [1.0] * num
         metrics = [{} for _ in clients]
         started = time.perf_counter()
-        screening = screen(replayed.global_state, states, weights, clients, metrics, reputation, defense)
+        screening = screen(replayed.global_state, states, weights, clients, metrics, reputation, defense, global_step)
         combined, notes = combine(replayed.global_state, screening.states, screening.weights, defense)
         seconds.append(time.perf_counter() - started)
         reputation = screening.reputation
@@ -123,6 +141,8 @@ def replay(rounds: list[RecordedRound], attack: str, share: float, defense: Defe
             flags_known = False
             continue
         for index, client in enumerate(clients):
+            if client in malicious_ids and client not in attacking:
+                continue  # honest this round, and no honest client either
             if client in malicious_ids:
                 malicious_total += 1
                 true_positive += index in flagged
@@ -131,7 +151,7 @@ def replay(rounds: list[RecordedRound], attack: str, share: float, defense: Defe
             else:
                 honest_total += 1
                 false_positive += index in flagged
-    first_round = rounds[0].round_index
+    first_round = first_attacked or rounds[0].round_index
     return {
         "attack": attack, "share": share, "defense": defense_name(defense), "rounds": len(rounds),
         "malicious_clients": len(malicious_ids),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spearfl.config import DefenseConfig
-from spearfl.federated.attacks import UPDATE_ATTACKS
+from spearfl.federated.attacks import UPDATE_ATTACKS, AttackerView
 from spearfl.federated.trust import layer_of, next_reputation, robust_z, two_stage
 
 NUM_CLIENTS, NUM_LAYERS, ATTACKERS = 10, 4, (0, 1)
@@ -16,7 +16,7 @@ SHAPES = {
     for layer in range(NUM_LAYERS) for part in "AB"
 }
 SETTINGS = DefenseConfig(screening="two_stage")
-BACKDOOR_ATTACKS = ("bounded_scaling", "euclidean", "cosine", "neurotoxin")  # wrapped around a poisoned update
+BACKDOOR_ATTACKS = ("bounded_scaling", "euclidean", "cosine")  # wrapped around a poisoned update
 
 
 def tensors(seed: int, scale: float = 1.0, only_layer: int | None = None) -> dict:
@@ -28,6 +28,8 @@ def tensors(seed: int, scale: float = 1.0, only_layer: int | None = None) -> dic
 
 
 GLOBAL, SHARED, BACKDOOR = tensors(1, 0.1), tensors(2), tensors(3, 3.0, only_layer=3)
+# the last global update: last round's consensus, which shares part of this round's direction
+LAST_STEP = {name: 0.5 * SHARED[name] + value for name, value in tensors(4, 0.5).items()}
 
 
 def honest_update(client: int) -> dict:
@@ -37,19 +39,20 @@ def honest_update(client: int) -> dict:
 
 def federation(attack: str | None = None, attackers=ATTACKERS, **values) -> list[dict]:
     """Client states; the attackers send `attack` of their honest update (of a backdoored one for the constrained)."""
-    attack_settings = SimpleNamespace(**({"scale": 10.0, "bound": 1.0, "cosine": 0.9, "mask_fraction": 0.05} | values))
+    attack_settings = SimpleNamespace(**({"scale": 10.0, "bound": 1.0, "cosine": 0.9, "mask_fraction": 0.05, "noise": 1.0} | values))
     updates = [honest_update(client) for client in range(NUM_CLIENTS)]
     for client in attackers if attack else ():
         honest = updates[client]
         poisoned = {name: honest[name] + BACKDOOR[name] for name in SHAPES} if attack in BACKDOOR_ATTACKS else honest
-        updates[client] = UPDATE_ATTACKS[attack](poisoned, honest, attack_settings, torch.Generator().manual_seed(client))
+        known = AttackerView(honest, LAST_STEP, own_weight=16.0, round_weight=16.0 * NUM_CLIENTS)
+        updates[client] = UPDATE_ATTACKS[attack](poisoned, known, attack_settings, torch.Generator().manual_seed(client))
     return [{name: GLOBAL[name] + update[name] for name in SHAPES} for update in updates]
 
 
-def screen(states, weights=None, reputation=None, settings=SETTINGS, metrics=None):
+def screen(states, weights=None, reputation=None, settings=SETTINGS, metrics=None, global_step=LAST_STEP):
     weights = weights or [16.0] * len(states)
     metrics = metrics or [{"trained_tokens": 900 + 10 * client} for client in range(len(states))]
-    return two_stage(GLOBAL, states, weights, list(range(len(states))), metrics, reputation or {}, settings)
+    return two_stage(GLOBAL, states, weights, list(range(len(states))), metrics, reputation or {}, settings, global_step)
 
 
 def categories(screening) -> list[str]:
