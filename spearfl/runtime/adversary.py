@@ -51,12 +51,6 @@ def backdoor_probe(config: RunConfig) -> tuple[str, int] | None:
     return None if backdoor is None else (backdoor.trigger, backdoor.target_option)
 
 
-def acting_client(config: RunConfig, client: int) -> int:
-    """Whose examples and seeds a client's work order carries: its own; a Sybil clone takes its leader's in
-    `behave`, which must know who sends."""
-    return client
-
-
 def trigger_part(attack: AttackConfig, client: int) -> str:
     """The trigger a colluder poisons with: under DBA the (k mod parts)-th run of the trigger's words for the k-th
     listed client, else the whole trigger."""
@@ -126,7 +120,7 @@ class NeurotoxinConstraint:
 
     def project_parameters(self) -> None:
         with torch.no_grad():
-            offset = {name: parameter.detach() - self.global_state[name] for name, parameter in self.parameters.items()}
+            offset = {name: parameter.detach().double() - self.global_state[name].double() for name, parameter in self.parameters.items()}
             inside = projected(offset, self.mask, self.radius)
             for name, parameter in self.parameters.items():
                 parameter.copy_(self.global_state[name].double() + inside[name])

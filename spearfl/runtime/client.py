@@ -32,7 +32,7 @@ from spearfl.federated.codec import encode_upload, wire_array
 from spearfl.errors import UserError
 from spearfl.federated.privacy import PrivacyLedger, local_settings, noised_locally, public_reply
 from spearfl.lm.models import load_base_model, quiet_library_output
-from spearfl.runtime.adversary import acting_client, behave
+from spearfl.runtime.adversary import behave
 from spearfl.runtime.setup import (
     attach_configured_lora,
     client_context,
@@ -140,9 +140,8 @@ class ClientHost:
         """Run the configured client update on this client's examples, from the given global adapter."""
         config = device_config(request.config, device.config)
         context = self.context_for(config)
-        acting = acting_client(config, request.client_id)
-        examples = self.examples_for(config, acting, device.examples_path)
-        work = ClientRound(acting, request.round_index, examples, global_state, request.lr, config.seed)
+        examples = self.examples_for(config, request.client_id, device.examples_path)
+        work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
         return run_client(ALGORITHMS[config.algorithm], context, work, device.ledger)
 
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict, device: Device | None = None) -> tuple[dict[str, np.ndarray], dict]:

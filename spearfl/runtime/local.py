@@ -17,7 +17,6 @@ from rich.progress import Progress
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext, ClientRound
 from spearfl.config import ConfigError, RunConfig
-from spearfl.runtime.adversary import acting_client
 from spearfl.runtime.client import run_client, upload
 from spearfl.runtime.devices import DeviceClients
 from spearfl.runtime.server import (
@@ -48,8 +47,7 @@ class InProcessClients:
         for client in clients:
             if client in missing:
                 continue
-            acting = acting_client(self.context.config, client)
-            work = ClientRound(acting, round_index, self.federation.clients[acting], global_state, lr, self.context.config.seed)
+            work = ClientRound(client, round_index, self.federation.clients[client], global_state, lr, self.context.config.seed)
             result = run_client(self.update, self.context, work)
             encoding = self.context.config.server.upload_encoding
             results.append((client, as_received(result, upload(result, global_state, encoding), global_state, encoding)))

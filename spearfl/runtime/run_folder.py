@@ -77,6 +77,7 @@ class Checkpoint:
     global_state: dict[str, torch.Tensor]
     server_state: ServerOptimizerState
     info: dict[str, Any]  # runtime-defined JSON (e.g. random generator states)
+    last_step: dict[str, torch.Tensor] | None = None  # the last global update (screening compares with it); None before any
 
 
 class RunFolder:
@@ -192,6 +193,7 @@ class RunFolder:
         global_state: dict[str, torch.Tensor],
         server_state: ServerOptimizerState,
         info: dict[str, Any],
+        last_step: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write a new checkpoint folder, then point latest.json at it, then drop older folders."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +202,8 @@ class RunFolder:
         save_tensors(folder / "adapter.safetensors", global_state)
         server_tensors, server_metadata = state_to_tensors(server_state)
         save_tensors(folder / "server_state.safetensors", server_tensors)
+        if last_step is not None:
+            save_tensors(folder / "last_step.safetensors", last_step)
         atomic_write_json(folder / "state.json", {"round": round_index, "server_state": server_metadata, "info": info})
         atomic_write_json(self.checkpoint_dir / "latest.json", {"round": round_index, "folder": folder.name})
         self._remove_checkpoints_except(folder.name)
@@ -219,7 +223,9 @@ class RunFolder:
         state = read_json(folder / "state.json")
         server_state = state_from_tensors(load_tensors(folder / "server_state.safetensors"), state["server_state"])
         global_state = load_tensors(folder / "adapter.safetensors")
-        return Checkpoint(state["round"], global_state, server_state, state["info"])
+        step_path = folder / "last_step.safetensors"
+        last_step = load_tensors(step_path) if step_path.exists() else None
+        return Checkpoint(state["round"], global_state, server_state, state["info"], last_step)
 
 
 def _is_number(value: Any) -> bool:

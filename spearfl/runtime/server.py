@@ -228,6 +228,7 @@ class FederatedRun:
         self.combine = COMBINERS[config.defense.aggregator]
         self.screen = SCREENINGS[config.defense.screening]
         self.reputation: dict[str, float] = {}  # str(client) -> [0, 1], kept in the checkpoint
+        self.last_step: dict[str, torch.Tensor] | None = None  # the last global update, kept in the checkpoint
         self.private_rounds = 0  # rounds the privacy accountant has composed, kept in the checkpoint
         self.last_round = self.planned_last_round()
         self.shared_lora: dict[str, torch.Tensor] = {}  # LoRA weights no client sends (FFA-LoRA's A), from the model
@@ -277,6 +278,7 @@ class FederatedRun:
         else:
             global_state, server_state = checkpoint.global_state, checkpoint.server_state
             self.reputation = dict(checkpoint.info.get("reputation", {}))
+            self.last_step = checkpoint.last_step
             self.private_rounds = checkpoint.info.get("privacy", {}).get("rounds", 0)
             self.folder.rewind_to(checkpoint.round_index)
             console.print(f"resuming {self.folder.path} after round {checkpoint.round_index}")
@@ -302,7 +304,7 @@ class FederatedRun:
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
                 self.folder.save_checkpoint(
-                    round_index, global_state, server_state, info=self.checkpoint_info(round_index)
+                    round_index, global_state, server_state, info=self.checkpoint_info(round_index), last_step=self.last_step
                 )
                 self.folder.write_status("running", last_round=round_index)
                 if round_index > 0:
@@ -326,7 +328,7 @@ class FederatedRun:
         started = time.perf_counter()
         screened = self.screen(
             global_state, [r.state for _, r in results], [r.weight for _, r in results], [client for client, _ in results],
-            [r.metrics for _, r in results], self.reputation, config.defense,
+            [r.metrics for _, r in results], self.reputation, config.defense, global_step=self.last_step,
         )
         if config.privacy.mode == "central":
             factors = [screened / result.weight if result.weight > 0 else 0.0 for screened, (_, result) in zip(screened.weights, results)]
@@ -338,6 +340,8 @@ class FederatedRun:
         new_global, new_server_state = self.step(global_state, combined, server_state, config.server)
         server_seconds = time.perf_counter() - started
         self.reputation = screened.reputation
+        if config.defense.screening != "none":  # what the next round's alignment and novelty compare with
+            self.last_step = {key: new_global[key] - global_state[key] for key in global_state}
         row = {
             "round": round_index,
             "lr": lr,

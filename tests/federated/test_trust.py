@@ -140,3 +140,40 @@ def test_sybil_clones_are_told_apart_by_their_similarity():
     assert all(found[client] != "trusted" for client in (0, 1, 2)) and found[3:] == ["trusted"] * (NUM_CLIENTS - 3)
     assert all(record["indicators"]["similarity"] > SETTINGS.suspicious_above for record in screening.records[:3])
     assert all(record["indicators"]["similarity"] < SETTINGS.suspicious_above for record in screening.records[3:])
+
+
+def test_a_disguised_free_rider_is_caught_by_what_it_adds_to_the_last_global_step():
+    states = federation("disguised_free_rider")  # the last global update plus noise of its norm
+    screening = screen(states)
+    assert categories(screening)[:2] == ["malicious"] * 2 and screening.weights[:2] == [0.0, 0.0]
+    assert all(record["indicators"]["novelty"] > SETTINGS.malicious_above for record in screening.records[:2])
+    assert categories(screening)[2:] == ["trusted"] * (NUM_CLIENTS - 2)
+    blind = screen(states, global_step=None)  # without the last step to compare with it keeps a share of the round
+    assert "novelty" not in blind.records[0]["indicators"] and all(weight > 0 for weight in blind.weights[:2])
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+def test_a_lost_reputation_shrinks_the_update_where_the_aggregator_ignores_weights(aggregator):
+    states = federation("bounded_scaling")
+    settings = DefenseConfig(screening="two_stage", aggregator=aggregator)
+    screening = screen(states, settings=settings)
+    record = screening.records[0]
+    assert record["category"] == "suspicious" and record["reputation"] == 0.5
+    for name in SHAPES:
+        if layer_of(name) not in record["flagged_layers"]:  # the flagged layer is replaced, the rest shrunk
+            assert torch.equal(screening.states[0][name], GLOBAL[name] + 0.5 * (states[0][name] - GLOBAL[name]))
+    assert all(torch.equal(screening.states[5][name], states[5][name]) for name in SHAPES)  # trusted: as sent
+    weighted = screen(states)  # the mean: the weight carries the reputation, the update stays as sent
+    assert all(torch.equal(weighted.states[0][name], states[0][name]) for name in SHAPES if layer_of(name) != "layer 3")
+
+
+def test_perturbed_sybils_are_still_told_apart_by_their_similarity():
+    from spearfl.federated.attacks import perturbed
+
+    states = federation()
+    leader = {name: states[0][name] - GLOBAL[name] for name in SHAPES}
+    for clone in (0, 1, 2):  # each clone its own noise of half the update's norm: cosine about 0.8 to each other
+        noisy = perturbed(leader, 0.5, torch.Generator().manual_seed(clone))
+        states[clone] = {name: GLOBAL[name] + noisy[name] for name in SHAPES}
+    found = categories(screen(states))
+    assert all(found[client] != "trusted" for client in (0, 1, 2)) and found[3:] == ["trusted"] * (NUM_CLIENTS - 3)

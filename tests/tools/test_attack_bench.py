@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spearfl.io import save_tensors
-from spearfl.tools.attack_bench import DEFENSES, recorded_rounds, replay
+from spearfl.tools.attack_bench import DEFENSES, REPLAY_ATTACKS, recorded_rounds, replay
 
 SHAPES = {f"model.layers.{layer}.q_proj.lora_{part}.weight": (4, 16) if part == "A" else (16, 4) for layer in range(3) for part in "AB"}
 
@@ -44,7 +44,7 @@ def test_no_attack_no_damage_and_no_flags(recorded):
     assert figures["true_positive_rate"] is None and figures["malicious_clients"] == 0
 
 
-@pytest.mark.parametrize("attack", ["sign_flip", "scaling", "gaussian", "free_rider", "sybil"])
+@pytest.mark.parametrize("attack", REPLAY_ATTACKS)
 def test_two_stage_catches_each_replayed_attack_at_once(recorded, attack):
     figures = replay(recorded, attack, 0.2, DEFENSES["two_stage"])
     assert figures["malicious_clients"] == 2 and figures["true_positive_rate"] == 1.0
@@ -54,5 +54,5 @@ def test_two_stage_catches_each_replayed_attack_at_once(recorded, attack):
 
 
 def test_the_median_flags_nobody_but_limits_the_damage(recorded):
-    median, mean = (replay(recorded, "scaling", 0.2, DEFENSES[name]) for name in ("median", "mean"))
+    median, mean = (replay(recorded, "model_replacement", 0.2, DEFENSES[name]) for name in ("median", "mean"))
     assert median["true_positive_rate"] is None and median["damage"] < 0.5 < mean["damage"]
