@@ -26,7 +26,8 @@ rebinding), none from another origin is served (403, preflights included; no COR
 must be application/json, or application/octet-stream on /worker/* (415). An adapter from outside (a work
 order's, a round's notice) passes the checks a client's reply passes, and a notice must bring a newer version
 than the one answering and the nonce of the work order this device answered for its round (409). Request bodies
-and questions have limits, at most `limits.max_waiting_requests` answers wait for the model (503 beyond), and a
+and questions have limits, at most `limits.max_waiting_requests` answers wait for the model (503 beyond), one
+person starts at most `limits.answers_per_minute` answers a minute (429 beyond), and a
 bad request gets a 4xx that says why and stores nothing.
 """
 
@@ -151,6 +152,7 @@ def create_app(service: Service) -> FastAPI:
     async def ask(body: AskBody) -> StreamingResponse:
         example = service.question(body.question, body.options)
         prompt_ids = service.task_prompt(example)
+        service.admit_person(body.person)
 
         record = first_answer_recorder(service, body.question, body.options, body.person)
         return event_stream(service, prompt_ids, request_seed(uuid.uuid4().hex, 0), record)
@@ -185,6 +187,7 @@ def create_app(service: Service) -> FastAPI:
         shown_hint = None if latest.hint_withheld else latest.hint
         feedback = Feedback(correct=False, hint=shown_hint, style="person")
         prompt_ids = service.check_length(service.prompts.revision(example, latest.text, feedback.text))
+        service.admit_person(interaction.owner)
 
         def record(reply: Reply) -> dict:
             number = service.store.add_revision(interaction_id, attempt_of(reply, service))
@@ -227,6 +230,7 @@ def create_app(service: Service) -> FastAPI:
             raise HTTPException(422, "messages: no user message with a question")
         example = service.question(questions[-1], body.options)
         prompt_ids = service.task_prompt(example)
+        service.admit_person(body.user)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         record = first_answer_recorder(service, questions[-1], body.options, body.user)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may hold (beyond it the service answers 413 or 422 and stores nothing) and how many answers may
-    wait for the model at once (beyond that 503, with Retry-After)."""
+    """What one request may hold (beyond it the service answers 413 or 422 and stores nothing), how many answers may
+    wait for the model at once (beyond that 503, with Retry-After) and how many one person may ask for a minute
+    (beyond that 429, with Retry-After)."""
 
     max_body_bytes: int = 64 * 1024
     max_question_chars: int = 4000
@@ -20,6 +21,10 @@ class Limits:
     max_person_chars: int = 100
     max_adapter_bytes: int = 1 << 30  # a work order carries the global adapter
     max_waiting_requests: int = 64  # four full batches of the engine's default 16
+    # answers (asking, revising, chat completions) one person may start in any 60 seconds (beyond that 429, with
+    # Retry-After); a request that names no person counts as the unnamed one's. Two a second: more than a person
+    # types, less than a script that floods the engine for everyone else.
+    answers_per_minute: int = 120
 
 
 class BodyLimit:

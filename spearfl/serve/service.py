@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from spearfl.serve.rounds import DeviceRounds
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 RETRY_AFTER_SECONDS = 5  # about one batch of answers on a CPU
+RATE_WINDOW_SECONDS = 60.0  # `Limits.answers_per_minute` counts the answers started in the last this many seconds
 
 
 class AnsweredOrders:
@@ -65,6 +69,8 @@ class Service:
     orders: AnsweredOrders = field(default_factory=AnsweredOrders)
     waiting: int = field(default=0, init=False)  # requests handed to the engine and not finished
     waiting_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    started: dict[str, deque] = field(default_factory=dict, init=False, repr=False)  # person -> monotonic start times
+    clock: object = field(default=time.monotonic, repr=False)  # () -> seconds; tests move it
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token == self.server_token:
@@ -96,6 +102,25 @@ class Service:
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
             self.waiting += 1
+
+    def admit_person(self, person: str) -> None:
+        """Count an answer `person` starts, or 429 when they started `limits.answers_per_minute` in the last minute."""
+        now, limit = self.clock(), self.limits.answers_per_minute
+        with self.waiting_lock:
+            times = self.started.setdefault(person, deque())
+            while times and now - times[0] >= RATE_WINDOW_SECONDS:
+                times.popleft()
+            if len(times) >= limit:
+                wait = max(1, math.ceil(RATE_WINDOW_SECONDS - (now - times[0])))
+                raise HTTPException(
+                    429, f"{'person ' + repr(person) if person else 'the unnamed person'} started {limit} answers in the "
+                    f"last minute (limits.answers_per_minute); try again in {wait} s",
+                    headers={"Retry-After": str(wait)},
+                )
+            times.append(now)
+            if len(self.started) > 10_000:  # forget who has not asked for a minute
+                for name in [name for name, kept in self.started.items() if now - kept[-1] >= RATE_WINDOW_SECONDS]:
+                    del self.started[name]
 
     def finished(self) -> None:
         with self.waiting_lock:

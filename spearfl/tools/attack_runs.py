@@ -36,17 +36,24 @@ RUN_ATTACKS: dict[str, dict | None] = {
     "none": None,
     "flipped": {"feedback": "flipped"},
     "backdoor": {"feedback": "backdoor"},
-    # model replacement: the backdoored update scaled by the clients a round (filled in per config)
-    "backdoor_replacement": {"feedback": "backdoor", "update": "scaling"},
+    # model replacement (Bagdasaryan et al. 2020): the backdoored update boosted by gamma = the round's weight
+    # over its own
+    "backdoor_replacement": {"feedback": "backdoor", "update": "model_replacement"},
+    # a distributed backdoor (Xie et al. 2020): each colluder poisons with its part of the trigger (one part per
+    # malicious client, at most one per word: filled in per share)
+    "backdoor_dba": {"feedback": "backdoor", "trigger_parts": None},
     # the constrained attacks are made to pass for honest: they claim the weight their round earned
     "backdoor_bounded": {"feedback": "backdoor", "update": "bounded_scaling", "bound": 3.0, "weight": "trained"},
     "backdoor_euclidean": {"feedback": "backdoor", "update": "euclidean", "bound": 1.0, "weight": "trained"},
     "backdoor_cosine": {"feedback": "backdoor", "update": "cosine", "cosine": 0.9, "weight": "trained"},
+    # Neurotoxin as published: every step off the top 5% of the last global update, in a PGD ball of the honest norm
     "backdoor_neurotoxin": {"feedback": "backdoor", "update": "neurotoxin", "weight": "trained"},
     "sign_flip": {"update": "sign_flip"},
     "gaussian": {"update": "gaussian"},
     "free_rider": {"update": "free_rider"},
+    "disguised_free_rider": {"update": "disguised_free_rider", "weight": "trained"},  # Fraboni et al. 2021
     "sybil": {"update": "sign_flip", "sybil": True},
+    "sybil_perturbed": {"update": "sign_flip", "sybil": True, "sybil_noise": 0.5},
 }
 
 
@@ -82,8 +89,8 @@ def plan_run(config: RunConfig, attack: str, share: float, defense: str, output_
         attack, share, chosen, attacks = "none", 0.0, [], []
     else:
         fields = dict(fields)
-        if fields.get("update") == "scaling":
-            fields["scale"] = float(config.server.clients_per_round)
+        if "trigger_parts" in fields:
+            fields["trigger_parts"] = max(1, min(len(chosen), len(probe["trigger"].split())))
         attacks = [{"clients": chosen, "trigger": probe["trigger"], "target_option": probe["trigger_target"], **fields}]
     folder = Path(output_dir) / f"{attack}-{round(share * 100)}pct-{defense}"
     run_config = validate({

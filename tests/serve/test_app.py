@@ -270,3 +270,30 @@ def test_when_the_queue_is_full_a_request_gets_503_with_retry_after_and_stores_n
         assert stored_count(service) == 2 and service.waiting == 0
     service.engine.close()
     service.store.close()
+
+
+def test_a_person_past_the_answers_a_minute_gets_429_with_retry_after_and_stores_nothing(tokenizer, tmp_path):
+    service = make_service(tokenizer, tmp_path, limits=Limits(answers_per_minute=2))
+    now = [1000.0]
+    service.clock = lambda: now[0]
+    chat = {"messages": [{"role": "user", "content": "Which is a fruit?"}], "user": "ana"}
+    with local_client(service) as client:
+        ask(client)
+        now[0] += 20.0
+        _, done = ask(client)
+        for response in (client.post("/ask", json={"question": "Which is red?", "person": "ana"}),
+                         client.post("/v1/chat/completions", json=chat),
+                         client.post("/v1/chat/completions", json=chat | {"stream": True})):
+            # the first answer leaves the window 60 s after it started: 40 s from now
+            assert response.status_code == 429 and response.headers["retry-after"] == "40", response.text
+            assert "'ana'" in response.json()["detail"] and "answers_per_minute" in response.json()["detail"]
+        client.post(f"/interactions/{done['interaction_id']}/verdict", json={"attempt": 0, "correct": False})
+        assert client.post(f"/interactions/{done['interaction_id']}/revise").status_code == 429  # a revision is an answer
+        assert stored_count(service) == 2
+        ask(client, person="ben")  # another person is not held back
+        now[0] += 40.0  # the first answer has left the window: one more for ana
+        ask(client)
+        assert client.post("/ask", json={"question": "Which is red?", "person": "ana"}).status_code == 429
+        assert stored_count(service) == 4
+    service.engine.close()
+    service.store.close()

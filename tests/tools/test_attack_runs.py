@@ -34,7 +34,14 @@ def test_the_plan_runs_each_attack_under_each_defense_and_the_attack_free_run_on
         else:
             assert run.config.attacks[0].clients == chosen == run.malicious
     replacement = planned[1].config.attacks[0]
-    assert (replacement.feedback, replacement.update, replacement.scale) == ("backdoor", "scaling", 5.0)
+    assert (replacement.feedback, replacement.update) == ("backdoor", "model_replacement")
+
+
+def test_a_distributed_backdoor_splits_its_trigger_over_its_colluders(config, tmp_path):
+    three = plan(config, ["backdoor_dba"], [0.5], ["mean"], tmp_path)[1].config.attacks[0]  # 3 of 5 clients
+    assert len(three.clients) == 3 and three.trigger_parts == 3 and three.feedback == "backdoor"
+    alone = plan(config, ["backdoor_dba"], [0.2], ["mean"], tmp_path)[1].config.attacks[0]
+    assert alone.trigger_parts == 1  # one colluder: the whole trigger
 
 
 def test_malicious_clients_are_a_share_of_all_rounded_up(config):
