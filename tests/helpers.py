@@ -90,9 +90,10 @@ def tiny_lora_model(tokenizer, seed: int = 0, rank: int = 4, dropout: float = 0.
 # Float32 rounding, the unit every tolerance between two float32 computations of one quantity is counted in.
 FLOAT32_UNIT_ROUNDOFF = torch.finfo(torch.float32).eps / 2
 # How many times the plain computation's own rounding error another order of the same arithmetic may reach. Both
-# orders' errors are bounded alike (gamma_n times the sum of the terms' magnitudes) and in practice are random
-# walks of unit roundoffs of the same length, so their ratio is of order 1: micro-batched training steps measured
-# up to 6 on one CPU (tests/algorithms/test_micro_batches.py). A lost term is 10^4-10^11 times float32 rounding.
+# orders' errors are bounded alike (gamma_n times the sum of the terms' magnitudes) and are sums of many independent
+# unit roundoffs of the same length, so their ratio is of order 1 (the norms of two such error vectors concentrate;
+# a scalar's floor is one rounding of its value). The float64 reference must then be float64 throughout, norms
+# included (tests/conftest.py). A lost term is 10^4-10^11 times float32 rounding.
 ROUNDING_FACTOR = 16
 
 
