@@ -54,6 +54,9 @@ class DataConfig(Section):
     dirichlet_alpha: float = Field(1.0, gt=0)  # the reference's label skew
     min_per_client: int = Field(1, ge=1)
     max_per_client: int = Field(500, ge=1)  # the reference's 400-500 examples a client
+    # Our choice: each client's own held-out share, never trained on, scored at every evaluation with the global
+    # adapter (per-client accuracy: the mean, the worst client, each client). 0: no per-client evaluation.
+    client_heldout_fraction: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "DataConfig":
@@ -409,6 +412,46 @@ class LiveConfig(Section):
     reply_timeout_seconds: float | None = Field(None, gt=0)
 
 
+class TapConfig(Section):
+    """TAP's two stages (Lee, Fang, Han et al. 2025, arXiv 2509.26524; code github lee3296/TAP, TAP_final)."""
+
+    # Stage 1: a module of the personal adapter takes the locally trained global one's where that lowers the loss
+    # on the client's own validation split by more than the margin: TAP's rule, teacher loss + margin < student
+    # loss (utils/training.py train_client), 0.01 its margin for generation tasks (main_training.py --margin).
+    margin: float = Field(0.01, ge=0)
+    # What one module is: every LoRA tensor of one decoder layer ("layer"), one adapted projection ("projection"),
+    # or the whole adapter ("adapter"). TAP replaces the components a task uses; a layer is our choice of unit.
+    modules: Literal["layer", "projection", "adapter"] = "layer"
+    # Stage 2: the task loss plus this weight x T^2 x KL(global || personal), summed over a completion's tokens and
+    # averaged over completions: TAP's knowledge_distillation_loss (batchmean) at T = 1.0, its weight 2e-3
+    # (scripts/run_train.sh --distil_loss_weight).
+    distill_weight: float = Field(2e-3, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class PersonalConfig(Section):
+    """Each client's own adapter beside the global one (spearfl.personal): how it is kept and trained."""
+
+    method: Literal["none", "local", "finetune", "ditto", "fedper", "tap"] = "none"
+    # Our choice: the share of each client's pool kept as its validation split (TAP's replacement decisions; never
+    # trained on). TAP decides on its training losses; the issue it answers asks for a validation split.
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    # After federation (finetune; TAP's stage 2): optimizer steps on the client's own prompts, at this rate. TAP
+    # post-trains 50 batches with gradient accumulation 4, 13 optimizer steps (main_training.py
+    # --distil_start_point 50, --accumulation_steps 4), at its warm-up's starting rate 1e-4 (--min_lr).
+    after_steps: int = Field(13, ge=1)
+    after_lr: float = Field(1e-4, gt=0)
+    # An open-ended run (server.rounds null) runs the after-federation stage every this many rounds; 0: never.
+    after_every: int = Field(0, ge=0)
+    # Ditto (Li, Hu, Beirami, Smith 2021, arXiv 2012.04221): the personal adapter's proximal weight lambda, pulling it
+    # towards the global one by lambda/2 ||v - w||^2. Our choice: the paper tunes lambda per dataset.
+    ditto_lambda: float = Field(0.1, ge=0)
+    # FedPer (Arivazhagan et al. 2019, arXiv 1912.00818) keeps the top layers personal: here the LoRA modules of the
+    # top `fedper_local_layers` decoder layers stay on the client, the rest are shared. Our choice of depth.
+    fedper_local_layers: int = Field(2, ge=1)
+    tap: TapConfig = TapConfig()
+
+
 class RunConfig(Section):
     seed: int = 0
     algorithm: str = "spear"
@@ -432,6 +475,7 @@ class RunConfig(Section):
     attacks: list[AttackConfig] = []
     eval: EvalConfig = EvalConfig()
     live: LiveConfig = LiveConfig()
+    personal: PersonalConfig = PersonalConfig()
 
     @model_validator(mode="after")
     def _check_clients(self) -> "RunConfig":

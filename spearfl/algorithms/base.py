@@ -66,9 +66,27 @@ class ClientRound:
     global_state: dict[str, torch.Tensor]
     lr: float
     run_seed: int
+    personal: "PersonalPass | None" = None  # the client's own adapter trained beside (spearfl.personal)
 
     def seed(self, purpose: str) -> int:
         return derive_seed(self.run_seed, self.round_index, self.client_id, purpose)
+
+
+@dataclass
+class PersonalPass:
+    """A second training of the round's collected data, from the client's personal adapter (Ditto, TAP): the same
+    prompts, samples and feedback, so the round's budget is unchanged, only its optimizer steps taken twice.
+
+    start(context, trained) gives the adapter to train from, once the global update is trained (`trained`: its
+    adapter, or the global one when the round trained nothing); constraint: a projection around every step of
+    the pass (Ditto's proximal pull). The pass writes the trained personal adapter to `state`, its metrics to
+    `metrics`; a round with nothing to learn from leaves `state` None."""
+
+    start: Callable[["ClientContext", dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None
+    constraint: Any = None
+    state: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # what `start` decided (TAP: the modules it replaced)
 
 
 @dataclass
@@ -237,6 +255,8 @@ def envelope(
         metrics |= train(context, work, collected.data)
         metrics["training_seconds"] = time.perf_counter() - training_started
         state = get_adapter_state(context.model)
+        if work.personal is not None:
+            train_personal(context, work, train, collected.data, state)
         training_peak = peak_memory_mb(context.device)
     metrics |= {"skipped": int(collected.weight == 0), "seconds": time.perf_counter() - started}
     metrics |= {
@@ -245,6 +265,19 @@ def envelope(
         "peak_memory_mb": max(generation_peak, training_peak),
     }
     return ClientResult(state=state, weight=collected.weight, metrics=metrics)
+
+
+def train_personal(context: ClientContext, work: ClientRound, train: Train, data: Any, trained: dict[str, torch.Tensor]) -> None:
+    """The round's `PersonalPass`: its start adapter set, the round's data trained on again under its constraint."""
+    personal = work.personal
+    set_adapter_state(context.model, personal.start(context, trained))
+    outer = context.step_constraint
+    context.step_constraint = personal.constraint if personal.constraint is not None else outer
+    try:
+        personal.metrics = train(context, work, data)
+    finally:
+        context.step_constraint = outer
+    personal.state = get_adapter_state(context.model)
 
 
 Item = TypeVar("Item")

@@ -32,6 +32,29 @@ def split_pool_heldout(
     return shuffled[heldout_size:], shuffled[:heldout_size]
 
 
+def split_each_client(
+    clients: Sequence[Sequence[Example]], fraction: float, seed: int
+) -> tuple[list[list[Example]], list[list[Example]]]:
+    """(each client's training pool, each client's own held-out set): per client, round(fraction x its examples)
+    held out (at least one where fraction > 0), in an order seeded by (seed, client). fraction 0: nothing held out."""
+    if fraction == 0:
+        return [list(examples) for examples in clients], [[] for _ in clients]
+    pools, heldout = [], []
+    for client, examples in enumerate(clients):
+        count = max(1, round(fraction * len(examples)))
+        if count >= len(examples):
+            raise ValueError(
+                f"client {client} has {len(examples)} examples: too few to hold out {fraction:g} of them and train on "
+                "the rest (raise data.min_per_client, or lower data.client_heldout_fraction)"
+            )
+        ordered = _sorted_by_uid(examples)
+        order = np.random.default_rng([seed, client]).permutation(len(ordered))
+        shuffled = [ordered[index] for index in order]
+        pools.append(shuffled[count:])
+        heldout.append(shuffled[:count])
+    return pools, heldout
+
+
 def dirichlet_partition(
     examples: Sequence[Example],
     num_clients: int,

@@ -75,3 +75,18 @@ def distillation_loss(
     student_logprobs = torch.log_softmax(at_least_float32(student_logits), dim=-1)  # [B, T, V]
     per_token = DIVERGENCES[divergence](teacher_logprobs.detach(), student_logprobs, jsd_beta)  # [B, T]
     return masked_mean(per_token, mask, count)
+
+
+def tempered_distillation_loss(
+    teacher_logprobs: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, temperature: float, num_sequences: int
+) -> torch.Tensor:
+    """T^2 KL(softmax(t / T) || softmax(s / T)) summed over the masked tokens and divided by `num_sequences`: the
+    knowledge-distillation term of TAP's stage 2 (torch's kl_div with reduction "batchmean" over sequences).
+
+    teacher_logprobs [B, T, V] (a log-softmax at temperature 1, constants), student_logits [B, T, V], mask [B, T]
+    bool -> []. num_sequences: the step's sequences, when these rows are one micro-batch of it.
+    """
+    teacher = torch.log_softmax(at_least_float32(teacher_logprobs.detach()) / temperature, dim=-1)
+    student = torch.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
+    per_token = token_kl(teacher, student)  # [B, T]
+    return temperature**2 * torch.where(mask, per_token, 0.0).sum() / max(num_sequences, 1)

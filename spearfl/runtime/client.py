@@ -32,6 +32,7 @@ from spearfl.federated.codec import encode_upload, wire_array
 from spearfl.errors import UserError
 from spearfl.federated.privacy import PrivacyLedger, local_settings, noised_locally, public_reply
 from spearfl.lm.models import load_base_model, quiet_library_output
+from spearfl.personal import PersonalClient, PersonalMethod
 from spearfl.runtime.adversary import behave
 from spearfl.runtime.setup import (
     attach_configured_lora,
@@ -226,6 +227,34 @@ def run_client(update: ClientUpdate, context: ClientContext, work: ClientRound, 
     """A client's round as the device runs it: its update (or, in simulation, what its attack makes of it), then
     local differential privacy where configured."""
     return privatized(behave(update, context, work), work, context.config, ledger)
+
+
+def run_personal_client(
+    method: PersonalMethod,
+    update: ClientUpdate,
+    context: ClientContext,
+    client: PersonalClient,
+    round_index: int,
+    global_state: dict[str, torch.Tensor],
+    lr: float,
+    ledger: PrivacyLedger | None = None,
+) -> tuple[ClientResult, dict[str, torch.Tensor] | None, dict]:
+    """A client's round under a personalization method (spearfl.personal): (what it releases, its personal adapter
+    after the round, notes of the personal pass). The release is `method.shared` of what it trained, under local
+    DP noised against the global adapter; a method that does not federate (`local`) releases weight 0 and the
+    global adapter, that is nothing of its own."""
+    personal_pass = method.personal_pass(client, global_state)
+    start = method.round_start(client, global_state)
+    work = ClientRound(client.client_id, round_index, client.examples, start, lr, context.config.seed, personal=personal_pass)
+    trained = behave(update, context, work)
+    personal = method.personal_after_round(client, global_state, trained, personal_pass) if method.keeps_personal else None
+    notes = {} if personal_pass is None else personal_pass.notes | {f"personal_{key}": value for key, value in personal_pass.metrics.items()
+                                                                   if key in ("loss", "optimizer_steps")}
+    if not method.federated:
+        return ClientResult(global_state, 0.0, trained.metrics), personal, notes
+    sent = method.shared(trained.state, global_state) if trained.weight > 0 else global_state
+    released = privatized(ClientResult(sent, trained.weight, trained.metrics), dataclasses.replace(work, global_state=global_state, personal=None), context.config, ledger)
+    return released, personal, notes
 
 
 def upload(result: ClientResult, global_state: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:

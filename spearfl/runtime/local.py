@@ -15,9 +15,10 @@ from pathlib import Path
 from rich.progress import Progress
 
 from spearfl.algorithms import ALGORITHMS
-from spearfl.algorithms.base import ClientContext, ClientRound
+from spearfl.algorithms.base import ClientContext
 from spearfl.config import ConfigError, RunConfig
-from spearfl.runtime.client import run_client, upload
+from spearfl.personal import METHODS, PersonalClient
+from spearfl.runtime.client import run_personal_client, upload
 from spearfl.runtime.devices import DeviceClients
 from spearfl.runtime.server import (
     FederatedRun,
@@ -30,13 +31,17 @@ from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
 
 
 class InProcessClients:
-    """Runs each chosen client's update in this process, on the shared model."""
+    """Runs each chosen client's update in this process, on the shared model; keeps each client's personal adapter
+    (spearfl.personal), which the server checkpoints with the round (`personal_states`, `restore_personal`)."""
 
     def __init__(self, context: ClientContext, federation: Federation, progress: Progress | None):
         self.context = context
         self.federation = federation
         self.progress = progress
         self.update = ALGORITHMS[context.config.algorithm]
+        self.method = METHODS[context.config.personal.method](context.config.personal)
+        validation = federation.client_validation or [[] for _ in federation.clients]
+        self.clients = [PersonalClient(client, examples, own) for client, (examples, own) in enumerate(zip(federation.clients, validation))]
 
     def choose(self, round_index: int) -> list[int]:
         return choose_clients(self.context.config, round_index)
@@ -47,10 +52,13 @@ class InProcessClients:
         for client in clients:
             if client in missing:
                 continue
-            work = ClientRound(client, round_index, self.federation.clients[client], global_state, lr, self.context.config.seed)
-            result = run_client(self.update, self.context, work)
+            own = self.clients[client]
+            result, own.personal, notes = run_personal_client(self.method, self.update, self.context, own, round_index, global_state, lr)
             encoding = self.context.config.server.upload_encoding
-            results.append((client, as_received(result, upload(result, global_state, encoding), global_state, encoding)))
+            received = as_received(result, upload(result, global_state, encoding), global_state, encoding)
+            if notes:
+                received.metrics |= {"personal": notes}  # the simulation's record: a device keeps these to itself
+            results.append((client, received))
             if bar is not None:
                 self.progress.advance(bar)
         if bar is not None:
@@ -58,7 +66,32 @@ class InProcessClients:
         return RoundReplies(results, [{"client": client, "reason": reason} for client, reason in missing.items()])
 
     def settle(self, round_index: int, replies: RoundReplies, global_state) -> None:
-        """Nothing to tell: the clients live in this process and hold nothing between rounds."""
+        """Nothing to tell: the clients live in this process."""
+
+    def after_federation(self, round_index: int, global_state) -> list[dict]:
+        """Every client's training after federation (`personal.method`'s); the metrics of each that trained."""
+        rows = []
+        for client in self.clients:
+            personal, metrics = self.method.after_federation(self.context, client, global_state, round_index)
+            if metrics:
+                rows.append({"client": client.client_id, "metrics": metrics})
+            client.personal = personal
+        return rows
+
+    def personal_adapters(self, global_state) -> dict[int, dict] | None:
+        """Each client's personal adapter as it would answer (the global one where it has none yet); None when the
+        method keeps none."""
+        if not self.method.keeps_personal:
+            return None
+        return {client.client_id: self.method.personal_of(client, global_state) for client in self.clients}
+
+    def personal_states(self) -> dict[int, dict]:
+        """The personal adapters the clients hold, for the checkpoint."""
+        return {client.client_id: client.personal for client in self.clients if client.personal is not None}
+
+    def restore_personal(self, states: dict[int, dict]) -> None:
+        for client in self.clients:
+            client.personal = states.get(client.client_id)
 
 
 def missing_clients(config: RunConfig, round_index: int, clients: list[int]) -> dict[int, str]:

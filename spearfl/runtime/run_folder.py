@@ -7,9 +7,11 @@ Layout:
     summary.json                         {"before": held-out metrics at round 0, "after": after the
                                          last round, "delta": after - before, ...other fields}
     accuracy.png                         plot_accuracy(history, folder.plot_path)
+    clients.png                          plot_clients: each client's own held-out accuracy (data.client_heldout_fraction)
     adapters/round_0005.safetensors      global adapter after round 5
+    personal/client_3.safetensors        client 3's personal adapter at the end (personal.method), as its checkpoint has it
     checkpoint/latest.json               {"round": 5, "folder": "round_0005.<unique>"}
-    checkpoint/round_0005.<unique>/      adapter.safetensors, server_state.safetensors, state.json
+    checkpoint/round_0005.<unique>/      adapter.safetensors, server_state.safetensors, state.json (personal.safetensors)
 
 A folder holds a finished run only when status.json says "complete"; a resumed run reads the
 checkpoint, calls `rewind_to(checkpoint round)` and goes on from the next round.
@@ -78,6 +80,7 @@ class Checkpoint:
     server_state: ServerOptimizerState
     info: dict[str, Any]  # runtime-defined JSON (e.g. random generator states)
     last_step: dict[str, torch.Tensor] | None = None  # the last global update (screening compares with it); None before any
+    personal: dict[int, dict[str, torch.Tensor]] | None = None  # each client's personal adapter (spearfl.personal)
 
 
 class RunFolder:
@@ -173,6 +176,10 @@ class RunFolder:
     def save_adapter(self, round_index: int, state: dict[str, torch.Tensor]) -> None:
         save_tensors(self.adapter_path(round_index), state)
 
+    def save_personal(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        for client, state in states.items():
+            save_tensors(self.path / "personal" / f"client_{client}.safetensors", state)
+
     def client_update_path(self, round_index: int, client: int) -> Path:
         return self.path / "clients" / f"round_{round_index:04d}" / f"client_{client}.safetensors"
 
@@ -194,8 +201,10 @@ class RunFolder:
         server_state: ServerOptimizerState,
         info: dict[str, Any],
         last_step: dict[str, torch.Tensor] | None = None,
+        personal: dict[int, dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Write a new checkpoint folder, then point latest.json at it, then drop older folders."""
+        """Write a new checkpoint folder, then point latest.json at it, then drop older folders. `personal`: each
+        simulated client's personal adapter, one file (`personal.safetensors`, keys "<client>/<tensor>")."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         # a fresh name each time: never overwrite the folder latest.json may still point at
         folder = Path(tempfile.mkdtemp(dir=self.checkpoint_dir, prefix=f"round_{round_index:04d}."))
@@ -204,6 +213,8 @@ class RunFolder:
         save_tensors(folder / "server_state.safetensors", server_tensors)
         if last_step is not None:
             save_tensors(folder / "last_step.safetensors", last_step)
+        if personal:
+            save_tensors(folder / "personal.safetensors", {f"{client}/{name}": tensor for client, state in personal.items() for name, tensor in state.items()})
         atomic_write_json(folder / "state.json", {"round": round_index, "server_state": server_metadata, "info": info})
         atomic_write_json(self.checkpoint_dir / "latest.json", {"round": round_index, "folder": folder.name})
         self._remove_checkpoints_except(folder.name)
@@ -225,7 +236,12 @@ class RunFolder:
         global_state = load_tensors(folder / "adapter.safetensors")
         step_path = folder / "last_step.safetensors"
         last_step = load_tensors(step_path) if step_path.exists() else None
-        return Checkpoint(state["round"], global_state, server_state, state["info"], last_step)
+        personal: dict[int, dict[str, torch.Tensor]] = {}
+        if (folder / "personal.safetensors").exists():
+            for key, tensor in load_tensors(folder / "personal.safetensors").items():
+                client, name = key.split("/", 1)
+                personal.setdefault(int(client), {})[name] = tensor
+        return Checkpoint(state["round"], global_state, server_state, state["info"], last_step, personal)
 
 
 def _is_number(value: Any) -> bool:
@@ -274,6 +290,68 @@ def plot_accuracy(history_rows: list[dict[str, Any]], path: str | os.PathLike) -
     axes.set_title("Held-out and online first-try accuracy per round")
     axes.grid(alpha=0.3)
     if series:
+        axes.legend()
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def client_adapters(client_rows: list[dict[str, Any]]) -> list[str]:
+    """The adapters the clients were scored with ("global", and any other), in the order they first appear."""
+    names: list[str] = []
+    for row in client_rows:
+        names += [name for name in row if name != "client" and name not in names]
+    return names
+
+
+def client_summary(client_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-client held-out figures of one evaluation, summed up: for each adapter and each accuracy metric, the
+    mean over the clients and the worst client (with its id), beside the rows themselves."""
+    summary: dict[str, Any] = {"per_client": client_rows}
+    for adapter in client_adapters(client_rows):
+        scored = [(row["client"], row[adapter]) for row in client_rows if adapter in row]
+        names = sorted({name for _, metrics in scored for name, value in metrics.items() if "accuracy" in name and _is_number(value)})
+        for name in names:
+            values = [(metrics[name], client) for client, metrics in scored if _is_number(metrics.get(name))]
+            worst_value, worst_client = min(values)
+            summary.setdefault(adapter, {})[name] = {
+                "mean": sum(value for value, _ in values) / len(values), "worst": worst_value, "worst_client": worst_client,
+            }
+    return summary
+
+
+def client_table(summary: dict[str, Any], metric: str = "loglik_accuracy") -> Table:
+    """Rich table of each client's own held-out `metric` per adapter, then the mean and the worst client."""
+    rows = summary["per_client"]
+    adapters = client_adapters(rows)
+    table = Table(title=f"Each client's own held-out {metric}")
+    table.add_column("client")
+    for adapter in adapters:
+        table.add_column(adapter, justify="right")
+    for row in rows:
+        table.add_row(str(row["client"]), *(_format_metric((row.get(adapter) or {}).get(metric)) for adapter in adapters))
+    for label in ("mean", "worst"):
+        table.add_row(label, *(_format_metric(summary.get(adapter, {}).get(metric, {}).get(label)) for adapter in adapters))
+    return table
+
+
+def plot_clients(client_rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = "loglik_accuracy") -> None:
+    """PNG of each client's own held-out accuracy, one bar per adapter the clients were scored with."""
+    figure = Figure(figsize=(max(5.0, 0.6 * len(client_rows) + 2), 4.0), layout="constrained")
+    axes = figure.subplots()
+    adapters = client_adapters(client_rows)
+    width = 0.8 / max(len(adapters), 1)
+    for offset, adapter in enumerate(adapters):
+        positions = [index + (offset - (len(adapters) - 1) / 2) * width for index in range(len(client_rows))]
+        values = [(row.get(adapter) or {}).get(metric) or 0.0 for row in client_rows]
+        axes.bar(positions, values, width=width, label=adapter)
+    axes.set_xticks(range(len(client_rows)), [str(row["client"]) for row in client_rows])
+    axes.set_xlabel("client")
+    axes.set_ylabel(metric)
+    axes.set_ylim(0, 1.02)
+    axes.set_title("Each client's own held-out accuracy")
+    axes.grid(alpha=0.3, axis="y")
+    if adapters:
         axes.legend()
     buffer = BytesIO()
     figure.savefig(buffer, format="png", dpi=120)

@@ -48,7 +48,7 @@ from spearfl.federated.schedule import learning_rate
 from spearfl.lm.models import frozen_lora_state, get_adapter_state, set_adapter_state
 from spearfl.runtime.adversary import backdoor_probe
 from spearfl.runtime.evaluation import evaluate, trigger_metrics
-from spearfl.runtime.run_folder import RunFolder, plot_accuracy, summary_table
+from spearfl.runtime.run_folder import RunFolder, client_summary, client_table, plot_accuracy, plot_clients, summary_table
 from spearfl.runtime.setup import Federation, build_context, prepare_data
 from spearfl.seeds import SERVER_CLIENT_ID, derive_seed, numpy_generator
 
@@ -288,6 +288,8 @@ class FederatedRun:
             self.runner = runner
             if checkpoint is not None and "runner" in checkpoint.info and hasattr(runner, "restore"):
                 runner.restore(checkpoint.info["runner"])
+            if checkpoint is not None and checkpoint.personal and hasattr(runner, "restore_personal"):
+                runner.restore_personal(checkpoint.personal)
             last = self.last_round  # None: until stopped
             rounds_bar = progress.add_task("rounds", total=None if last is None else last + 1, completed=start_round)
             for round_index in itertools.count(start_round) if last is None else range(start_round, last + 1):
@@ -297,14 +299,19 @@ class FederatedRun:
                     global_state, server_state, row, replies = self.train_round(runner, round_index, global_state, server_state)
                     if row.get("lora_average_error") is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
                         progress.update(rounds_bar, description=f"rounds (LoRA average error {row['lora_average_error']:.3f})")
+                if self.ends_federation(round_index) and hasattr(runner, "after_federation"):
+                    row["after_federation"] = runner.after_federation(round_index, global_state)
                 if round_index % config.eval.every == 0 or round_index == last:
                     set_adapter_state(model, global_state)
                     row["eval"] = clean(self.evaluate(federation.heldout, global_state))
+                    if any(federation.client_heldout):
+                        row["client_eval"] = clean(self.evaluate_clients(federation.client_heldout, global_state))
                     self.folder.save_adapter(round_index, global_state)
                     self.report_eval(round_index, row["eval"])
                 self.folder.append_history(clean(row))
                 self.folder.save_checkpoint(
-                    round_index, global_state, server_state, info=self.checkpoint_info(round_index), last_step=self.last_step
+                    round_index, global_state, server_state, info=self.checkpoint_info(round_index), last_step=self.last_step,
+                    personal=runner.personal_states() if hasattr(runner, "personal_states") else None,
                 )
                 self.folder.write_status("running", last_round=round_index)
                 if round_index > 0:
@@ -410,6 +417,32 @@ class FederatedRun:
             self.base_evals[key] = copy.deepcopy(metrics)
         return metrics
 
+    def ends_federation(self, round_index: int) -> bool:
+        """Whether the after-federation stage (personal.method's) runs after this round: after the last round of a
+        bounded run, every personal.after_every rounds of an open-ended one."""
+        if round_index == 0:
+            return False
+        if self.last_round is not None:
+            return round_index == self.last_round
+        every = self.config.personal.after_every
+        return every > 0 and round_index % every == 0
+
+    def evaluate_clients(self, client_heldout: list[list], global_state) -> list[dict]:
+        """Each client's own held-out figures under the global adapter, and under its personal one where the
+        method keeps one; the model's adapter is the global one again afterwards."""
+        model, settings = self.context.model, self.config.eval
+        personal = self.runner.personal_adapters(global_state) if hasattr(self.runner, "personal_adapters") else None
+        rows = []
+        for client, examples in enumerate(client_heldout):
+            set_adapter_state(model, global_state)
+            row = {"client": client, "global": evaluate(model, self.context.prompts, examples, settings, progress=False)}
+            if personal is not None:
+                set_adapter_state(model, personal[client])
+                row["personal"] = evaluate(model, self.context.prompts, examples, settings, progress=False)
+            rows.append(row)
+        set_adapter_state(model, global_state)
+        return rows
+
     def report_eval(self, round_index: int, metrics: dict) -> None:
         shown = ", ".join(f"{key} {value:.3f}" for key, value in metrics.items() if isinstance(value, float))
         console.print(f"round {round_index} held-out: {shown}")
@@ -423,6 +456,8 @@ class FederatedRun:
         summary = self.folder.read_summary()
         if self.show_progress:
             console.print(summary_table(summary))
+            if "clients" in summary:
+                console.print(client_table(summary["clients"]))
         return summary
 
     def write_results(self) -> None:
@@ -439,6 +474,12 @@ class FederatedRun:
             **{key: sum(o[key] for o in online) if online else None for key in ("generated_tokens", "trained_tokens", "upload_bytes", "client_seconds")},
             "peak_memory_mb": max((o["peak_memory_mb"] for o in online if o["peak_memory_mb"] is not None), default=None),
         }
+        if self.runner is not None and hasattr(self.runner, "personal_states"):
+            self.folder.save_personal(self.runner.personal_states())
+        per_client = [row["client_eval"] for row in history if "client_eval" in row]
+        if per_client:
+            extra["clients"] = client_summary(per_client[-1])
+            plot_clients(per_client[-1], self.folder.path / "clients.png")
         private = [row["privacy"] for row in history if "privacy" in row]
         if private:
             extra["privacy"] = private[-1]  # (epsilon, delta) of the whole run

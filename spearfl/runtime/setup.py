@@ -22,7 +22,7 @@ from spearfl.data import DATASETS, load_examples
 from spearfl.data.prompts import ChatTemplateMissing, PromptFormat, uses_chat_template
 from spearfl.data.schema import Example
 from spearfl.data.sources import JSONL_PREFIX
-from spearfl.data.split import dirichlet_partition, split_pool_heldout
+from spearfl.data.split import dirichlet_partition, split_each_client, split_pool_heldout
 from spearfl.feedback import verifiers
 from spearfl.feedback.hints import HINT_STYLES
 from spearfl.feedback.providers import make_oracle, make_provider
@@ -58,7 +58,9 @@ class Federation:
     """The data side of a run: held-out set and each client's pool."""
 
     heldout: list[Example]
-    clients: list[list[Example]]
+    clients: list[list[Example]]  # each client's training pool
+    client_heldout: list[list[Example]] = dataclasses.field(default_factory=list)  # each client's own held-out set
+    client_validation: list[list[Example]] = dataclasses.field(default_factory=list)  # each client's validation split
 
 
 def with_label_style(examples: list[Example], label_style: str | None) -> list[Example]:
@@ -72,7 +74,8 @@ def with_label_style(examples: list[Example], label_style: str | None) -> list[E
 
 
 def prepare_data(config: RunConfig) -> Federation:
-    """Load the dataset, split off the held-out set, and partition the pool among clients."""
+    """Load the dataset, split off the held-out set, partition the pool among clients, and split off each client's
+    own held-out set (data.client_heldout_fraction) and validation split (personal.validation_fraction)."""
     examples = with_label_style(load_examples(config.data.dataset), config.data.label_style)
     pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
     clients = dirichlet_partition(
@@ -83,7 +86,16 @@ def prepare_data(config: RunConfig) -> Federation:
         max_per_client=config.data.max_per_client,
         seed=config.seed,
     )
-    return Federation(heldout=heldout, clients=clients)
+    # The validation split is cut wherever clients are scored on their own data, whichever the method, so that
+    # every method of a comparison trains on the same pools; TAP alone reads it.
+    validating = config.data.client_heldout_fraction > 0 or config.personal.method == "tap"
+    try:
+        clients, client_heldout = split_each_client(clients, config.data.client_heldout_fraction, seed=config.seed)
+        if validating:
+            clients, client_validation = split_each_client(clients, config.personal.validation_fraction, seed=config.seed + 1)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return Federation(heldout, clients, client_heldout, client_validation if validating else [])
 
 
 def build_context(config: RunConfig, model=None, tokenizer=None) -> ClientContext:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spearfl.data.schema import Example
-from spearfl.data.split import client_sizes, dirichlet_partition, split_pool_heldout
+from spearfl.data.split import client_sizes, dirichlet_partition, split_each_client, split_pool_heldout
 
 
 def make_examples(num_examples: int, num_options: int = 4) -> list[Example]:
@@ -94,3 +94,16 @@ def test_client_sizes_shrink_toward_the_minimum():
 def test_partition_rejects_impossible_requests(arguments, message):
     with pytest.raises(ValueError, match=message):
         dirichlet_partition(make_examples(100), alpha=1.0, seed=0, **arguments)
+
+
+def test_each_client_holds_out_its_own_share_whatever_the_input_order():
+    clients = [make_examples(10), make_examples(30)[10:], make_examples(33)[30:]]
+    pools, heldout = split_each_client(clients, fraction=0.2, seed=3)
+    assert [len(own) for own in heldout] == [2, 4, 1]  # round(0.2 x n), at least one
+    for pool, own, examples in zip(pools, heldout, clients):
+        assert set(uids(pool)).isdisjoint(uids(own)) and set(uids(pool)) | set(uids(own)) == set(uids(examples))
+    again = split_each_client([list(reversed(examples)) for examples in clients], fraction=0.2, seed=3)
+    assert [uids(own) for own in again[1]] == [uids(own) for own in heldout]
+    assert split_each_client(clients, fraction=0.0, seed=3) == ([list(c) for c in clients], [[], [], []])
+    with pytest.raises(ValueError, match="client 2 has 3 examples"):
+        split_each_client(clients, fraction=0.9, seed=3)

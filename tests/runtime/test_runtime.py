@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import spearfl.runtime.local as local
 import spearfl.runtime.server as server
 from spearfl.algorithms import ALGORITHMS
-from spearfl.config import config_to_dict, load_config
+from spearfl.config import ConfigError, config_to_dict, load_config
 from spearfl.io import load_tensors
 from spearfl.lm.models import frozen_lora_state, set_adapter_state
 from spearfl.runtime.evaluation import evaluate
@@ -300,3 +300,38 @@ def test_a_resumed_ffa_run_repeats_the_uninterrupted_one(ffa_run):
     assert strip_timing(folder.read_history()) == strip_timing(uninterrupted.read_history())
     final, expected = load_tensors(folder.adapter_path(2)), load_tensors(uninterrupted.adapter_path(2))
     assert final.keys() == expected.keys() and all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+def test_each_client_is_scored_on_its_own_held_out_examples(tmp_path):
+    """With data.client_heldout_fraction, each client's own held-out examples leave its training pool, and every
+    evaluation scores the global adapter on each client's: the history, the summary (mean, worst) and the plot."""
+    config = config_for("per-client", f"output_dir={tmp_path / 'run'}", "data.client_heldout_fraction=0.25",
+                        "server.rounds=1", "eval.methods=[loglik]")
+    federation = prepare_data(config)
+    plain = prepare_data(config_for("reference-run"))
+    splits = zip(federation.clients, federation.client_heldout, federation.client_validation, plain.clients)
+    for pool, own, validation, whole in splits:  # held out, then the validation split cut from what is left
+        assert own and validation and not {e.uid for e in own} & ({e.uid for e in pool} | {e.uid for e in validation})
+        assert not {e.uid for e in validation} & {e.uid for e in pool}
+        assert {e.uid for e in own} | {e.uid for e in pool} | {e.uid for e in validation} == {e.uid for e in whole}
+        assert len(own) == max(1, round(0.25 * len(whole)))
+    summary = run_local(config, show_progress=False)
+    history = read_history(tmp_path / "run")
+    context = build_context(config)
+    for row in history:
+        assert [entry["client"] for entry in row["client_eval"]] == [0, 1, 2]
+    for adapter_round, row in ((0, history[0]), (1, history[-1])):
+        set_adapter_state(context.model, load_tensors(tmp_path / "run" / "adapters" / f"round_{adapter_round:04d}.safetensors"))
+        for entry, own in zip(row["client_eval"], federation.client_heldout):
+            assert entry["global"] == evaluate(context.model, context.prompts, own, config.eval)
+    last = {entry["client"]: entry["global"]["loglik_accuracy"] for entry in history[-1]["client_eval"]}
+    figures = summary["clients"]["global"]["loglik_accuracy"]
+    assert figures["mean"] == pytest.approx(sum(last.values()) / 3, abs=1e-12)
+    assert figures["worst"] == min(last.values()) and last[figures["worst_client"]] == figures["worst"]
+    assert (tmp_path / "run" / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_client_too_small_to_hold_any_out_is_a_config_error(tmp_path):
+    config = config_for("too-small", f"output_dir={tmp_path / 'run'}", "data.client_heldout_fraction=0.99")
+    with pytest.raises(ConfigError, match=r"client \d+ has \d+ examples: too few"):
+        prepare_data(config)

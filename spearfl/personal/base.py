@@ -1,0 +1,226 @@
+"""What every personalization method shares: the client's personal adapter beside the global one, the round that
+trains one or both, what of it may leave the device, and the training after federation.
+
+A method (`PersonalMethod`) answers five questions; the defaults are today's federated client (`none`):
+- `round_start`: the adapter a client's federated update starts from (the global one; FedPer's personal modules;
+  `local`: the personal adapter);
+- `personal_pass`: a second training of the round's collected data from the personal adapter (Ditto, TAP), or
+  None;
+- `personal_after_round`: the personal adapter once the round is trained;
+- `shared`: what of the trained adapter leaves the device (FedPer: the shared modules only, the personal ones
+  sent back as the global adapter had them, so they carry nothing of the client's);
+- `after_federation`: the training that ends the federation (fine-tuning; TAP's distillation), or nothing.
+
+Only `shared(...)` ever leaves: the personal adapter stays where the client keeps it (the run folder's checkpoint
+in simulation, the device's folder live, the node's state on Flower).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from spearfl.algorithms import CONFIG_SECTIONS
+from spearfl.algorithms.base import (
+    ClientContext,
+    ClientResult,
+    ClientRound,
+    Collected,
+    PersonalPass,
+    Sampler,
+    Trainer,
+    client_round,
+    draw,
+    train_steps,
+)
+from spearfl.algorithms.opsd import teacher_logprobs
+from spearfl.data.schema import Example
+from spearfl.lm.models import evaluation_mode, set_adapter_state
+from spearfl.lm.training import MicroBatch, collate, target_logprobs
+from spearfl.losses.common import masked_mean
+from spearfl.losses.distill import tempered_distillation_loss
+from spearfl.seeds import derive_seed
+
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass
+class PersonalClient:
+    """One client as a personalization method sees it: its id, training pool and validation split, and its personal
+    adapter (None until it has one: the method then starts it from the global adapter)."""
+
+    client_id: int
+    examples: list[Example]
+    validation: list[Example]
+    personal: AdapterState | None = None
+
+
+class PersonalMethod:
+    """Today's federated client: one global adapter, no personal one (`personal.method: none`)."""
+
+    keeps_personal = False  # whether clients keep a personal adapter at all
+    federated = True  # whether the client sends its update (`local` trains alone)
+
+    def __init__(self, settings) -> None:
+        self.settings = settings  # spearfl.config.PersonalConfig
+
+    def personal_of(self, client: PersonalClient, global_state: AdapterState) -> AdapterState:
+        """The client's personal adapter, the global one where it has none yet."""
+        return clone(global_state if client.personal is None else client.personal)
+
+    def round_start(self, client: PersonalClient, global_state: AdapterState) -> AdapterState:
+        return global_state
+
+    def personal_pass(self, client: PersonalClient, global_state: AdapterState) -> PersonalPass | None:
+        return None
+
+    def personal_after_round(
+        self, client: PersonalClient, global_state: AdapterState, trained: ClientResult, personal_pass: PersonalPass | None
+    ) -> AdapterState | None:
+        """The personal adapter after the round: the pass's, where one trained, else as it was."""
+        if personal_pass is not None and personal_pass.state is not None:
+            return personal_pass.state
+        return client.personal
+
+    def shared(self, trained: AdapterState, global_state: AdapterState) -> AdapterState:
+        return trained
+
+    def after_federation(
+        self, context: ClientContext, client: PersonalClient, global_state: AdapterState, round_index: int
+    ) -> tuple[AdapterState | None, dict]:
+        """(the personal adapter once the federation ends, the metrics of that training)."""
+        return client.personal, {}
+
+
+def clone(state: AdapterState) -> AdapterState:
+    return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def with_modules(state: AdapterState, source: AdapterState, names) -> AdapterState:
+    """`state` with the tensors `names` taken from `source`."""
+    names = set(names)
+    return {name: (source[name] if name in names else tensor).clone() for name, tensor in state.items()}
+
+
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a LoRA tensor belongs to, from its name (`...layers.3.self_attn.q_proj.lora_A.weight`)."""
+    match = LAYER.search(name)
+    return None if match is None else int(match.group(1))
+
+
+def module_groups(names, unit: str) -> dict[str, list[str]]:
+    """LoRA tensor names grouped into modules, in order: by decoder layer ("layer"), by adapted projection
+    ("projection": a LoRA A with its B), or all in one ("adapter"). Tensors outside any layer form "other"."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=lambda name: (layer_of(name) is None, layer_of(name) or 0, name)):
+        if unit == "adapter":
+            key = "adapter"
+        elif unit == "projection":
+            key = name.split(".lora_", 1)[0]
+        else:
+            layer = layer_of(name)
+            key = "other" if layer is None else f"layer {layer}"
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+@torch.no_grad()
+def validation_loss(context: ClientContext, examples: list[Example]) -> float:
+    """Mean negative log-likelihood per token of each example's correct answer line after its task prompt, under
+    the model's adapter as it stands: TAP's per-task loss (cross-entropy averaged over tokens), on the client's
+    validation split. A device knows these answers from its people's verdicts; a simulation from its data."""
+    model, tokenizer, size = context.model, context.prompts.tokenizer, context.config.eval.batch_size
+    total, tokens = 0.0, 0
+    with evaluation_mode(model):
+        for start in range(0, len(examples), size):
+            part = examples[start : start + size]
+            prompts = [context.prompts.task(example) for example in part]
+            answers = [context.prompts.option_completion(example.gold_label) for example in part]
+            batch = collate(prompts, answers, tokenizer.pad_token_id, context.device)
+            logprobs = target_logprobs(model, batch).double()  # [B, K]
+            total -= float(torch.where(batch.completion_mask, logprobs, 0.0).sum())
+            tokens += int(batch.completion_mask.sum())
+    return total / max(tokens, 1)
+
+
+@dataclass
+class Sample:
+    prompt: list[int]
+    completion: list[int]
+    correct: bool
+    teacher_logprobs: torch.Tensor | None  # [len(completion), V], or None without a teacher
+
+
+def after_federation_round(
+    context: ClientContext,
+    client: PersonalClient,
+    start: AdapterState,
+    teacher: AdapterState | None,
+    round_index: int,
+) -> ClientResult:
+    """The training that ends a federation, on the client's own prompts: one round's prompts answered by the
+    adapter being trained (`start`) and judged by the client's feedback, then `personal.after_steps` steps at
+    `personal.after_lr` on the cross-entropy of its correct answers (averaged over their tokens), plus, with a
+    teacher, `tap.distill_weight` x T^2 x KL(teacher || student) over every answer's tokens (summed over a
+    completion, averaged over completions): TAP's stage 2 (utils/training.py train_finetune); without a teacher,
+    local fine-tuning. Returns the trained adapter (the start one when there was nothing to learn from)."""
+    settings, tap = context.config.personal, context.config.personal.tap
+    num_prompts = context.config.budget(CONFIG_SECTIONS[context.config.algorithm]).prompts_per_round
+    run_seed = derive_seed(context.config.seed, round_index, client.client_id, "after-federation")
+    work = ClientRound(client.client_id, round_index, client.examples, start, settings.after_lr, run_seed)
+    weight = tap.distill_weight if teacher is not None else 0.0
+
+    def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
+        completions, feedback = sample(prompts, examples, "after-federation", "answers")
+        generated = [completion.token_ids for completion in completions]
+        rows: list[torch.Tensor | None] = [None] * len(generated)
+        metrics = {"first_try_correct": sum(verdict.correct for verdict in feedback), "scored_tokens": 0}
+        if weight > 0:
+            started = time.perf_counter()
+            set_adapter_state(context.model, teacher)
+            rows, metrics["scored_tokens"] = teacher_logprobs(context, prompts, generated)
+            set_adapter_state(context.model, work.global_state)
+            metrics["teacher_seconds"] = time.perf_counter() - started
+        samples = [Sample(p, c, f.correct, row) for p, c, f, row in zip(prompts, generated, feedback, rows)]
+        trained = samples if weight > 0 else [s for s in samples if s.correct]
+        return Collected(trained, float(len(trained)), metrics | {"wins": sum(s.correct for s in samples)})
+
+    def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> dict:
+        def step_gradient(rng, step, trainer):
+            return after_federation_step(context, trainer, draw(samples, num_prompts, rng), weight, tap.temperature)
+
+        return train_steps(context, work, settings.after_steps, step_gradient)
+
+    return client_round(context, work, num_prompts, collect, train)
+
+
+def after_federation_step(context: ClientContext, trainer: Trainer, samples: list[Sample], weight: float, temperature: float):
+    """One step's gradient of CE(correct answers) + weight x T^2 KL(teacher || student) (see after_federation_round)."""
+    batch = collate([s.prompt for s in samples], [s.completion for s in samples], context.prompts.tokenizer.pad_token_id, context.device)
+    correct = torch.tensor([s.correct for s in samples], device=context.device)
+    win_tokens = int(batch.completion_mask[correct].sum())
+
+    def contribution(micro: MicroBatch) -> tuple[torch.Tensor, dict]:
+        mask = micro.batch.completion_mask
+        wins = correct[micro.rows]
+        shares = {"trained_tokens": micro.batch.num_tokens}
+        if weight > 0:
+            logits = micro.logits()  # [b, K, V]
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, micro.batch.targets.unsqueeze(-1)).squeeze(-1)
+            uniform = -torch.log(torch.tensor(float(logits.shape[-1])))
+            teacher = micro.batch.right_aligned([samples[int(row)].teacher_logprobs for row in micro.rows], fill=float(uniform), dtype=torch.float32)
+            distill = weight * tempered_distillation_loss(teacher, logits, mask, temperature, len(samples))
+            shares["distillation"] = float(distill.detach())
+        else:
+            logprobs, distill = micro.logprobs(), 0.0
+        task = masked_mean(-logprobs, mask & wins.unsqueeze(-1), win_tokens)
+        shares["task_nll"] = float(task.detach())
+        return task + distill, shares
+
+    return trainer(batch, contribution, logits=weight > 0, logit_tensors=8)

@@ -1,0 +1,69 @@
+"""`personal.method: tap`: TAP, two-stage adaptive personalization (Lee, Fang, Han et al., arXiv 2509.26524; code
+github lee3296/TAP, TAP_final/utils/training.py and main_training.py).
+
+During federation, each round, as TAP's client does: the global adapter trains on the round's data and is sent (the
+"regular" client model); then the personal adapter takes, module by module, the modules of that locally trained
+global adapter where they lower the loss on the client's validation split by more than `tap.margin` (TAP's rule:
+teacher loss + margin < student loss), and trains on the same round's data (so the round's prompts and feedback
+are the budget's, only its steps are taken twice). TAP compares the two models' training losses of the round; here
+both are measured on the client's own validation split, after each replacement, so a module is replaced if and only
+if the validation loss, with the modules kept so far, falls by more than the margin.
+
+After federation (stage 2): the personal adapter trains on the client's own prompts on the cross-entropy of its
+correct answers plus `tap.distill_weight` x T^2 x KL(global || personal) (`after_federation_round`), the final
+global adapter the teacher. TAP first fine-tunes that teacher on the client's data; here the global adapter
+teaches as it is, so that stage 2 costs one round of the client's budget, as `finetune`'s does.
+"""
+
+from __future__ import annotations
+
+from spearfl.algorithms.base import PersonalPass
+from spearfl.lm.models import set_adapter_state
+from spearfl.personal.base import (
+    AdapterState,
+    PersonalClient,
+    PersonalMethod,
+    after_federation_round,
+    module_groups,
+    validation_loss,
+    with_modules,
+)
+
+
+def replace_modules(context, personal: AdapterState, teacher: AdapterState, validation, margin: float, unit: str) -> tuple[AdapterState, list[str]]:
+    """Stage 1: `personal` with each module of `teacher` taken, in order, where it lowers the validation loss by more
+    than `margin`; (the adapter, the modules replaced)."""
+    current = personal
+    set_adapter_state(context.model, current)
+    loss = validation_loss(context, validation)
+    replaced = []
+    for module, names in module_groups(current, unit).items():
+        candidate = with_modules(current, teacher, names)
+        set_adapter_state(context.model, candidate)
+        candidate_loss = validation_loss(context, validation)
+        if candidate_loss + margin < loss:
+            current, loss = candidate, candidate_loss
+            replaced.append(module)
+    return current, replaced
+
+
+class Tap(PersonalMethod):
+    keeps_personal = True
+
+    def personal_pass(self, client: PersonalClient, global_state: AdapterState) -> PersonalPass:
+        settings = self.settings.tap
+        personal_pass = PersonalPass(start=None)
+
+        def start(context, trained):
+            personal, replaced = replace_modules(
+                context, self.personal_of(client, global_state), trained, client.validation, settings.margin, settings.modules
+            )
+            personal_pass.notes["replaced"] = replaced
+            return personal
+
+        personal_pass.start = start
+        return personal_pass
+
+    def after_federation(self, context, client, global_state, round_index):
+        result = after_federation_round(context, client, self.personal_of(client, global_state), global_state, round_index)
+        return result.state, result.metrics

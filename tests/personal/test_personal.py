@@ -1,0 +1,159 @@
+"""Personalization (spearfl.personal): the distillation term, TAP's replacement rule, what leaves the device, the
+proximal pull, and the personal adapters through an interrupted and resumed run."""
+
+import math
+
+import pytest
+import torch
+from helpers import end_to_end_assets, single_thread, strip_timing, write_run_config
+
+from spearfl.algorithms import ALGORITHMS
+from spearfl.config import PersonalConfig, load_config
+from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
+from spearfl.losses.distill import tempered_distillation_loss
+from spearfl.personal import METHODS, PersonalClient
+from spearfl.personal.base import module_groups, validation_loss
+from spearfl.personal.ditto import ProximalPull
+from spearfl.personal.tap import replace_modules
+from spearfl.runtime.local import run_local
+from spearfl.runtime.run_folder import RunFolder
+from spearfl.runtime.setup import build_context, prepare_data
+
+REAL_UPDATE = ALGORITHMS["spear"]
+
+
+def config_for(name: str, *overrides: str):
+    assets = end_to_end_assets()
+    path = write_run_config(assets, assets.root / f"{name}.yaml", assets.root / name)
+    return load_config(path, ["data.client_heldout_fraction=0.25", "eval.methods=[loglik]", "personal.after_steps=2", *overrides])
+
+
+def test_the_distillation_term_is_the_hand_computed_kl_on_three_tokens():
+    """T^2 KL(softmax(t/T) || softmax(s/T)) summed over the masked tokens, over the sequences: by hand, in float64."""
+    teacher_logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 3.0, 1.0]]], dtype=torch.float64)
+    student_logits = torch.tensor([[[0.0, 1.0, 0.0], [1.0, -1.0, 2.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]])
+    temperature = 2.0
+    expected = 0.0
+    for position in range(2):  # the third token is masked out
+        t = [math.exp(v / temperature) for v in teacher_logits[0, position].tolist()]
+        s = [math.exp(v / temperature) for v in student_logits[0, position].tolist()]
+        p = [v / sum(t) for v in t]
+        q = [v / sum(s) for v in s]
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected *= temperature**2
+    teacher_logprobs = torch.log_softmax(teacher_logits, dim=-1)  # what a teacher pass keeps: log-probs at T = 1
+    got = tempered_distillation_loss(teacher_logprobs, student_logits, mask, temperature, num_sequences=1)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    two = tempered_distillation_loss(teacher_logprobs.repeat(2, 1, 1), student_logits.repeat(2, 1, 1), mask.repeat(2, 1), temperature, 2)
+    assert float(two) == pytest.approx(expected, rel=1e-12)  # averaged over sequences, summed over their tokens
+
+
+def test_module_groups_by_layer_projection_and_adapter():
+    names = [f"base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{part}.weight"
+             for layer in (1, 0, 10) for proj in ("q_proj", "v_proj") for part in "AB"]
+    layers = module_groups(names, "layer")
+    assert list(layers) == ["layer 0", "layer 1", "layer 10"] and all(len(group) == 4 for group in layers.values())
+    assert len(module_groups(names, "projection")) == 6
+    assert module_groups(names, "adapter") == {"adapter": sorted(names, key=lambda n: (int(n.split(".")[4]), n))}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = config_for("tap-unit")
+    with single_thread():
+        context = build_context(config)
+    federation = prepare_data(config)
+    return context, federation
+
+
+def test_replacement_happens_if_and_only_if_the_validation_loss_falls_by_the_margin(tiny):
+    """A teacher that is the personal adapter with one layer spoilt is never taken; a personal adapter with one layer
+    spoilt takes the teacher's layer back, and only that one."""
+    context, federation = tiny
+    validation = federation.client_validation[0]
+    good = get_adapter_state(context.model)
+    generator = torch.Generator().manual_seed(0)
+    groups = module_groups(good, "layer")
+    first = list(groups)[0]
+    spoilt = {name: (tensor + 3.0 * torch.randn(tensor.shape, generator=generator) if name in groups[first] else tensor.clone())
+              for name, tensor in good.items()}
+    set_adapter_state(context.model, good)
+    good_loss = validation_loss(context, validation)
+    set_adapter_state(context.model, spoilt)
+    assert validation_loss(context, validation) > good_loss + 0.01  # the crafted case spoils the validation loss
+
+    kept, replaced = replace_modules(context, good, spoilt, validation, margin=0.01, unit="layer")
+    assert replaced == [] and all(torch.equal(kept[name], good[name]) for name in good)
+
+    repaired, replaced = replace_modules(context, spoilt, good, validation, margin=0.01, unit="layer")
+    assert replaced == [first] and all(torch.equal(repaired[name], good[name]) for name in good)
+
+    _, replaced = replace_modules(context, spoilt, good, validation, margin=1e6, unit="layer")
+    assert replaced == []  # an improvement smaller than the margin replaces nothing
+
+
+def test_fedper_sends_the_shared_modules_and_the_global_copies_of_its_own():
+    method = METHODS["fedper"](PersonalConfig(fedper_local_layers=1))
+    names = [f"m.layers.{layer}.q_proj.lora_{part}.weight" for layer in (0, 1) for part in "AB"]
+    global_state = {name: torch.zeros(2, 2) for name in names}
+    trained = {name: torch.full((2, 2), 1.0 + index) for index, name in enumerate(names)}
+    sent = method.shared(trained, global_state)
+    assert all(torch.equal(sent[name], trained[name]) for name in names if ".layers.0." in name)
+    assert all(torch.equal(sent[name], global_state[name]) for name in names if ".layers.1." in name)
+    client = PersonalClient(0, [], [], personal=trained)
+    start = method.round_start(client, global_state)
+    assert all(torch.equal(start[name], (trained if ".layers.1." in name else global_state)[name]) for name in names)
+
+
+def test_the_proximal_pull_adds_lambda_times_the_distance_to_the_global_adapter(tiny):
+    context, _ = tiny
+    parameters = lora_parameters(context.model)
+    anchor = {name: torch.zeros_like(parameter) for name, parameter in parameters.items()}
+    for parameter in parameters.values():
+        parameter.grad = torch.ones_like(parameter)
+    ProximalPull(0.5, anchor).bind(context.model).project_gradients()
+    for parameter in parameters.values():
+        assert torch.allclose(parameter.grad, 1 + 0.5 * parameter.detach(), rtol=0, atol=0)
+        parameter.grad = None
+
+
+def interrupt_in_round(round_index: int):
+    def update(context, work):
+        if work.round_index == round_index:
+            raise KeyboardInterrupt()
+        return REAL_UPDATE(context, work)
+
+    return update
+
+
+@pytest.mark.parametrize("method", ["ditto", "tap", "fedper", "local", "finetune"])
+def test_a_resumed_run_holds_the_same_personal_adapters_byte_for_byte(method):
+    """Interrupted in round 2, resumed from round 1's checkpoint (its personal adapters with it): the history and
+    every client's personal adapter equal the uninterrupted run's, byte for byte; only the personal methods keep
+    personal adapters, and the global and personal figures are both reported per client."""
+    whole = config_for(f"{method}-whole", f"personal.method={method}", "personal.fedper_local_layers=1")
+    resumed = config_for(f"{method}-resumed", f"personal.method={method}", "personal.fedper_local_layers=1")
+    with single_thread():
+        run_local(whole, show_progress=False)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(ALGORITHMS, "spear", interrupt_in_round(2))
+            with pytest.raises(KeyboardInterrupt):
+                run_local(resumed, show_progress=False)
+        assert load_tensors_of(RunFolder(resumed.output_dir), 1) or method == "finetune"  # round 1's checkpoint keeps them
+        run_local(resumed, show_progress=False)
+    a, b = RunFolder(whole.output_dir), RunFolder(resumed.output_dir)
+    assert strip_timing(a.read_history()) == strip_timing(b.read_history())
+    personal_a = sorted((a.path / "personal").glob("client_*.safetensors"))
+    assert personal_a and [p.name for p in personal_a] == sorted(p.name for p in (b.path / "personal").glob("client_*.safetensors"))
+    for path in personal_a:
+        assert path.read_bytes() == (b.path / "personal" / path.name).read_bytes()
+    last = a.read_history()[-1]["client_eval"]
+    assert all({"global", "personal"} <= set(row) for row in last)
+
+
+def load_tensors_of(folder: RunFolder, round_index: int) -> dict:
+    """The personal adapters held in the checkpoint of `round_index` (the latest one)."""
+    checkpoint = folder.load_checkpoint()
+    assert checkpoint.round_index == round_index
+    return checkpoint.personal or {}
