@@ -300,7 +300,9 @@ class FederatedRun:
                     if row.get("lora_average_error") is not None:  # mean(B) mean(A) against mean(B A), in sight while it runs
                         progress.update(rounds_bar, description=f"rounds (LoRA average error {row['lora_average_error']:.3f})")
                 if self.ends_federation(round_index) and hasattr(runner, "after_federation"):
-                    row["after_federation"] = runner.after_federation(round_index, global_state)
+                    trained = runner.after_federation(round_index, global_state)
+                    if trained:  # the history of a run without personalization is as it was
+                        row["after_federation"] = trained
                 if round_index % config.eval.every == 0 or round_index == last:
                     set_adapter_state(model, global_state)
                     row["eval"] = clean(self.evaluate(federation.heldout, global_state))
