@@ -82,7 +82,7 @@ class PersonalPass:
     the pass (Ditto's proximal pull). The pass writes the trained personal adapter to `state`, its metrics to
     `metrics`; a round with nothing to learn from leaves `state` None."""
 
-    start: Callable[["ClientContext", dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None
+    start: Callable[["ClientContext", dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     constraint: Any = None
     state: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)

@@ -21,9 +21,10 @@ from spearfl.data.schema import Example
 
 
 def split_pool_heldout(
-    examples: Sequence[Example], heldout_size: int, seed: int
+    examples: Sequence[Example], heldout_size: int, seed: int | Sequence[int]
 ) -> tuple[list[Example], list[Example]]:
-    """(pool, held-out): disjoint, in a seeded shuffled order, independent of the input order."""
+    """(pool, held-out): disjoint, in a seeded shuffled order, independent of the input order. `seed`: numpy's seed,
+    an integer or a sequence of them."""
     ordered = _sorted_by_uid(examples)
     if not 0 <= heldout_size <= len(ordered):
         raise ValueError(f"heldout_size {heldout_size} outside 0..{len(ordered)} (the number of examples)")
@@ -47,11 +48,9 @@ def split_each_client(
                 f"client {client} has {len(examples)} examples: too few to hold out {fraction:g} of them and train on "
                 "the rest (raise data.min_per_client, or lower data.client_heldout_fraction)"
             )
-        ordered = _sorted_by_uid(examples)
-        order = np.random.default_rng([seed, client]).permutation(len(ordered))
-        shuffled = [ordered[index] for index in order]
-        pools.append(shuffled[count:])
-        heldout.append(shuffled[:count])
+        pool, own = split_pool_heldout(examples, count, seed=[seed, client])
+        pools.append(pool)
+        heldout.append(own)
     return pools, heldout
 
 

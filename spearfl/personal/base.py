@@ -17,6 +17,7 @@ in simulation, the device's folder live, the node's state on Flower).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from spearfl.algorithms.base import (
 )
 from spearfl.algorithms.opsd import teacher_logprobs
 from spearfl.data.schema import Example
+from spearfl.lm.forward import token_logprobs
 from spearfl.lm.models import evaluation_mode, set_adapter_state
 from spearfl.lm.training import MicroBatch, collate, target_logprobs
 from spearfl.losses.common import masked_mean
@@ -212,9 +214,9 @@ def after_federation_step(context: ClientContext, trainer: Trainer, samples: lis
         shares = {"trained_tokens": micro.batch.num_tokens}
         if weight > 0:
             logits = micro.logits()  # [b, K, V]
-            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, micro.batch.targets.unsqueeze(-1)).squeeze(-1)
-            uniform = -torch.log(torch.tensor(float(logits.shape[-1])))
-            teacher = micro.batch.right_aligned([samples[int(row)].teacher_logprobs for row in micro.rows], fill=float(uniform), dtype=torch.float32)
+            logprobs = token_logprobs(logits, micro.batch.targets)
+            uniform = -math.log(logits.shape[-1])  # before a short completion: masked out of the loss
+            teacher = micro.batch.right_aligned([samples[int(row)].teacher_logprobs for row in micro.rows], fill=uniform, dtype=torch.float32)
             distill = weight * tempered_distillation_loss(teacher, logits, mask, temperature, len(samples))
             shares["distillation"] = float(distill.detach())
         else:

@@ -51,18 +51,15 @@ class Tap(PersonalMethod):
     keeps_personal = True
 
     def personal_pass(self, client: PersonalClient, global_state: AdapterState) -> PersonalPass:
-        settings = self.settings.tap
-        personal_pass = PersonalPass(start=None)
+        settings, notes = self.settings.tap, {}
 
         def start(context, trained):
-            personal, replaced = replace_modules(
+            personal, notes["replaced"] = replace_modules(
                 context, self.personal_of(client, global_state), trained, client.validation, settings.margin, settings.modules
             )
-            personal_pass.notes["replaced"] = replaced
             return personal
 
-        personal_pass.start = start
-        return personal_pass
+        return PersonalPass(start, notes=notes)
 
     def after_federation(self, context, client, global_state, round_index):
         result = after_federation_round(context, client, self.personal_of(client, global_state), global_state, round_index)

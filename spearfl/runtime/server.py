@@ -430,19 +430,19 @@ class FederatedRun:
         return every > 0 and round_index % every == 0
 
     def evaluate_clients(self, client_heldout: list[list], global_state) -> list[dict]:
-        """Each client's own held-out figures under the global adapter, and under its personal one where the
-        method keeps one; the model's adapter is the global one again afterwards."""
+        """Each client's own held-out figures under the model as it stands (its adapter set to the global one), and
+        under its personal adapter where the method keeps one; the model's adapter is the global one afterwards."""
         model, settings = self.context.model, self.config.eval
+        rows = [
+            {"client": client, "global": evaluate(model, self.context.prompts, examples, settings, progress=False)}
+            for client, examples in enumerate(client_heldout)
+        ]
         personal = self.runner.personal_adapters(global_state) if hasattr(self.runner, "personal_adapters") else None
-        rows = []
-        for client, examples in enumerate(client_heldout):
-            set_adapter_state(model, global_state)
-            row = {"client": client, "global": evaluate(model, self.context.prompts, examples, settings, progress=False)}
-            if personal is not None:
-                set_adapter_state(model, personal[client])
+        if personal is not None:
+            for row, examples in zip(rows, client_heldout):
+                set_adapter_state(model, personal[row["client"]])
                 row["personal"] = evaluate(model, self.context.prompts, examples, settings, progress=False)
-            rows.append(row)
-        set_adapter_state(model, global_state)
+            set_adapter_state(model, global_state)
         return rows
 
     def report_eval(self, round_index: int, metrics: dict) -> None:
