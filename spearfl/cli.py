@@ -94,30 +94,54 @@ def run(
 @app.command()
 def compare(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="Run config shared by every run.")],
-    algorithms: Annotated[str, typer.Option(help="Comma-separated client updates, e.g. spear,feedback_sft,grpo,opsd,rltf_sd.")],
-    seeds: Annotated[int, typer.Option(min=1, help="Runs per algorithm, with seeds seed, seed+1, ... of the config.")] = 3,
+    algorithms: Annotated[
+        Optional[str], typer.Option(help="Comma-separated client updates, e.g. spear,feedback_sft,grpo,opsd,rltf_sd.")
+    ] = None,
+    personal: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated personalization methods instead, e.g. tap,none,local,ditto,finetune,fedper, "
+                     "scored on each client's own held-out data."),
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per method, with seeds seed, seed+1, ... of the config.")] = 3,
     set_: SetOption = None,
     output: Annotated[
         Optional[Path], typer.Option(help="Folder for the runs and the comparison (default: the config's output_dir/compare).")
     ] = None,
 ) -> None:
-    """Run every (algorithm, seed) pair on one config, resuming unfinished ones, then tabulate and plot them."""
+    """Run every (method, seed) pair on one config, resuming unfinished ones, then tabulate and plot them.
+
+    Give --algorithms to compare client updates, or --personal to compare personalization methods."""
+    if (algorithms is None) == (personal is None):
+        fail("give either --algorithms (client updates) or --personal (personalization methods)")
     config = load_checked(config_path, set_)
+    from spearfl.tools.compare import default_output_dir
+
+    output = output or default_output_dir(config)
+    if personal is not None:
+        compare_personalization(config, personal, seeds, output)
+        return
     from spearfl.tools.compare import compare as run_comparison
-    from spearfl.tools.compare import (
-        comparison_table,
-        default_output_dir,
-        parse_algorithms,
-    )
+    from spearfl.tools.compare import comparison_table, parse_algorithms
     from spearfl.tools.paired import paired_table
 
     names = parse_algorithms(algorithms)
-    output = output or default_output_dir(config)
     comparison = run_comparison(config, names, seeds, output)
     console.print(comparison_table(comparison.rows, comparison.metrics))
     if comparison.paired:
         console.print(paired_table(comparison.paired, comparison.reference))
     files = ", ".join(str(output / name) for name in ("comparison.md", "comparison.csv", "paired.csv"))
+    console.print(f"comparison: {files}")
+
+
+def compare_personalization(config, methods: str, seeds: int, output: Path) -> None:
+    from spearfl.tools.paired import paired_table
+    from spearfl.tools.personal_compare import compare_personal, parse_methods, personal_table
+
+    comparison = compare_personal(config, parse_methods(methods), seeds, output)
+    console.print(personal_table(comparison.rows))
+    if comparison.paired:
+        console.print(paired_table(comparison.paired, comparison.reference))
+    files = ", ".join(str(output / name) for name in ("personal.md", "personal.csv", "personal_paired.csv", "clients_by_method.png"))
     console.print(f"comparison: {files}")
 
 
@@ -469,7 +493,7 @@ def judge(
 
     name = judge_model or config.feedback.judge_model or config.model.name
     result, _ = judge_agreement(config, name, questions, config.feedback.rubric)
-    table = Table(title=f"judge {name} against the oracle, {result.total} answers of {config.model.name} on {config.data.dataset}")
+    table = Table(title=f"judge {name} against the oracle, {result.total} answers of {config.model.name} on {config.data.name}")
     table.add_column("")
     table.add_column("judge: right", justify="right")
     table.add_column("judge: wrong", justify="right")
@@ -505,7 +529,7 @@ def evaluate_command(
         except ValueError as error:
             fail(f"{adapter}: {error}")
     metrics = evaluate(context.model, context.prompts, federation.heldout, config.eval, progress=True)
-    table = Table(title=f"held-out {config.data.dataset} ({len(federation.heldout)} examples)")
+    table = Table(title=f"held-out {config.data.name} ({len(federation.heldout)} examples)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():

@@ -45,8 +45,16 @@ class LoraConfig(Section):
     ffa: bool = False
 
 
+class TaskConfig(Section):
+    """One task of a multi-task federation (data.tasks): its dataset and how many clients hold it."""
+
+    dataset: str
+    clients: int = Field(ge=1)
+    label_style: Literal["letters", "numbers", "text"] | None = None  # else data.label_style, else the dataset's own
+
+
 class DataConfig(Section):
-    dataset: str = "arc_easy"
+    dataset: str | None = None  # arc_easy when no data.tasks are given; none beside them
     label_style: Literal["letters", "numbers", "text"] | None = None
     heldout_size: int = Field(300, ge=1)  # our choice: at 300 one question moves accuracy by a third of a point
     split_seed: int = 0  # the held-out set stays the same across run seeds, so seeds differ only in training
@@ -57,12 +65,48 @@ class DataConfig(Section):
     # Our choice: each client's own held-out share, never trained on, scored at every evaluation with the global
     # adapter (per-client accuracy: the mean, the worst client, each client). 0: no per-client evaluation.
     client_heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    # A multi-task federation: clients hold different tasks, `clients` of them each, with the label skew above inside
+    # each task. Each task keeps its own held-out set of `heldout_size` examples; the global held-out set is their
+    # union. Empty: every client holds `dataset`.
+    tasks: list[TaskConfig] = []
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "DataConfig":
         if self.min_per_client > self.max_per_client:
             raise ValueError("min_per_client must not exceed max_per_client")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dataset(cls, data):
+        if isinstance(data, dict) and not data.get("tasks") and data.get("dataset") is None:
+            return {**data, "dataset": "arc_easy"}
+        return data
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "DataConfig":
+        if not self.tasks:
+            return self
+        if self.dataset is not None:
+            raise ValueError("data.dataset and data.tasks exclude each other: name every dataset under data.tasks")
+        names = [task.dataset for task in self.tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"data.tasks: {', '.join(repeated)} listed twice; give one task its clients in one entry")
+        held = sum(task.clients for task in self.tasks)
+        if held != self.num_clients:
+            raise ValueError(f"data.tasks hold {held} clients in all, but data.num_clients is {self.num_clients}")
+        return self
+
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset the clients hold: the tasks', or the one `dataset`."""
+        return [task.dataset for task in self.tasks] or [self.dataset]
+
+    @property
+    def name(self) -> str:
+        """The data's name for tables and summaries: the dataset, or the tasks joined by '+'."""
+        return "+".join(self.datasets)
 
 
 class FeedbackConfig(Section):

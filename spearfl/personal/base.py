@@ -35,6 +35,7 @@ from spearfl.algorithms.base import (
     Trainer,
     client_round,
     draw,
+    envelope,
     train_steps,
 )
 from spearfl.algorithms.opsd import teacher_logprobs
@@ -49,15 +50,29 @@ from spearfl.seeds import derive_seed
 AdapterState = dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class JudgedAnswer:
+    """An answer a person judged on a live device: the prompt it answered, its tokens, and whether it was right."""
+
+    prompt: list[int]
+    completion: list[int]
+    correct: bool
+
+
 @dataclass
 class PersonalClient:
     """One client as a personalization method sees it: its id, training pool and validation split, and its personal
-    adapter (None until it has one: the method then starts it from the global adapter)."""
+    adapter (None until it has one: the method then starts it from the global adapter).
+
+    A live device has no gold answers: its validation split is answers its people judged right (`JudgedAnswer`), and
+    `judged` holds the judged answers its training after federation learns from (None: a simulation, which answers
+    and judges its own prompts)."""
 
     client_id: int
     examples: list[Example]
-    validation: list[Example]
+    validation: list[Example] | list[JudgedAnswer]
     personal: AdapterState | None = None
+    judged: list[JudgedAnswer] | None = None
 
 
 class PersonalMethod:
@@ -65,6 +80,7 @@ class PersonalMethod:
 
     keeps_personal = False  # whether clients keep a personal adapter at all
     federated = True  # whether the client sends its update (`local` trains alone)
+    uses_validation = False  # whether it reads the client's validation split (TAP's replacement)
 
     def __init__(self, settings) -> None:
         self.settings = settings  # spearfl.config.PersonalConfig
@@ -132,18 +148,26 @@ def module_groups(names, unit: str) -> dict[str, list[str]]:
     return groups
 
 
+def correct_answer(context: ClientContext, item: Example | JudgedAnswer) -> tuple[list[int], list[int]]:
+    """(prompt, a correct answer) of a validation item: an example's task prompt and gold answer line, or an answer
+    a person judged right under the prompt it answered."""
+    if isinstance(item, JudgedAnswer):
+        return item.prompt, item.completion
+    return context.prompts.task(item), context.prompts.option_completion(item.gold_label)
+
+
 @torch.no_grad()
-def validation_loss(context: ClientContext, examples: list[Example]) -> float:
-    """Mean negative log-likelihood per token of each example's correct answer line after its task prompt, under
-    the model's adapter as it stands: TAP's per-task loss (cross-entropy averaged over tokens), on the client's
-    validation split. A device knows these answers from its people's verdicts; a simulation from its data."""
+def validation_loss(context: ClientContext, items: list[Example] | list[JudgedAnswer]) -> float:
+    """Mean negative log-likelihood per token of each item's correct answer after its prompt, under the model's
+    adapter as it stands: TAP's per-task loss (cross-entropy averaged over tokens), on the client's validation
+    split. A simulation knows the answers from its data (the gold answer line), a device from its people's
+    verdicts (the answers they judged right)."""
     model, tokenizer, size = context.model, context.prompts.tokenizer, context.config.eval.batch_size
     total, tokens = 0.0, 0
     with evaluation_mode(model):
-        for start in range(0, len(examples), size):
-            part = examples[start : start + size]
-            prompts = [context.prompts.task(example) for example in part]
-            answers = [context.prompts.option_completion(example.gold_label) for example in part]
+        for start in range(0, len(items), size):
+            pairs = [correct_answer(context, item) for item in items[start : start + size]]
+            prompts, answers = [prompt for prompt, _ in pairs], [answer for _, answer in pairs]
             batch = collate(prompts, answers, tokenizer.pad_token_id, context.device)
             logprobs = target_logprobs(model, batch).double()  # [B, K]
             total -= float(torch.where(batch.completion_mask, logprobs, 0.0).sum())
@@ -167,7 +191,8 @@ def after_federation_round(
     round_index: int,
 ) -> ClientResult:
     """The training that ends a federation, on the client's own prompts: one round's prompts answered by the
-    adapter being trained (`start`) and judged by the client's feedback, then `personal.after_steps` steps at
+    adapter being trained (`start`) and judged by the client's feedback (on a live device: the answers its people
+    judged, `client.judged`, the newest round's worth), then `personal.after_steps` steps at
     `personal.after_lr` on the cross-entropy of its correct answers (averaged over their tokens), plus, with a
     teacher, `tap.distill_weight` x T^2 x KL(teacher || student) over every answer's tokens (summed over a
     completion, averaged over completions): TAP's stage 2 (utils/training.py train_finetune); without a teacher,
@@ -180,16 +205,19 @@ def after_federation_round(
 
     def collect(context: ClientContext, work: ClientRound, sample: Sampler, examples, prompts) -> Collected:
         completions, feedback = sample(prompts, examples, "after-federation", "answers")
-        generated = [completion.token_ids for completion in completions]
+        verdicts = [verdict.correct for verdict in feedback]
+        return judged_samples(context, work, prompts, [completion.token_ids for completion in completions], verdicts)
+
+    def judged_samples(context: ClientContext, work: ClientRound, prompts, generated, verdicts) -> Collected:
         rows: list[torch.Tensor | None] = [None] * len(generated)
-        metrics = {"first_try_correct": sum(verdict.correct for verdict in feedback), "scored_tokens": 0}
+        metrics = {"first_try_correct": sum(verdicts), "scored_tokens": 0}
         if weight > 0:
             started = time.perf_counter()
             set_adapter_state(context.model, teacher)
             rows, metrics["scored_tokens"] = teacher_logprobs(context, prompts, generated)
             set_adapter_state(context.model, work.global_state)
             metrics["teacher_seconds"] = time.perf_counter() - started
-        samples = [Sample(p, c, f.correct, row) for p, c, f, row in zip(prompts, generated, feedback, rows)]
+        samples = [Sample(p, c, correct, row) for p, c, correct, row in zip(prompts, generated, verdicts, rows)]
         trained = samples if weight > 0 else [s for s in samples if s.correct]
         return Collected(trained, float(len(trained)), metrics | {"wins": sum(s.correct for s in samples)})
 
@@ -199,7 +227,15 @@ def after_federation_round(
 
         return train_steps(context, work, settings.after_steps, step_gradient)
 
-    return client_round(context, work, num_prompts, collect, train)
+    if client.judged is None:
+        return client_round(context, work, num_prompts, collect, train)
+    answers = client.judged[:num_prompts]
+
+    def gather(sampler: Sampler) -> tuple[int, Collected]:
+        prompts, generated = [a.prompt for a in answers], [a.completion for a in answers]
+        return len(answers), judged_samples(context, work, prompts, generated, [a.correct for a in answers])
+
+    return envelope(context, work, gather, train)
 
 
 def after_federation_step(context: ClientContext, trainer: Trainer, samples: list[Sample], weight: float, temperature: float):

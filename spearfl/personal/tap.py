@@ -49,6 +49,7 @@ def replace_modules(context, personal: AdapterState, teacher: AdapterState, vali
 
 class Tap(PersonalMethod):
     keeps_personal = True
+    uses_validation = True
 
     def personal_pass(self, client: PersonalClient, global_state: AdapterState) -> PersonalPass:
         settings, notes = self.settings.tap, {}

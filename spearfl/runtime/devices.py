@@ -47,6 +47,7 @@ class DeviceClients:
         self.missed: dict[int, dict[int, bool]] = {}  # client -> round -> accepted, for devices the notice missed
         self.orders = WorkOrders()
         self.nonces: dict[int, str] = {}  # client -> nonce of its work order in the round under way
+        self.ending: int | None = None  # a round that ends a federation stage: its notice says so
 
     def choose(self, round_index: int) -> list[int]:
         """The round's devices: with `live.round_period_seconds`, wait until `clients_per_round` devices have
@@ -90,18 +91,27 @@ class DeviceClients:
             replies.results.append((client, as_received(received, tensors, global_state, encoding)))
         return replies
 
+    def after_federation(self, round_index: int, global_state: dict[str, torch.Tensor]) -> list[dict]:
+        """The round ends a federation stage: its notice tells every device, which then trains after federation as
+        its own `personal.method` does (on its own data, taught by the global adapter the notice brings); nothing
+        of it comes back to the server."""
+        self.ending = round_index
+        return []
+
     def settle(self, round_index: int, replies: RoundReplies, global_state: dict[str, torch.Tensor]) -> None:
-        """Every device hears the round's outcome and gets the new global adapter (version = round index)."""
+        """Every device hears the round's outcome and gets the new global adapter (version = round index), and
+        whether the round ends a federation stage."""
         accepted = {client for client, _ in replies.results}
         rejected = {entry["client"] for entry in replies.rejected}
         arrays = {name: wire_array(tensor) for name, tensor in global_state.items()}
         for client, address in enumerate(self.addresses):
             outcome = (client in accepted) if client in accepted | rejected else None  # None: not in this round
-            header = {"round": round_index, "accepted": outcome, "version": round_index}
+            header = {"round": round_index, "accepted": outcome, "version": round_index, "ends_federation": self.ending == round_index}
             if outcome is not None and client in self.nonces:  # the device checks it against the order it answered
                 header["nonce"] = self.nonces[client]
             try:
-                exchange(address, "/worker/result", arrays, header, self.token, timeout=60)
+                # the training after federation runs before the device answers the notice that ends a stage
+                exchange(address, "/worker/result", arrays, header, self.token, timeout=self.timeout if header["ends_federation"] else 60)
             except WorkerError:
                 if outcome is not None:
                     self.missed.setdefault(client, {})[round_index] = outcome

@@ -217,9 +217,10 @@ class FederatedRun:
     ):
         """`base_evals`, shared between runs on one base model, keeps the held-out figures of an adapter that
         leaves the model unchanged (every LoRA B zero: round 0), so runs that differ only in algorithm or
-        training seed evaluate the base model once."""
+        training seed evaluate the base model once (within one run, the clients' personal adapters at round 0 are
+        the base model as well)."""
         self.config = config
-        self.base_evals = base_evals
+        self.base_evals = {} if base_evals is None else base_evals
         self.folder = RunFolder(config.output_dir)
         self.make_runner = runner
         self.show_progress = show_progress
@@ -403,16 +404,18 @@ class FederatedRun:
             info["privacy"] = {"rounds": self.private_rounds, "epsilon": self.epsilon(self.private_rounds)}
         return info
 
-    def evaluate(self, heldout, global_state) -> dict:
-        """Held-out metrics of the model as it stands (its adapter already set to `global_state`)."""
+    def evaluate(self, heldout, global_state, probe_backdoor: bool = True, progress: bool = True) -> dict:
+        """Held-out metrics of the model as it stands (its adapter already set to `global_state`); the backdoor's
+        reach beside them unless `probe_backdoor` is False (each client's own held-out set)."""
         key = None
         if self.base_evals is not None and adapter_is_identity(global_state):
-            key = base_eval_key(self.config, heldout)
+            key = base_eval_key(self.config, heldout) + ("" if probe_backdoor else "/no-probe")
             if key in self.base_evals:
-                console.print("held-out figures of the base model (every LoRA B is zero), as evaluated for an earlier run")
+                if progress:
+                    console.print("held-out figures of the base model (every LoRA B is zero), as evaluated for an earlier run")
                 return copy.deepcopy(self.base_evals[key])
-        metrics = evaluate(self.context.model, self.context.prompts, heldout, self.config.eval, progress=self.context.progress or False)
-        probe = backdoor_probe(self.config)
+        metrics = evaluate(self.context.model, self.context.prompts, heldout, self.config.eval, progress=progress and (self.context.progress or False))
+        probe = backdoor_probe(self.config) if probe_backdoor else None
         if probe is not None:
             metrics |= trigger_metrics(self.context.model, self.context.prompts, heldout, *probe, self.config.eval)
         if key is not None:
@@ -432,16 +435,17 @@ class FederatedRun:
     def evaluate_clients(self, client_heldout: list[list], global_state) -> list[dict]:
         """Each client's own held-out figures under the model as it stands (its adapter set to the global one), and
         under its personal adapter where the method keeps one; the model's adapter is the global one afterwards."""
-        model, settings = self.context.model, self.config.eval
+        model = self.context.model
         rows = [
-            {"client": client, "global": evaluate(model, self.context.prompts, examples, settings, progress=False)}
+            {"client": client, "global": self.evaluate(examples, global_state, probe_backdoor=False, progress=False)}
             for client, examples in enumerate(client_heldout)
         ]
         personal = self.runner.personal_adapters(global_state) if hasattr(self.runner, "personal_adapters") else None
         if personal is not None:
             for row, examples in zip(rows, client_heldout):
-                set_adapter_state(model, personal[row["client"]])
-                row["personal"] = evaluate(model, self.context.prompts, examples, settings, progress=False)
+                own = personal[row["client"]]
+                set_adapter_state(model, own)
+                row["personal"] = self.evaluate(examples, own, probe_backdoor=False, progress=False)
             set_adapter_state(model, global_state)
         return rows
 
@@ -469,7 +473,7 @@ class FederatedRun:
         online = [row["online"] for row in history if row.get("online") is not None]
         extra = {
             "algorithm": self.config.algorithm,
-            "dataset": self.config.data.dataset,
+            "dataset": self.config.data.name,
             "seed": self.config.seed,
             "rounds": history[-1]["round"],
             # None under DP, whose history releases no client counters

@@ -17,7 +17,7 @@ import torch
 
 from spearfl.algorithms import ALGORITHMS
 from spearfl.algorithms.base import ClientContext
-from spearfl.config import ConfigError, ModelConfig, RunConfig
+from spearfl.config import ConfigError, ModelConfig, RunConfig, TaskConfig
 from spearfl.data import DATASETS, load_examples
 from spearfl.data.prompts import ChatTemplateMissing, PromptFormat, uses_chat_template
 from spearfl.data.schema import Example
@@ -34,12 +34,13 @@ def check_config(config: RunConfig) -> None:
     """Raise ConfigError naming the field whose value no registry knows."""
     if config.algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm: unknown {config.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
-    dataset = config.data.dataset
-    if dataset.startswith(JSONL_PREFIX):
-        if not Path(dataset.removeprefix(JSONL_PREFIX)).is_file():
-            raise ConfigError(f"data.dataset: file not found: {dataset.removeprefix(JSONL_PREFIX)}")
-    elif dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown {dataset!r}; choose one of {sorted(DATASETS)} or jsonl:<path>")
+    for index, dataset in enumerate(config.data.datasets):
+        field = f"data.tasks[{index}].dataset" if config.data.tasks else "data.dataset"
+        if dataset.startswith(JSONL_PREFIX):
+            if not Path(dataset.removeprefix(JSONL_PREFIX)).is_file():
+                raise ConfigError(f"{field}: file not found: {dataset.removeprefix(JSONL_PREFIX)}")
+        elif dataset not in DATASETS:
+            raise ConfigError(f"{field}: unknown {dataset!r}; choose one of {sorted(DATASETS)} or jsonl:<path>")
     if config.feedback.hint not in HINT_STYLES:
         raise ConfigError(f"feedback.hint: unknown {config.feedback.hint!r}; choose one of {sorted(HINT_STYLES)}")
     if config.feedback.provider not in ("oracle", "judge"):
@@ -75,17 +76,32 @@ def with_label_style(examples: list[Example], label_style: str | None) -> list[E
 
 def prepare_data(config: RunConfig) -> Federation:
     """Load the dataset, split off the held-out set, partition the pool among clients, and split off each client's
-    own held-out set (data.client_heldout_fraction) and validation split (personal.validation_fraction)."""
-    examples = with_label_style(load_examples(config.data.dataset), config.data.label_style)
-    pool, heldout = split_pool_heldout(examples, config.data.heldout_size, seed=config.data.split_seed)
-    clients = dirichlet_partition(
-        pool,
-        num_clients=config.data.num_clients,
-        alpha=config.data.dirichlet_alpha,
-        min_per_client=config.data.min_per_client,
-        max_per_client=config.data.max_per_client,
-        seed=config.seed,
-    )
+    own held-out set (data.client_heldout_fraction) and validation split (personal.validation_fraction).
+
+    A multi-task federation (data.tasks) does this task by task: each task's held-out set and its clients' label-skewed
+    pools, clients numbered in the order the tasks are listed; the global held-out set is the tasks' sets together.
+    """
+    data = config.data
+    tasks = data.tasks or [TaskConfig(dataset=data.dataset, clients=data.num_clients)]
+    heldout, clients = [], []
+    for index, task in enumerate(tasks):
+        examples = with_label_style(load_examples(task.dataset), task.label_style or data.label_style)
+        pool, task_heldout = split_pool_heldout(examples, data.heldout_size, seed=data.split_seed)
+        try:
+            task_clients = dirichlet_partition(
+                pool,
+                num_clients=task.clients,
+                alpha=data.dirichlet_alpha,
+                min_per_client=data.min_per_client,
+                max_per_client=data.max_per_client,
+                # a single task keeps the seed it always had, so runs from before tasks existed split the same
+                seed=config.seed if not data.tasks else derive_seed(config.seed, index, SERVER_CLIENT_ID, "task-partition"),
+            )
+        except ValueError as error:
+            where = f"data.tasks[{index}] ({task.dataset})" if data.tasks else "data"
+            raise ConfigError(f"{where}: {error}") from None
+        heldout += task_heldout
+        clients += task_clients
     # The validation split is cut wherever clients are scored on their own data, whichever the method, so that
     # every method of a comparison trains on the same pools; TAP alone reads it.
     validating = config.data.client_heldout_fraction > 0 or config.personal.method == "tap"

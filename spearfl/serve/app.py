@@ -9,6 +9,8 @@
     GET    /interactions/{id}                 one interaction
     DELETE /interactions/{id}?person=         delete it: no later round trains on it
     GET    /learning, /learning.png           first-try accuracy per adapter version, as numbers and as a plot
+    GET    /personal                          which adapter answers (personal or global), and both versions
+    POST   /personal/reset                    drop the personal adapter: the global one answers (`spearfl.serve.personal`)
     POST   /v1/chat/completions               OpenAI-compatible (stream or not); the reply carries interaction_id
     GET    /docs                              OpenAPI documentation
     POST   /worker/train, /worker/result      the server's work orders and its word on them (`spearfl.serve.rounds`)
@@ -215,6 +217,16 @@ def create_app(service: Service) -> FastAPI:
     def learning() -> dict:
         return {"adapter_version": service.engine.adapter_version, "versions": learning_rows(service.store)}
 
+    @app.get("/personal", summary="Which adapter answers here, the personal or the global one, and what made each")
+    def personal() -> dict:
+        return service.require_rounds().personal_view()
+
+    @app.post("/personal/reset", summary="Drop this device's personal adapter: the global adapter answers again")
+    async def personal_reset() -> dict:
+        rounds = service.require_rounds()
+        await asyncio.to_thread(rounds.reset_personal)
+        return rounds.personal_view()
+
     @app.get("/privacy", summary="This device's local differential privacy: its settings, releases and epsilon spent")
     def privacy() -> dict:
         return service.require_rounds().privacy()
@@ -268,6 +280,9 @@ def create_app(service: Service) -> FastAPI:
         rounds = service.require_rounds()
         arrays, header = read_payload(await request.body())
         round_index, accepted, version = read_notice(header, bool(arrays))
+        ends_federation = header.get("ends_federation", False)
+        if not isinstance(ends_federation, bool) or (ends_federation and not arrays):
+            raise HTTPException(400, "bad round result: ends_federation must be true or false, and true only with the global adapter")
         check_nonce(service, round_index, accepted, header.get("nonce"))
         async with notices:
             state = None
@@ -277,7 +292,7 @@ def create_app(service: Service) -> FastAPI:
                                              f"{service.engine.adapter_version}, which answers now (a replayed notice?)")
                 await check_adapter(arrays)
                 state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
-            consumed = await asyncio.to_thread(rounds.settle, round_index, accepted, state, version)
+            consumed = await asyncio.to_thread(rounds.settle, round_index, accepted, state, version, ends_federation)
         return {"round": round_index, "consumed": consumed, "adapter_version": service.engine.adapter_version}
 
     return app

@@ -19,6 +19,7 @@ from spearfl.runtime.setup import build_context
 from spearfl.serve.app import create_app
 from spearfl.serve.engine import AnswerEngine
 from spearfl.serve.limits import Limits
+from spearfl.serve.personal import personal_path
 from spearfl.serve.rounds import DeviceRounds
 from spearfl.serve.service import LOOPBACK_NAMES, AnsweredOrders, Service
 
@@ -32,10 +33,13 @@ def store_path(config: RunConfig) -> Path:
 
 
 def label_style(config: RunConfig) -> str:
-    """How a person's options are labelled: as configured, else as the configured dataset labels its own."""
+    """How a person's options are labelled: as configured, else as the configured dataset (the first task's) labels
+    its own."""
     if config.data.label_style:
         return config.data.label_style
-    spec = DATASETS.get(config.data.dataset)
+    if config.data.tasks and config.data.tasks[0].label_style:
+        return config.data.tasks[0].label_style
+    spec = DATASETS.get(config.data.datasets[0])
     return spec.label_style if spec is not None else "letters"
 
 
@@ -90,7 +94,9 @@ def build_service(
         store.drop_older_than(config.live.retention_days * 86_400)
     return Service(
         engine=engine, store=store, prompts=context.prompts, label_style=label_style(config),
-        model_name=config.model.name, token=token, limits=limits or Limits(), rounds=DeviceRounds(context, store, engine, ledger_path=store_path(config).with_suffix(".privacy.json")),
+        model_name=config.model.name, token=token, limits=limits or Limits(), rounds=DeviceRounds(
+            context, store, engine, ledger_path=store_path(config).with_suffix(".privacy.json"), personal_path=personal_path(store_path(config)),
+        ),
         server_token=server_token, allowed_hosts=hosts, orders=AnsweredOrders(store_path(config).with_suffix(".orders.json")),
     )
 

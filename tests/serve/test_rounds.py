@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from helpers import (
     encode_task,
     make_config,
@@ -33,9 +34,9 @@ DEVICE = ("live.min_interactions=2", "live.max_staleness=1", "spear.local_steps=
 
 
 @contextlib.contextmanager
-def device_with(tokenizer, tmp_path, *overrides: str, ledger_path=None):
+def device_with(tokenizer, tmp_path, *overrides: str, ledger_path=None, personal_path=None):
     """A device with five judged interactions, answered by adapter versions 0, 0, 3, 3, 4; its config is DEVICE
-    with `overrides`, and it keeps its privacy ledger at `ledger_path`."""
+    with `overrides`, and it keeps its privacy ledger at `ledger_path`, its personal adapter at `personal_path`."""
     with single_thread():
         model = tiny_lora_model(tokenizer)
         config = make_config(*DEVICE, *overrides)
@@ -49,7 +50,7 @@ def device_with(tokenizer, tmp_path, *overrides: str, ledger_path=None):
             store.judge(interaction, 0, True)
             ids.setdefault(version, []).append(interaction)
         try:
-            yield DeviceRounds(context, store, engine, ledger_path=ledger_path), config, ids
+            yield DeviceRounds(context, store, engine, ledger_path=ledger_path, personal_path=personal_path), config, ids
         finally:
             engine.close()
             store.close()
@@ -190,3 +191,89 @@ def test_a_server_sent_verifier_or_data_path_is_refused(device):
         with pytest.raises(UserError, match=f"the work order sets {section}"):
             rounds.train_arrays(arrays, {"request": order})
     assert rounds.store.claimed_rounds() == []
+
+
+# ------------------------------------------------------------------------------------------- the personal adapter
+
+
+def answering_state(rounds) -> dict:
+    return rounds.engine.adapter_state()
+
+
+def same_state(first, second) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_round_trains_the_personal_adapter_which_answers_stays_on_the_device_and_survives_a_restart(tokenizer, tmp_path):
+    path = tmp_path / "device.personal.safetensors"
+    # two steps: after one, Ditto's personal adapter equals the global update (its pull starts at zero)
+    with device_with(tokenizer, tmp_path, "personal.method=ditto", "spear.local_steps=2", personal_path=path) as (rounds, config, _):
+        global_state = get_adapter_state(rounds.context.model)
+        assert rounds.personal_view()["answering"] == "global" and not path.exists()
+        with single_thread():
+            payload, result = rounds.train_arrays(*work_order(config, 5, rounds.context.model))
+        personal = rounds.personal.state
+        assert result["weight"] == 3 and personal is not None and not same_state(personal, global_state)
+        assert same_state(answering_state(rounds), personal)  # people are answered by the personal adapter
+        # what leaves is the global update: it is not the personal adapter
+        assert any(not np.array_equal(payload[name], personal[name].numpy()) for name in payload)
+        view = rounds.personal_view()
+        assert view["answering"] == "personal" and view["personal"]["round"] == 5 and view["global_version"] == 4
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        on_disk = path.read_bytes()
+    with device_with(tokenizer, tmp_path / "restarted", "personal.method=ditto", personal_path=path) as (restarted, _, _):
+        assert same_state(restarted.personal.state, personal) and same_state(answering_state(restarted), personal)
+        assert restarted.personal_view()["personal"]["round"] == 5
+        restarted.reset_personal()  # a person's reset from the page
+        assert not path.exists() and restarted.personal_view()["answering"] == "global"
+        assert same_state(answering_state(restarted), restarted.global_state)
+    assert on_disk  # byte for byte what the round wrote, read back above
+
+
+def test_a_new_global_adapter_does_not_replace_the_personal_one_that_answers(tokenizer, tmp_path):
+    with device_with(tokenizer, tmp_path, "personal.method=ditto") as (rounds, config, _):
+        with single_thread():
+            rounds.train_arrays(*work_order(config, 5, rounds.context.model))
+        personal = rounds.personal.state
+        new_global = {name: tensor + 0.5 for name, tensor in rounds.global_state.items()}
+        rounds.settle(5, accepted=True, state=new_global, version=5)
+        assert same_state(answering_state(rounds), personal) and same_state(rounds.global_state, new_global)
+        rounds.reset_personal()
+        assert same_state(answering_state(rounds), new_global)
+
+
+def test_the_notice_that_ends_a_federation_stage_trains_the_personal_adapter_after_federation(tokenizer, tmp_path):
+    with device_with(tokenizer, tmp_path, "personal.method=finetune", "personal.after_steps=2", "personal.after_lr=0.05") as (rounds, config, _):
+        with single_thread():
+            rounds.train_arrays(*work_order(config, 5, rounds.context.model))
+            assert rounds.personal.state is None  # finetune keeps none during federation
+            new_global = {name: tensor.clone() for name, tensor in rounds.global_state.items()}
+            rounds.settle(5, accepted=True, state=new_global, version=5)
+            assert rounds.personal.state is None  # an ordinary notice trains nothing
+            rounds.settle(6, accepted=None, state=new_global, version=6, ends_federation=True)
+        view = rounds.personal_view()
+        assert view["answering"] == "personal" and view["personal"]["after_federation"] and view["personal"]["round"] == 6
+        assert not same_state(rounds.personal.state, new_global) and same_state(answering_state(rounds), rounds.personal.state)
+
+
+def test_tap_never_trains_on_its_validation_split_and_measures_on_its_right_answers(tokenizer, tmp_path, monkeypatch):
+    held = set()
+    monkeypatch.setattr(spearfl.serve.rounds, "held_for_validation", lambda interaction_id, fraction: interaction_id in held)
+    with device_with(tokenizer, tmp_path, "personal.method=tap", "live.max_staleness=10") as (rounds, config, ids):
+        held.update(ids[0][:1] + ids[3][:1])
+        assert len(rounds.validation_answers()) == 2  # both judged right
+        with single_thread():
+            _, result = rounds.train_arrays(*work_order(config, 5, rounds.context.model))
+        assert result["weight"] == 3 and rounds.store.claimed_rounds() == [5]
+        rounds.settle(5, accepted=True)
+        consumed = {i.id for i in rounds.store.recent() if i.consumed_round == 5}
+        assert consumed.isdisjoint(held) and len(consumed) == 3
+        assert rounds.personal.state is not None and "replaced" in rounds.personal_view()["personal"]["notes"]
+
+
+def test_a_work_order_cannot_set_the_devices_personalization(device):
+    rounds, config, _ = device
+    arrays, header = work_order(config, 5, rounds.context.model)
+    order = header["request"] | {"config": header["request"]["config"] | {"personal": {"method": "local"}}}
+    with pytest.raises(UserError, match="the work order sets personal"):
+        rounds.train_arrays(arrays, {"request": order})
