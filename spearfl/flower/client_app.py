@@ -16,6 +16,11 @@ Node config (`flower-supernode --node-config`; the simulation engine sets the fi
 Without a worker the update runs in this process on a model cached for the life of the process: the
 simulation engine keeps its processes for the whole run, so there the model loads once per process.
 
+Under a personalization method (the device's own `personal.method`) the client's personal adapter is the node's:
+without a worker it lives in the node's state (`context.state`, which Flower keeps for the node across the run's
+rounds), put into the client host before a round and taken back after; a client worker keeps it itself, and a
+device service beside its store. It never travels in a message.
+
 Under secure aggregation (server.secure_aggregation: secaggplus) Flower's `secaggplus_mod` answers the protocol's
 messages around the train handler, which then receives a legacy FitIns and answers with the round's update as a
 legacy FitRes (spearfl.flower.records); every other message passes the mod unchanged.
@@ -33,6 +38,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from spearfl.flower.records import (
+    adapter_record,
+    record_arrays,
     is_secure_work,
     node_content,
     read_outcome,
@@ -96,9 +103,24 @@ def train(message: Message, context: Context) -> Message:
         if "worker" in node:
             state, result = train_on_worker(str(node["worker"]), arrays, request, token=os.environ.get(TOKEN_VARIABLE), device=device)
         else:
-            state, result = in_process_host().train_arrays(arrays, request, device)
+            host = in_process_host()
+            host.personal.pop(client, None)  # this node's own, from its state alone
+            if PERSONAL in context.state.array_records:
+                host.personal[client] = personal_tensors(context.state.array_records[PERSONAL])
+            state, result = host.train_arrays(arrays, request, device)
+            if client in host.personal:
+                context.state[PERSONAL] = adapter_record({name: t.numpy() for name, t in host.personal.pop(client).items()})
     content = secure_reply_content(state, arrays, result) if secure else reply_content(state, result)
     return Message(content, reply_to=message)
+
+
+PERSONAL = "spearfl.personal"  # the node state's record of the client's personal adapter
+
+
+def personal_tensors(record) -> dict:
+    import torch
+
+    return {name: torch.from_numpy(array.copy()) for name, array in record_arrays(record).items()}
 
 
 @functools.cache

@@ -32,7 +32,8 @@ from spearfl.federated.codec import encode_upload, wire_array
 from spearfl.errors import UserError
 from spearfl.federated.privacy import PrivacyLedger, local_settings, noised_locally, public_reply
 from spearfl.lm.models import load_base_model, quiet_library_output
-from spearfl.personal import PersonalClient, PersonalMethod
+from spearfl.data.split import split_each_client
+from spearfl.personal import METHODS, PersonalClient, PersonalMethod
 from spearfl.runtime.adversary import behave
 from spearfl.runtime.setup import (
     attach_configured_lora,
@@ -124,7 +125,11 @@ class Device:
             self.ledger.check(config.privacy)
 
 class ClientHost:
-    """Holds the base model with LoRA and the client's examples across rounds; runs client updates."""
+    """Holds the base model with LoRA and the client's examples across rounds; runs client updates.
+
+    A client's personal adapter (its device's `personal.method`, spearfl.personal) is kept in `personal`, by client
+    id: a client worker keeps it for the life of its process; a Flower ClientApp puts it there from its node's state
+    before a round and takes it back after (spearfl.flower.client_app). Only the shared update leaves."""
 
     def __init__(self, device: Device | None = None) -> None:
         """`device`: this device's own settings; None for a simulation, where each call names them."""
@@ -134,16 +139,26 @@ class ClientHost:
         self.models_loaded = 0
         self.model = None
         self.tokenizer = None
-        self.examples: dict[tuple, list[Example]] = {}  # a Flower simulation worker serves several clients
+        self.examples: dict[tuple, tuple[list[Example], list[Example]]] = {}  # a Flower simulation worker serves several clients
         self.devices: dict[tuple, Device] = {}  # the simulated devices of `device_for`
+        self.personal: dict[int, dict[str, torch.Tensor]] = {}  # client id -> its personal adapter
 
     def train(self, request: TrainRequest, global_state: dict[str, torch.Tensor], device: Device) -> ClientResult:
-        """Run the configured client update on this client's examples, from the given global adapter."""
+        """Run the configured client update on this client's examples, from the given global adapter; under a
+        personalization method, its personal adapter trained beside and kept (`personal`)."""
         config = device_config(request.config, device.config)
         context = self.context_for(config)
-        examples = self.examples_for(config, request.client_id, device.examples_path)
-        work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
-        return run_client(ALGORITHMS[config.algorithm], context, work, device.ledger)
+        examples, validation = self.examples_for(config, request.client_id, device.examples_path)
+        update = ALGORITHMS[config.algorithm]
+        if config.personal.method == "none":
+            work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
+            return run_client(update, context, work, device.ledger)
+        method = METHODS[config.personal.method](config.personal)
+        client = PersonalClient(request.client_id, examples, validation, self.personal.get(request.client_id))
+        result, personal, _ = run_personal_client(method, update, context, client, request.round_index, global_state, request.lr, device.ledger)
+        if personal is not None:
+            self.personal[request.client_id] = personal
+        return result
 
     def train_arrays(self, arrays: dict[str, np.ndarray], request: dict, device: Device | None = None) -> tuple[dict[str, np.ndarray], dict]:
         """`train` with numpy in and out, for transports: (upload payload, {"weight", "metrics", "nonce"}).
@@ -195,14 +210,21 @@ class ClientHost:
             self.models_loaded += 1
         return client_context(config, self.model, self.tokenizer)
 
-    def examples_for(self, config: RunConfig, client_id: int, examples_path: str | None) -> list[Example]:
-        """The device's own examples file, or its partition of the configured dataset (as the local runtime draws it)."""
-        key = (examples_path, client_id, config.seed, config.data.model_dump_json())
+    def examples_for(self, config: RunConfig, client_id: int, examples_path: str | None) -> tuple[list[Example], list[Example]]:
+        """(training pool, validation split) of the device: its own examples file, or its partition of the configured
+        dataset (as the local runtime draws it, validation split included)."""
+        key = (examples_path, client_id, config.seed, config.data.model_dump_json(), config.personal.model_dump_json())
         if key not in self.examples:
             if examples_path:
-                self.examples[key] = with_label_style(load_jsonl(examples_path), config.data.label_style)
+                own = [with_label_style(load_jsonl(examples_path), config.data.label_style)]
+                validation = [[]]
+                if config.personal.method == "tap":
+                    own, validation = split_each_client(own, config.personal.validation_fraction, seed=config.seed + 1)
+                self.examples[key] = (own[0], validation[0])
             else:
-                self.examples[key] = prepare_data(config).clients[client_id]
+                federation = prepare_data(config)
+                validation = federation.client_validation[client_id] if federation.client_validation else []
+                self.examples[key] = (federation.clients[client_id], validation)
         return self.examples[key]
 
 

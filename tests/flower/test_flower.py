@@ -43,17 +43,22 @@ NUM_CLIENTS = 2
 TOLERANCE = 1e-6  # float32 adapters; the same arithmetic runs in other processes
 
 
-def write_config(tmp_path: Path, output_dir: Path, upload_encoding: str = "float32") -> Path:
+# FedPer with the top one of the tiny model's two layers the client's own: a round starts from the client's own
+# top layer, so a run reproduces the local runtime's only if each client's personal state lasts between rounds
+PERSONAL = "personal: {method: fedper, fedper_local_layers: 1}\n"
+
+
+def write_config(tmp_path: Path, output_dir: Path, upload_encoding: str = "float32", personal: str = "") -> Path:
     """The end-to-end test config (2 rounds, tiny primed model) with two clients, both chosen every round."""
     text = run_config_text(end_to_end_assets(), output_dir).replace("num_clients: 3", f"num_clients: {NUM_CLIENTS}")
     text = text.replace("clients_per_round: 2}", f"clients_per_round: 2, upload_encoding: {upload_encoding}}}")
     path = tmp_path / f"{output_dir.name}.yaml"
-    path.write_text(text + "threads: 1\n")
+    path.write_text(text + "threads: 1\n" + personal)
     return path
 
 
-def run_locally(root: Path, upload_encoding: str) -> Path:
-    config = load_config(write_config(root, root / f"local-{upload_encoding}", upload_encoding))
+def run_locally(root: Path, upload_encoding: str, personal: str = "") -> Path:
+    config = load_config(write_config(root, root / f"local-{upload_encoding}", upload_encoding, personal))
     with single_thread():
         run_local(config, show_progress=False)
     return root / f"local-{upload_encoding}"
@@ -66,7 +71,7 @@ def local_reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_bfloat16_reference(tmp_path_factory) -> Path:
-    return run_locally(tmp_path_factory.mktemp("local"), "bfloat16")
+    return run_locally(tmp_path_factory.mktemp("local"), "bfloat16", PERSONAL)
 
 
 def assert_same_as_local(folder: Path, reference: Path) -> None:
@@ -117,8 +122,9 @@ def local_superlinks(port: int) -> list[psutil.Process]:
 
 
 def test_a_simulation_run_matches_the_local_runtime(tmp_path, local_bfloat16_reference, monkeypatch):
-    """`flwr run` on the local simulation engine, two virtual SuperNodes, two rounds, bfloat16 uploads."""
-    config_path = write_config(tmp_path, tmp_path / "elsewhere", "bfloat16")  # `set` moves the run folder below
+    """`flwr run` on the local simulation engine, two virtual SuperNodes, two rounds, bfloat16 uploads, and FedPer's
+    personal modules carried in each node's state from round 1 to round 2."""
+    config_path = write_config(tmp_path, tmp_path / "elsewhere", "bfloat16", PERSONAL)  # `set` moves the run folder below
     home, port = tmp_path / "flwr-sim", free_port()
     monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
     superlinks: list[psutil.Process] = []

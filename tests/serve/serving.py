@@ -44,11 +44,17 @@ class RecordedRounds:
         self.orders.append(header)
         return {}, {"weight": 0.0, "metrics": {}, "nonce": header["request"]["nonce"]}
 
-    def settle(self, round_index, accepted, state=None, version=None):
-        self.settled.append((round_index, accepted, version))
+    def settle(self, round_index, accepted, state=None, version=None, ends_federation=False):
+        self.settled.append((round_index, accepted, version) + ((True,) if ends_federation else ()))
         if state is not None:
             self.engine.install(state, version).result()
         return 0
+
+    def personal_view(self):
+        return {"method": "none", "answering": "global", "global_version": self.engine.adapter_version, "personal": None, "reset_at": None}
+
+    def reset_personal(self):
+        pass
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
