@@ -642,7 +642,7 @@ def bench(
 ) -> None:
     """Measure this machine's matmul ceiling, the model's prefill, decode and LoRA training speed against it,
     a SPEAR and a GRPO client round on the same prompts (time, and peak memory of generation and of training),
-    upload sizes; print and save them."""
+    a TAP round and TAP's stage 2 with two adapters on the device, upload sizes; print and save them."""
     from spearfl.tools.bench import (
         BenchSettings,
         preset_config,
@@ -662,10 +662,13 @@ def bench(
     from spearfl.runtime.setup import build_context, prepare_data
 
     context = build_context(config)
-    examples = prepare_data(config).clients[0]
+    # TAP's round reads a validation split: the client's pool as a TAP run cuts it, for every measurement alike
+    federation = prepare_data(config.model_copy(update={"personal": config.personal.model_copy(update={"method": "tap"})}))
+    examples, validation = federation.clients[0], federation.client_validation[0]
     settings = BenchSettings(repeats=repeats, round_repeats=round_repeats)
     with console.status("measuring") as status:
-        report = run_bench(context, examples, settings, baseline, progress=lambda step: status.update(f"measuring {step}"))
+        report = run_bench(context, examples, settings, baseline, progress=lambda step: status.update(f"measuring {step}"),
+                           validation=validation)
     report["config"] = str(config_path) if config_path else "(defaults)"
     for table in report_tables(report):
         console.print(table)

@@ -6,7 +6,10 @@ Measured in one run, with the threads spearfl uses:
   as tokens/s and as a fraction of the ceiling (model FLOP utilisation);
 - one SPEAR client round split into generation, feedback, training and adapter packing, with its peak
   resident memory; the same prompts through a GRPO round (G = 4), and the SPEAR / GRPO ratios;
-- the bytes a client uploads per round with each upload encoding.
+- the bytes a client uploads per round with each upload encoding;
+- a device holding two adapters (personalization, TAP): the same prompts through a TAP round (the global update,
+  stage 1's replacement on the client's validation split, the personal adapter's pass) and TAP's stage 2 (the
+  personal adapter distilled from the global one), each with its peak resident memory.
 
 Model FLOPs are given two ways. `mfu` follows the usual convention: 2 x N FLOPs a token forward, 6 x N a
 token for training, N = all parameters. `counted_fraction` counts the matmuls that actually run: the
@@ -51,6 +54,10 @@ from spearfl.lm.generation import decode_step
 from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
 from spearfl.lm.training import collate, target_logprobs
 from spearfl.losses.spear import likelihood_loss
+from spearfl.personal import PersonalClient
+from spearfl.personal.base import after_federation_round
+from spearfl.personal.tap import Tap
+from spearfl.runtime.client import run_personal_client
 
 
 def spread(values: list[float]) -> dict:
@@ -297,6 +304,32 @@ def measure_rounds(context: ClientContext, examples, repeats: int) -> dict:
     return summary
 
 
+def measure_personal_rounds(context: ClientContext, examples, validation, repeats: int) -> dict:
+    """A device with a personal adapter beside the global one (TAP): `repeats` rounds on the prompts of the SPEAR
+    rounds, each training the global update and then the personal adapter (stage 1 on `validation` first), and
+    TAP's stage 2 on the personal adapter they left; time and peak memory of each."""
+    config = context.config.model_copy(update={"personal": context.config.personal.model_copy(update={"method": "tap"})})
+    tap_context = dataclasses.replace(context, config=config)
+    global_state = get_adapter_state(context.model)
+    client = PersonalClient(0, examples, validation)
+    runs = []
+    for repeat in range(repeats):
+        result, personal, notes = run_personal_client(
+            Tap(config.personal), ALGORITHMS[config.algorithm], tap_context, client, repeat + 1, global_state, config.optimizer.lr
+        )
+        client.personal = personal if personal is not None else client.personal
+        runs.append({key: result.metrics[key] for key in ("seconds", "training_seconds", "peak_memory_mb", "training_peak_memory_mb") if key in result.metrics}
+                    | {"modules_replaced": len(notes.get("replaced", []))})
+    stage_two = after_federation_round(tap_context, client, client.personal or global_state, global_state, repeats + 1).metrics
+    set_adapter_state(context.model, global_state)
+    return {
+        "tap_round": summarise_rounds(runs),
+        "after_federation": {key: stage_two[key] for key in ("seconds", "training_seconds", "peak_memory_mb", "scored_tokens") if key in stage_two},
+        "validation_examples": len(validation),
+        "runs": runs,
+    }
+
+
 def summarise_rounds(runs: list[dict]) -> dict:
     """Each figure over the rounds that report it (a round that trained nothing has no training plan)."""
     keys = dict.fromkeys(key for run in runs for key, value in run.items() if isinstance(value, (int, float)))
@@ -360,6 +393,10 @@ def targets(report: dict) -> list[dict]:
         ("upload <= half the float32 adapter (bfloat16 encoding)", report["upload"]["bfloat16_over_float32"], 0.5, "<="),
         ("SPEAR round peak memory above the runtime <= 1.5x (weights + adapter + optimizer)", memory["spear_peak_over_reference"], 1.5, "<="),
         ("SPEAR round peak resident memory <= 2 GB (whole process)", memory["spear_peak_mb"] / 1024, 2.0, "<="),
+        ("TAP round, two adapters, peak above the runtime <= 1.5x (weights + adapter + optimizer)", memory["tap_peak_over_reference"], 1.5, "<="),
+        ("TAP round, two adapters, peak resident memory <= 2 GB (whole process)", memory["tap_peak_mb"] / 1024, 2.0, "<="),
+        ("TAP stage 2 peak above the runtime <= 1.5x (weights + adapter + optimizer)", memory["tap_after_federation_over_reference"], 1.5, "<="),
+        ("TAP stage 2 peak resident memory <= 2 GB (whole process)", memory["tap_after_federation_peak_mb"] / 1024, 2.0, "<="),
     ]
     return [
         {"target": name, "figure": figure, "bound": bound,
@@ -398,8 +435,10 @@ class BenchSettings:
     bfloat16_matmul_size: int = 512
 
 
-def run_bench(context: ClientContext, examples, settings: BenchSettings, baseline_resident_mb: float, progress=None) -> dict:
-    """Every measurement of the module docstring, as one JSON-able report."""
+def run_bench(context: ClientContext, examples, settings: BenchSettings, baseline_resident_mb: float, progress=None,
+              validation=()) -> dict:
+    """Every measurement of the module docstring, as one JSON-able report; `validation`: the client's validation
+    split, for TAP's round."""
     config, device = context.config, context.device
 
     def step(name):
@@ -428,7 +467,10 @@ def run_bench(context: ClientContext, examples, settings: BenchSettings, baselin
     training_result = measure_training(context, prompts[:rows], completions, flops, ceiling, settings.repeats)
     step("client rounds")
     rounds = measure_rounds(context, examples, settings.round_repeats)
+    step("personal rounds")
+    personal = measure_personal_rounds(context, examples, list(validation), settings.round_repeats)
     memory = memory_reference(context)
+    tap_peak, stage_two_peak = personal["tap_round"]["peak_memory_mb"]["median"], personal["after_federation"]["peak_memory_mb"]
     adapter = get_adapter_state(context.model)
     upload = {encoding: payload_bytes(encode_upload(adapter, adapter, encoding)) for encoding in UPLOAD_ENCODINGS}
     report = {
@@ -443,7 +485,12 @@ def run_bench(context: ClientContext, examples, settings: BenchSettings, baselin
             "training": training_result,
         },
         "rounds": rounds,
+        "personal": personal,
         "memory": memory | {
+            "tap_peak_mb": tap_peak,
+            "tap_peak_over_reference": (tap_peak - baseline_resident_mb) / memory["total_mb"],
+            "tap_after_federation_peak_mb": stage_two_peak,
+            "tap_after_federation_over_reference": (stage_two_peak - baseline_resident_mb) / memory["total_mb"],
             "process_before_model_mb": baseline_resident_mb,
             "spear_peak_mb": rounds["spear"]["peak_memory_mb"]["median"],
             # the interpreter and its libraries (torch, transformers) are there before any model, whatever it is
@@ -498,6 +545,9 @@ def report_tables(report: dict) -> list[Table]:
     sizes.add_row("SPEAR round peak resident memory (whole process)", f"{memory['spear_peak_mb']:,.0f} MB")
     sizes.add_row("process resident memory before the model loaded (runtime)", f"{memory['process_before_model_mb']:,.0f} MB")
     sizes.add_row("SPEAR round peak above the runtime", f"{memory['spear_peak_above_runtime_mb']:,.0f} MB")
+    if "tap_peak_mb" in memory:
+        sizes.add_row("TAP round peak resident memory, two adapters (whole process)", f"{memory['tap_peak_mb']:,.0f} MB")
+        sizes.add_row("TAP stage 2 peak resident memory (whole process)", f"{memory['tap_after_federation_peak_mb']:,.0f} MB")
     checks = Table(title="targets")
     for column in ("target", "figure", "met"):
         checks.add_column(column)

@@ -27,7 +27,8 @@ def report(tmp_path_factory):
     with single_thread():
         context = build_context(config)
         settings = BenchSettings(repeats=2, round_repeats=2, decode_batch_sizes=(1, 4), decode_steps=3, prefill_prompts=4, matmul_size=128, bfloat16_matmul_size=64)
-        return run_bench(context, prepare_data(config).clients[0], settings, baseline_resident_mb=100.0), context
+        federation = prepare_data(config.model_copy(update={"personal": config.personal.model_copy(update={"method": "tap"})}))
+        return run_bench(context, federation.clients[0], settings, baseline_resident_mb=100.0, validation=federation.client_validation[0]), context
 
 
 def test_the_report_has_every_section_and_is_json(report):
@@ -40,6 +41,10 @@ def test_the_report_has_every_section_and_is_json(report):
         assert figure["low"] <= figure["median"] <= figure["high"] and figure["repeats"] == 2
     assert len(report["rounds"]["runs"]["spear"]) == len(report["rounds"]["runs"]["grpo"]) == 2
     assert len(report_tables(report)) == 4
+    # the device with two adapters: TAP rounds measured on the same repeats, stage 2 once, on a validation split
+    personal = report["personal"]
+    assert len(personal["runs"]) == 2 and personal["validation_examples"] > 0
+    assert personal["after_federation"]["peak_memory_mb"] > 0 and report["memory"]["tap_peak_mb"] > 0
 
 
 def test_ratios_pair_the_rounds_of_one_run(report):
@@ -65,10 +70,11 @@ def test_targets_say_whether_each_holds():
             {"batch_size": 1, "tokens_per_s": {"median": 10.0}}, {"batch_size": 32, "tokens_per_s": {"median": 80.0}}]},
         "rounds": {"spear_over_grpo": {"seconds": {"median": 0.3}}},
         "upload": {"bfloat16_over_float32": 0.5},
-        "memory": {"spear_peak_over_reference": 2.5, "spear_peak_mb": 1500.0},
+        "memory": {"spear_peak_over_reference": 2.5, "spear_peak_mb": 1500.0, "tap_peak_over_reference": 1.4, "tap_peak_mb": 2100.0,
+                   "tap_after_federation_over_reference": 1.6, "tap_after_federation_peak_mb": 1900.0},
     }
     met = [target["met"] for target in targets(fake)]
-    assert met == [True, False, True, True, True, False, True]
+    assert met == [True, False, True, True, True, False, True, True, False, False, True]
 
 
 def test_presets_name_the_repository_configs_and_an_unknown_one_is_refused():
