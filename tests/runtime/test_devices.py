@@ -31,7 +31,13 @@ def test_each_device_in_the_round_hears_its_outcome_with_its_own_work_orders_non
     orders = {address: header["request"]["nonce"] for address, path, header in sent if path == "/worker/train"}
     runner.settle(1, replies, global_state)
     notices = {address: header for address, path, header in sent if path == "/worker/result"}
-    assert notices["a:1"] == {"round": 1, "accepted": True, "version": 1, "nonce": orders["a:1"]}
-    assert notices["https://b:2"] == {"round": 1, "accepted": False, "version": 1, "nonce": orders["https://b:2"]}
-    assert notices["c:3"] == {"round": 1, "accepted": None, "version": 1}
+    plain = {"version": 1, "ends_federation": False}
+    assert notices["a:1"] == {"round": 1, "accepted": True, "nonce": orders["a:1"]} | plain
+    assert notices["https://b:2"] == {"round": 1, "accepted": False, "nonce": orders["https://b:2"]} | plain
+    assert notices["c:3"] == {"round": 1, "accepted": None} | plain
     assert len(set(orders.values())) == 2
+    # the round that ends a federation stage says so to every device, which then trains after federation
+    assert runner.after_federation(1, global_state) == []
+    sent.clear()
+    runner.settle(1, replies, global_state)
+    assert all(header["ends_federation"] for _, path, header in sent if path == "/worker/result")
