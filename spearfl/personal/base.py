@@ -156,6 +156,9 @@ def correct_answer(context: ClientContext, item: Example | JudgedAnswer) -> tupl
     return context.prompts.task(item), context.prompts.option_completion(item.gold_label)
 
 
+VALIDATION_CHUNK = 32  # answer tokens whose vocabulary logits exist at once while measuring the validation loss
+
+
 @torch.no_grad()
 def validation_loss(context: ClientContext, items: list[Example] | list[JudgedAnswer]) -> float:
     """Mean negative log-likelihood per token of each item's correct answer after its prompt, under the model's
@@ -169,7 +172,9 @@ def validation_loss(context: ClientContext, items: list[Example] | list[JudgedAn
             pairs = [correct_answer(context, item) for item in items[start : start + size]]
             prompts, answers = [prompt for prompt, _ in pairs], [answer for _, answer in pairs]
             batch = collate(prompts, answers, tokenizer.pad_token_id, context.device)
-            logprobs = target_logprobs(model, batch).double()  # [B, K]
+            # the vocabulary's logits of at most VALIDATION_CHUNK answer tokens at once: a batch's whole [B, K, V]
+            # logits would outgrow the working memory a round's training is planned in
+            logprobs = target_logprobs(model, batch, vocabulary_chunk=VALIDATION_CHUNK).double()  # [B, K]
             total -= float(torch.where(batch.completion_mask, logprobs, 0.0).sum())
             tokens += int(batch.completion_mask.sum())
     return total / max(tokens, 1)

@@ -214,7 +214,9 @@ class RunFolder:
         if last_step is not None:
             save_tensors(folder / "last_step.safetensors", last_step)
         if personal:
-            save_tensors(folder / "personal.safetensors", {f"{client}/{name}": tensor for client, state in personal.items() for name, tensor in state.items()})
+            # copies: clients may hold the very same tensors (each left with the global adapter), which safetensors refuses
+            save_tensors(folder / "personal.safetensors",
+                         {f"{client}/{name}": tensor.clone() for client, state in personal.items() for name, tensor in state.items()})
         atomic_write_json(folder / "state.json", {"round": round_index, "server_state": server_metadata, "info": info})
         atomic_write_json(self.checkpoint_dir / "latest.json", {"round": round_index, "folder": folder.name})
         self._remove_checkpoints_except(folder.name)

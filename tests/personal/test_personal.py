@@ -157,3 +157,14 @@ def load_tensors_of(folder: RunFolder, round_index: int) -> dict:
     checkpoint = folder.load_checkpoint()
     assert checkpoint.round_index == round_index
     return checkpoint.personal or {}
+
+
+def test_a_checkpoint_keeps_clients_that_hold_the_very_same_tensors(tmp_path):
+    from spearfl.federated.aggregation import initial_server_state
+    from spearfl.runtime.run_folder import RunFolder
+
+    shared = {"x.lora_A.weight": torch.arange(6.0).reshape(2, 3)}  # two clients left with one adapter (the global one)
+    folder = RunFolder(tmp_path / "run")
+    folder.save_checkpoint(3, shared, initial_server_state(), {}, personal={0: shared, 4: shared})
+    restored = folder.load_checkpoint().personal
+    assert sorted(restored) == [0, 4] and all(torch.equal(restored[c]["x.lora_A.weight"], shared["x.lora_A.weight"]) for c in (0, 4))
