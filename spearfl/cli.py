@@ -140,7 +140,7 @@ def compare_personalization(config, methods: str, seeds: int, output: Path) -> N
     comparison = compare_personal(config, parse_methods(methods), seeds, output)
     console.print(personal_table(comparison.rows))
     if comparison.paired:
-        console.print(paired_table(comparison.paired, comparison.reference))
+        console.print(paired_table(comparison.paired, comparison.reference, "personal.md", "mean over clients of their own held-out accuracy"))
     files = ", ".join(str(output / name) for name in ("personal.md", "personal.csv", "personal_paired.csv", "clients_by_method.png"))
     console.print(f"comparison: {files}")
 

@@ -110,11 +110,12 @@ def paired_markdown(rows: list[dict], reference: str) -> str:
     return heading + "\n".join(lines) + f"\n\n{PAIRED_CAPTION}\n"
 
 
-def paired_table(rows: list[dict], reference: str) -> Table:
+def paired_table(rows: list[dict], reference: str, defined_in: str = "comparison.md",
+                 measure: str = "final held-out accuracy") -> Table:
     """The paired differences for the terminal, one section per metric; narrow enough for 100 columns."""
     table = Table(
-        title=f"paired: {reference} minus each baseline, final held-out accuracy",
-        caption="95% paired t interval over seeds; defined in comparison.md",
+        title=f"paired: {reference} minus each baseline, {measure}",
+        caption=f"95% paired t interval over seeds; defined in {defined_in}",
     )
     for title in ("metric", "baseline", "seeds", "mean", "95% interval", "verdict"):
         table.add_column(title, justify="right" if title in ("seeds", "mean", "95% interval") else "left")
