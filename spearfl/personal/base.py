@@ -157,6 +157,7 @@ def correct_answer(context: ClientContext, item: Example | JudgedAnswer) -> tupl
 
 
 VALIDATION_CHUNK = 32  # answer tokens whose vocabulary logits exist at once while measuring the validation loss
+VALIDATION_ROWS = 8  # rows of a validation forward: the demo's training step has 8 wins and 8 losses
 
 
 @torch.no_grad()
@@ -165,7 +166,9 @@ def validation_loss(context: ClientContext, items: list[Example] | list[JudgedAn
     adapter as it stands: TAP's per-task loss (cross-entropy averaged over tokens), on the client's validation
     split. A simulation knows the answers from its data (the gold answer line), a device from its people's
     verdicts (the answers they judged right)."""
-    model, tokenizer, size = context.model, context.prompts.tokenizer, context.config.eval.batch_size
+    # rows of a training step at most: a forward of the evaluation's batch size outgrows the round's planned room
+    model, tokenizer = context.model, context.prompts.tokenizer
+    size = min(context.config.eval.batch_size, VALIDATION_ROWS)
     total, tokens = 0.0, 0
     with evaluation_mode(model):
         for start in range(0, len(items), size):
