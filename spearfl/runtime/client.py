@@ -149,13 +149,11 @@ class ClientHost:
         config = device_config(request.config, device.config)
         context = self.context_for(config)
         examples, validation = self.examples_for(config, request.client_id, device.examples_path)
-        update = ALGORITHMS[config.algorithm]
-        if config.personal.method == "none":
-            work = ClientRound(request.client_id, request.round_index, examples, global_state, request.lr, config.seed)
-            return run_client(update, context, work, device.ledger)
         method = METHODS[config.personal.method](config.personal)
         client = PersonalClient(request.client_id, examples, validation, self.personal.get(request.client_id))
-        result, personal, _ = run_personal_client(method, update, context, client, request.round_index, global_state, request.lr, device.ledger)
+        result, personal, _ = run_personal_client(
+            method, ALGORITHMS[config.algorithm], context, client, request.round_index, global_state, request.lr, device.ledger
+        )
         if personal is not None:
             self.personal[request.client_id] = personal
         return result

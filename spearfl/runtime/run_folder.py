@@ -339,22 +339,28 @@ def client_table(summary: dict[str, Any], metric: str = "loglik_accuracy") -> Ta
 
 def plot_clients(client_rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = "loglik_accuracy") -> None:
     """PNG of each client's own held-out accuracy, one bar per adapter the clients were scored with."""
-    figure = Figure(figsize=(max(5.0, 0.6 * len(client_rows) + 2), 4.0), layout="constrained")
+    bars = {adapter: [(row.get(adapter) or {}).get(metric) or 0.0 for row in client_rows] for adapter in client_adapters(client_rows)}
+    plot_grouped_bars(bars, [str(row["client"]) for row in client_rows], path, metric, "Each client's own held-out accuracy",
+                      width=max(5.0, 0.6 * len(client_rows) + 2))
+
+
+def plot_grouped_bars(bars: dict[str, list[float]], clients: list[str], path: str | os.PathLike, ylabel: str, title: str,
+                      width: float, legend: dict | None = None) -> None:
+    """PNG of one group of bars per client, a bar per entry of `bars` (label -> one value per client), from 0 to 1."""
+    figure = Figure(figsize=(width, 4.0), layout="constrained")
     axes = figure.subplots()
-    adapters = client_adapters(client_rows)
-    width = 0.8 / max(len(adapters), 1)
-    for offset, adapter in enumerate(adapters):
-        positions = [index + (offset - (len(adapters) - 1) / 2) * width for index in range(len(client_rows))]
-        values = [(row.get(adapter) or {}).get(metric) or 0.0 for row in client_rows]
-        axes.bar(positions, values, width=width, label=adapter)
-    axes.set_xticks(range(len(client_rows)), [str(row["client"]) for row in client_rows])
+    bar_width = 0.8 / max(len(bars), 1)
+    for offset, (label, values) in enumerate(bars.items()):
+        positions = [index + (offset - (len(bars) - 1) / 2) * bar_width for index in range(len(clients))]
+        axes.bar(positions, values, width=bar_width, label=label)
+    axes.set_xticks(range(len(clients)), clients)
     axes.set_xlabel("client")
-    axes.set_ylabel(metric)
+    axes.set_ylabel(ylabel)
     axes.set_ylim(0, 1.02)
-    axes.set_title("Each client's own held-out accuracy")
+    axes.set_title(title)
     axes.grid(alpha=0.3, axis="y")
-    if adapters:
-        axes.legend()
+    if bars:
+        axes.legend(**(legend or {}))
     buffer = BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     atomic_write_bytes(path, buffer.getvalue())

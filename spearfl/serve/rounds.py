@@ -138,21 +138,23 @@ class DeviceRounds:
         """Whether the interaction is in the device's validation split (TAP's only; never trained on)."""
         return self.method.uses_validation and held_for_validation(interaction_id, self.context.config.personal.validation_fraction)
 
-    def validation_answers(self) -> list:
-        """The right answers of the device's validation split, newest first (none unless the method reads them)."""
+    def validation_answers(self, recent: list | None = None) -> list:
+        """The right answers of the device's validation split, newest first (none unless the method reads them), among
+        `recent` (the store's newest interactions, read here when not given)."""
         if not self.method.uses_validation:
             return []
-        held = [i for i in self.store.recent(limit=10 * VALIDATION_LIMIT) if self.validating(i.id)]
+        recent = self.store.recent(limit=10 * VALIDATION_LIMIT) if recent is None else recent
+        held = [i for i in recent if self.validating(i.id)]
         return [answer for answer in map(right_answer, held) if answer is not None][:VALIDATION_LIMIT]
 
     def after_federation(self, round_index: int) -> None:
         """The method's training after federation on the people's judged answers (outside the validation split),
         taught by the global adapter now held; the personal adapter kept and answering."""
-        judged = [i for i in self.store.recent(limit=10 * VALIDATION_LIMIT) if not self.validating(i.id)]
-        answers = [answer for answer in map(first_answer, judged) if answer is not None]
+        recent = self.store.recent(limit=10 * VALIDATION_LIMIT)
+        answers = [answer for answer in map(first_answer, (i for i in recent if not self.validating(i.id))) if answer is not None]
         config = self.last_config
         context = ClientContext(self.context.model, self.context.prompts, self.context.feedback, config, self.context.device)
-        client = PersonalClient(0, [], self.validation_answers(), self.personal.state, judged=answers)
+        client = PersonalClient(0, [], self.validation_answers(recent), self.personal.state, judged=answers)
 
         def train_then_serve() -> None:
             if answers:

@@ -77,17 +77,22 @@ CAPTION = (
 PLOTS = {"round": "accuracy_by_round.png", "compute": "accuracy_by_compute.png"}
 
 
-def parse_algorithms(text: str) -> list[str]:
-    """Comma-separated algorithm names, each registered and listed once; ConfigError names the first bad one."""
+def parse_names(text: str, known, option: str, noun: str) -> list[str]:
+    """Comma-separated names, each in `known` and listed once; ConfigError names `option` and the first bad one."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
-        raise ConfigError("--algorithms: name at least one algorithm")
+        raise ConfigError(f"{option}: name at least one {noun}")
     for index, name in enumerate(names):
-        if name not in ALGORITHMS:
-            raise ConfigError(f"--algorithms: unknown {name!r}; choose from {sorted(ALGORITHMS)}")
+        if name not in known:
+            raise ConfigError(f"{option}: unknown {name!r}; choose from {sorted(known)}")
         if name in names[:index]:
-            raise ConfigError(f"--algorithms: {name!r} is listed twice")
+            raise ConfigError(f"{option}: {name!r} is listed twice")
     return names
+
+
+def parse_algorithms(text: str) -> list[str]:
+    """Comma-separated algorithm names, each registered and listed once; ConfigError names the first bad one."""
+    return parse_names(text, ALGORITHMS, "--algorithms", "algorithm")
 
 
 def default_output_dir(config: RunConfig) -> Path:

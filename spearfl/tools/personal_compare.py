@@ -18,20 +18,17 @@ independent draws), and any correction for the number of comparisons.
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
-from spearfl.io import atomic_write_bytes, atomic_write_text
+from spearfl.io import atomic_write_text
 from spearfl.personal import METHODS
-from spearfl.runtime.run_folder import RunFolder
-from spearfl.tools.compare import run_configs, run_seeds, sample_std
+from spearfl.runtime.run_folder import RunFolder, plot_grouped_bars
+from spearfl.tools.compare import comparison_csv, parse_names, run_configs, run_seeds, sample_std
 from spearfl.tools.paired import paired_csv, paired_markdown, paired_rows
 
 PERSONAL_METRICS = ("accuracy", "loglik_accuracy")  # greedy answers, as people get them; option log-likelihood
@@ -56,15 +53,7 @@ CAPTION = (
 
 def parse_methods(text: str) -> list[str]:
     """Comma-separated personalization methods, each known and listed once; ConfigError names the first bad one."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ConfigError("--personal: name at least one personalization method")
-    for index, name in enumerate(names):
-        if name not in METHODS:
-            raise ConfigError(f"--personal: unknown {name!r}; choose from {sorted(METHODS)}")
-        if name in names[:index]:
-            raise ConfigError(f"--personal: {name!r} is listed twice")
-    return names
+    return parse_names(text, METHODS, "--personal", "personalization method")
 
 
 def reference_method(methods: list[str]) -> str:
@@ -113,14 +102,6 @@ def cell(row: dict, key: str) -> str:
     return f"{row[f'{key}_mean']:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
 
 
-def rows_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    return buffer.getvalue()
-
-
 def rows_markdown(rows: list[dict]) -> str:
     lines = []
     for metric in PERSONAL_METRICS:
@@ -147,25 +128,13 @@ def personal_table(rows: list[dict], metric: str = "accuracy") -> Table:
 
 def plot_clients_by_method(per_client: dict[str, list[list[float]]], path: Path, metric: str) -> None:
     """PNG: each client's own held-out accuracy under each method, the mean over seeds."""
-    methods = list(per_client)
-    num_clients = len(per_client[methods[0]][0])
-    figure = Figure(figsize=(max(6.0, 0.9 * num_clients + 3), 4.0), layout="constrained")
-    axes = figure.subplots()
-    width = 0.8 / len(methods)
-    for offset, method in enumerate(methods):
-        means = [statistics.mean(values) for values in zip(*per_client[method])]
-        positions = [index + (offset - (len(methods) - 1) / 2) * width for index in range(num_clients)]
-        axes.bar(positions, means, width=width, label=method)
-    axes.set_xticks(range(num_clients), [str(index) for index in range(num_clients)])
-    axes.set_xlabel("client")
-    axes.set_ylabel(f"own held-out {metric}")
-    axes.set_ylim(0, 1.02)
-    axes.grid(alpha=0.3, axis="y")
-    axes.legend(ncols=min(len(methods), 6), fontsize="small")
-    axes.set_title("Each client's own held-out accuracy by method (mean over seeds)")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    atomic_write_bytes(path, buffer.getvalue())
+    means = {method: [statistics.mean(values) for values in zip(*runs)] for method, runs in per_client.items()}
+    num_clients = len(next(iter(means.values())))
+    plot_grouped_bars(
+        means, [str(index) for index in range(num_clients)], path, f"own held-out {metric}",
+        "Each client's own held-out accuracy by method (mean over seeds)",
+        width=max(6.0, 0.9 * num_clients + 3), legend={"ncols": min(len(means), 6), "fontsize": "small"},
+    )
 
 
 @dataclass(frozen=True)
@@ -189,7 +158,7 @@ def write_personal_comparison(folders: dict[str, list[RunFolder]], output_dir: P
     reference = reference_method(list(figures))
     finals = {method: {seed: {m: run[m]["mean"] for m in PERSONAL_METRICS} for seed, run in runs.items()} for method, runs in figures.items()}
     paired = paired_rows(finals, list(PERSONAL_METRICS), reference)
-    atomic_write_text(output_dir / "personal.csv", rows_csv(rows))
+    atomic_write_text(output_dir / "personal.csv", comparison_csv(rows))
     atomic_write_text(output_dir / "personal_paired.csv", paired_csv(paired))
     markdown = (
         "# Personalization\n\n" + rows_markdown(rows) + f"\n{CAPTION}\n\n![each client by method](clients_by_method.png)\n\n"
