@@ -17,9 +17,7 @@ in simulation, the device's folder live, the node's state on Flower).
 
 from __future__ import annotations
 
-import math
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +36,9 @@ from spearfl.algorithms.base import (
     envelope,
     train_steps,
 )
-from spearfl.algorithms.opsd import teacher_logprobs
 from spearfl.data.schema import Example
-from spearfl.lm.forward import token_logprobs
-from spearfl.lm.models import evaluation_mode, set_adapter_state
+from spearfl.lm.forward import at_least_float32, token_logprobs
+from spearfl.lm.models import evaluation_mode, lora_parameters, set_adapter_state
 from spearfl.lm.training import MicroBatch, collate, target_logprobs
 from spearfl.losses.common import masked_mean
 from spearfl.losses.distill import tempered_distillation_loss
@@ -188,7 +185,6 @@ class Sample:
     prompt: list[int]
     completion: list[int]
     correct: bool
-    teacher_logprobs: torch.Tensor | None  # [len(completion), V], or None without a teacher
 
 
 def after_federation_round(
@@ -217,21 +213,14 @@ def after_federation_round(
         return judged_samples(context, work, prompts, [completion.token_ids for completion in completions], verdicts)
 
     def judged_samples(context: ClientContext, work: ClientRound, prompts, generated, verdicts) -> Collected:
-        rows: list[torch.Tensor | None] = [None] * len(generated)
-        metrics = {"first_try_correct": sum(verdicts), "scored_tokens": 0}
-        if weight > 0:
-            started = time.perf_counter()
-            set_adapter_state(context.model, teacher)
-            rows, metrics["scored_tokens"] = teacher_logprobs(context, prompts, generated)
-            set_adapter_state(context.model, work.global_state)
-            metrics["teacher_seconds"] = time.perf_counter() - started
-        samples = [Sample(p, c, correct, row) for p, c, correct, row in zip(prompts, generated, verdicts, rows)]
+        samples = [Sample(p, c, correct) for p, c, correct in zip(prompts, generated, verdicts)]
         trained = samples if weight > 0 else [s for s in samples if s.correct]
-        return Collected(trained, float(len(trained)), metrics | {"wins": sum(s.correct for s in samples)})
+        metrics = {"first_try_correct": sum(verdicts), "wins": sum(verdicts)}
+        return Collected(trained, float(len(trained)), metrics)
 
     def train(context: ClientContext, work: ClientRound, samples: list[Sample]) -> dict:
         def step_gradient(rng, step, trainer):
-            return after_federation_step(context, trainer, draw(samples, num_prompts, rng), weight, tap.temperature)
+            return after_federation_step(context, trainer, draw(samples, num_prompts, rng), teacher, weight, tap.temperature)
 
         return train_steps(context, work, settings.after_steps, step_gradient)
 
@@ -246,8 +235,14 @@ def after_federation_round(
     return envelope(context, work, gather, train)
 
 
-def after_federation_step(context: ClientContext, trainer: Trainer, samples: list[Sample], weight: float, temperature: float):
-    """One step's gradient of CE(correct answers) + weight x T^2 KL(teacher || student) (see after_federation_round)."""
+def after_federation_step(
+    context: ClientContext, trainer: Trainer, samples: list[Sample], teacher: AdapterState | None, weight: float, temperature: float
+):
+    """One step's gradient of CE(correct answers) + weight x T^2 KL(teacher || student) (see after_federation_round).
+
+    The teacher's log-probs are computed micro-batch by micro-batch, beside the student's logits: kept for the
+    round's every answer, their [tokens, V] would outgrow the room the step is planned in (the demo's 1,353 answer
+    tokens x 49,152 words: 133 MB in float16)."""
     batch = collate([s.prompt for s in samples], [s.completion for s in samples], context.prompts.tokenizer.pad_token_id, context.device)
     correct = torch.tensor([s.correct for s in samples], device=context.device)
     win_tokens = int(batch.completion_mask[correct].sum())
@@ -257,11 +252,11 @@ def after_federation_step(context: ClientContext, trainer: Trainer, samples: lis
         wins = correct[micro.rows]
         shares = {"trained_tokens": micro.batch.num_tokens}
         if weight > 0:
+            teacher_logprobs = adapter_logprobs(context.model, micro, teacher)  # [b, K, V]
+            shares["scored_tokens"] = micro.batch.num_tokens
             logits = micro.logits()  # [b, K, V]
             logprobs = token_logprobs(logits, micro.batch.targets)
-            uniform = -math.log(logits.shape[-1])  # before a short completion: masked out of the loss
-            teacher = micro.batch.right_aligned([samples[int(row)].teacher_logprobs for row in micro.rows], fill=uniform, dtype=torch.float32)
-            distill = weight * tempered_distillation_loss(teacher, logits, mask, temperature, len(samples))
+            distill = weight * tempered_distillation_loss(teacher_logprobs, logits, mask, temperature, len(samples))
             shares["distillation"] = float(distill.detach())
         else:
             logprobs, distill = micro.logprobs(), 0.0
@@ -270,3 +265,17 @@ def after_federation_step(context: ClientContext, trainer: Trainer, samples: lis
         return task + distill, shares
 
     return trainer(batch, contribution, logits=weight > 0, logit_tensors=8)
+
+
+@torch.no_grad()
+def adapter_logprobs(model, micro: MicroBatch, state: AdapterState) -> torch.Tensor:
+    """Full-vocabulary log-probs of `micro`'s completion tokens under the adapter `state`, without dropout; the
+    model's own LoRA weights are back in place after, before its forward (and any checkpointed recomputation) of
+    the same rows.  -> [b, K, V], float32 at least"""
+    own = {name: parameter.detach().clone() for name, parameter in lora_parameters(model).items()}
+    set_adapter_state(model, state)
+    try:
+        with evaluation_mode(model):
+            return torch.log_softmax(at_least_float32(micro.logits()), dim=-1)
+    finally:
+        set_adapter_state(model, own)

@@ -16,6 +16,9 @@ from spearfl.algorithms.spear import Trace, protected_token_flags
 from spearfl.lm import forward, training
 from spearfl.lm.memory import StepPlan
 from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
+from spearfl.losses.common import masked_mean
+from spearfl.losses.distill import tempered_distillation_loss
+from spearfl.personal import base as personal
 
 ONE_BATCH = StepPlan(micro_batch_rows=10**6, checkpoint=False, vocabulary_chunk=0, estimated_mb=0.0, fits=True)
 ROW_BY_ROW = StepPlan(micro_batch_rows=1, checkpoint=True, vocabulary_chunk=3, estimated_mb=0.0, fits=True)
@@ -75,7 +78,28 @@ def opsd_step(tokenizer, context, trainer):
     return opsd.opsd_step(context, trainer, samples)
 
 
-def gradients_under(plan, step, tokenizer, monkeypatch, overrides=(), dtype=torch.float32):
+TAP_WEIGHT, TAP_TEMPERATURE = 0.5, 2.0
+
+
+def tap_samples(tokenizer) -> list:
+    p = prompts(tokenizer)
+    answers = [("Answer: A\n", True), ("So, Answer: B because\n", False), ("C", True)]
+    return [personal.Sample(prompt, ids(tokenizer, text), correct) for prompt, (text, correct) in zip(p, answers)]
+
+
+def tap_teacher(model) -> dict[str, torch.Tensor]:
+    """A teacher adapter well away from the student's (the model's own)."""
+    generator = torch.Generator().manual_seed(3)
+    return {name: value.detach() + 0.05 * torch.randn(value.shape, generator=generator, dtype=value.dtype)
+            for name, value in lora_parameters(model).items()}
+
+
+def tap_stage_two_step(tokenizer, context, trainer):
+    samples = tap_samples(tokenizer)
+    return personal.after_federation_step(context, trainer, samples, tap_teacher(context.model), TAP_WEIGHT, TAP_TEMPERATURE)
+
+
+def gradients_under(plan, step, tokenizer, monkeypatch, overrides=(), dtype=torch.float32, plans=True):
     """The step's loss, parts and LoRA gradients under `plan`, with the tiny model in `dtype` (float64: the reference)."""
     model = tiny_lora_model(tokenizer, seed=0)
     with torch.no_grad():
@@ -88,7 +112,7 @@ def gradients_under(plan, step, tokenizer, monkeypatch, overrides=(), dtype=torc
     trainer = Trainer(context)
     model.train()
     loss, parts = step(tokenizer, context, trainer)
-    assert trainer.plans == [plan]
+    assert trainer.plans == ([plan] if plans else [])
     return loss, parts, {name: p.grad.clone() for name, p in lora_parameters(model).items()}
 
 
@@ -133,8 +157,9 @@ def worst_error(measured: Measured) -> tuple[float, str]:
     return errors[worst], worst
 
 
-STEPS = [spear_step, grpo_step, rltf_sd_step, opsd_step]
-CHUNKED_STEPS = [spear_step, grpo_step, rltf_sd_step]  # OPSD needs whole logits: its vocabulary is never chunked
+STEPS = [spear_step, grpo_step, rltf_sd_step, opsd_step, tap_stage_two_step]
+# OPSD and TAP's stage 2 need whole logits: their vocabulary is never chunked
+CHUNKED_STEPS = [spear_step, grpo_step, rltf_sd_step]
 
 
 @pytest.mark.parametrize("step", STEPS, ids=lambda step: step.__name__)
@@ -229,3 +254,55 @@ def test_a_whole_round_reports_its_plan_and_a_tight_budget_micro_batches(tokeniz
     assert planned_state.keys() == exact_state.keys()
     for name, value in planned_state.items():
         assert relative_error(value - work.global_state[name].double(), exact_state[name] - work.global_state[name].double()) <= PLAN_TOLERANCE, name
+
+
+def tap_stage_two_by_hand(tokenizer, context, trainer):
+    """TAP's stage-2 loss written out: the teacher's log-probs from a forward of its own adapter first, then the
+    student's cross-entropy on its correct answers plus weight x T^2 KL(teacher || student)."""
+    model, samples = context.model, tap_samples(tokenizer)
+    batch = training.collate([s.prompt for s in samples], [s.completion for s in samples], tokenizer.pad_token_id, torch.device("cpu"))
+    student = get_adapter_state(model)
+    set_adapter_state(model, tap_teacher(model))
+    with torch.no_grad():
+        teacher = torch.log_softmax(training.completion_logits(model, batch), dim=-1)
+    set_adapter_state(model, student)
+    logits = training.completion_logits(model, batch)
+    wins = batch.completion_mask & torch.tensor([s.correct for s in samples]).unsqueeze(-1)
+    task = masked_mean(-forward.token_logprobs(logits, batch.targets), wins, int(wins.sum()))
+    loss = task + TAP_WEIGHT * tempered_distillation_loss(teacher, logits, batch.completion_mask, TAP_TEMPERATURE, len(samples))
+    loss.backward()
+    return float(loss.detach()), {}
+
+
+def keep_the_teacher_in_place(monkeypatch):
+    """The mistake of a teacher pass that leaves the teacher's weights in the model: the student trains as the teacher."""
+    monkeypatch.setattr(personal, "adapter_logprobs", no_restore)
+
+
+def no_restore(model, micro, state):
+    set_adapter_state(model, state)
+    with torch.no_grad():
+        return torch.log_softmax(micro.logits(), dim=-1)
+
+
+def never_load_the_teacher(monkeypatch):
+    """The mistake of a teacher pass that scores with the student's own weights: the distillation pulls towards itself."""
+    monkeypatch.setattr(personal, "adapter_logprobs", lambda model, micro, state: torch.log_softmax(micro.logits().detach(), dim=-1))
+
+
+def test_tap_stage_two_distils_from_the_teacher_adapter_and_trains_the_student(tokenizer, monkeypatch):
+    """The teacher is scored micro-batch by micro-batch, its adapter swapped in and the student's put back: row by row
+    and checkpointed, in float64, the step is the loss written out with a separate teacher forward."""
+    _, _, by_hand = gradients_under(ONE_BATCH, tap_stage_two_by_hand, tokenizer, monkeypatch, dtype=torch.float64, plans=False)
+    _, parts, planned = gradients_under(ROW_BY_ROW, tap_stage_two_step, tokenizer, monkeypatch, dtype=torch.float64)
+    assert parts["scored_tokens"] == parts["trained_tokens"] > 0
+    errors = {name: relative_error(planned[name], by_hand[name]) for name in by_hand}
+    assert max(errors.values()) <= PLAN_TOLERANCE, max(errors.items(), key=lambda item: item[1])
+
+
+@pytest.mark.parametrize("mistake", [keep_the_teacher_in_place, never_load_the_teacher], ids=lambda value: value.__name__)
+def test_the_stage_two_check_catches_a_teacher_left_in_or_never_loaded(tokenizer, monkeypatch, mistake):
+    _, _, by_hand = gradients_under(ONE_BATCH, tap_stage_two_by_hand, tokenizer, monkeypatch, dtype=torch.float64, plans=False)
+    mistake(monkeypatch)
+    _, _, planned = gradients_under(ROW_BY_ROW, tap_stage_two_step, tokenizer, monkeypatch, dtype=torch.float64)
+    assert max(relative_error(planned[name], by_hand[name]) for name in by_hand) > 1000 * PLAN_TOLERANCE
