@@ -9,7 +9,8 @@ ids (what `generate` returned, or an option's encoding), never re-tokenised text
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -213,6 +214,51 @@ def shared_prefix_outputs(model, batch: TokenBatch, shared: int, predicting: tor
     if logits:
         return model(**inputs, logits_to_keep=predicting - rest_start).logits
     return decoder(model)(**inputs).last_hidden_state[:, predicting - rest_start]
+
+
+@contextmanager
+def decoder_layer_range(model, start: int, stop: int | None = None) -> Iterator[list[torch.nn.Module]]:
+    """The decoder runs only its layers [start, stop) while this lasts, taking as input the hidden states entering
+    layer `start` (`inputs_embeds`); yields those layers. Every layer receives the attention mask and position
+    embeddings of the whole stack's forward, so a range continues the full forward exactly."""
+    stack = decoder(model)
+    layers = stack.layers
+    stack.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    try:
+        yield list(stack.layers)
+    finally:
+        stack.layers = layers
+
+
+def hidden_states_entering(model, batch: TokenBatch, stop: int, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden states entering decoder layer `stop` (no cache), from those entering layer `start` (`hidden`; None:
+    the token embeddings, with `start` 0).  -> [B, T, H]"""
+    if hidden is None:
+        if start != 0:
+            raise ValueError(f"hidden states entering layer {start} are needed to start there")
+        hidden = decoder(model).embed_tokens(batch.input_ids)
+    if stop == start:
+        return hidden
+    captured = []
+    with decoder_layer_range(model, start, stop) as layers:
+        handle = layers[-1].register_forward_hook(lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+        try:
+            decoder(model)(inputs_embeds=hidden, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+        finally:
+            handle.remove()
+    return captured[0]
+
+
+def completion_hidden_states_from(model, batch: TokenBatch, start: int, hidden: torch.Tensor | None, num_positions: int) -> torch.Tensor:
+    """`completion_hidden_states` with decoder layers from `start` on only, from the hidden states entering it
+    (`hidden`; None: from the token embeddings). Every row runs whole (no shared prefix).  -> [B, K, H]"""
+    if hidden is None:
+        hidden = hidden_states_entering(model, batch, 0)
+    length = batch.input_ids.shape[1]
+    predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
+    with decoder_layer_range(model, start):
+        outputs = decoder(model)(inputs_embeds=hidden, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+    return outputs.last_hidden_state[:, predicting]
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,15 @@ from spearfl.algorithms.base import (
     train_steps,
 )
 from spearfl.data.schema import Example
-from spearfl.lm.forward import at_least_float32, token_logprobs
+from spearfl.lm.forward import (
+    at_least_float32,
+    chunked_target_logprobs,
+    completion_hidden_states_from,
+    hidden_states_entering,
+    output_layer,
+    plain_output_layer,
+    token_logprobs,
+)
 from spearfl.lm.models import evaluation_mode, lora_parameters, set_adapter_state
 from spearfl.lm.training import MicroBatch, collate, target_logprobs
 from spearfl.losses.common import masked_mean
@@ -129,6 +137,13 @@ def layer_of(name: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
+def first_layer(names) -> int:
+    """The lowest decoder layer among LoRA tensor `names`: a change to them leaves the hidden states entering it as
+    they were (0 where one of them is outside the layers, or for no names)."""
+    layers = [layer_of(name) for name in names]
+    return 0 if not layers or None in layers else min(layers)
+
+
 def module_groups(names, unit: str) -> dict[str, list[str]]:
     """LoRA tensor names grouped into modules, in order: by decoder layer ("layer"), by adapted projection
     ("projection": a LoRA A with its B), or all in one ("adapter"). Tensors outside any layer form "other"."""
@@ -157,27 +172,63 @@ VALIDATION_CHUNK = 32  # answer tokens whose vocabulary logits exist at once whi
 VALIDATION_ROWS = 8  # rows of a validation forward: the demo's training step has 8 wins and 8 losses
 
 
-@torch.no_grad()
-def validation_loss(context: ClientContext, items: list[Example] | list[JudgedAnswer]) -> float:
-    """Mean negative log-likelihood per token of each item's correct answer after its prompt, under the model's
-    adapter as it stands: TAP's per-task loss (cross-entropy averaged over tokens), on the client's validation
-    split. A simulation knows the answers from its data (the gold answer line), a device from its people's
-    verdicts (the answers they judged right)."""
-    # rows of a training step at most: a forward of the evaluation's batch size outgrows the round's planned room
-    model, tokenizer = context.model, context.prompts.tokenizer
-    size = min(context.config.eval.batch_size, VALIDATION_ROWS)
-    total, tokens = 0.0, 0
-    with evaluation_mode(model):
+class ValidationSplit:
+    """A client's validation split, scored again and again under adapters that differ from one another only from
+    some decoder layer on (TAP's replacement, module by module in layer order).
+
+    `loss()` is TAP's per-task loss (the mean negative log-likelihood per token of each item's correct answer after
+    its prompt, cross-entropy averaged over tokens) under the model's adapter as it stands. `keep_to(layer)` keeps
+    the hidden states entering `layer` under the adapter as it stands; later losses then run only the layers from
+    there on, which is exact for any adapter that differs from that one in those layers alone. A simulation knows
+    the answers from its data (the gold answer line), a device from its people's verdicts (the answers they judged
+    right)."""
+
+    def __init__(self, context: ClientContext, items: list[Example] | list[JudgedAnswer]):
+        self.model, tokenizer = context.model, context.prompts.tokenizer
+        # rows of a training step at most: a forward of the evaluation's batch size outgrows the round's planned room
+        size = min(context.config.eval.batch_size, VALIDATION_ROWS)
+        self.batches = []
         for start in range(0, len(items), size):
             pairs = [correct_answer(context, item) for item in items[start : start + size]]
-            prompts, answers = [prompt for prompt, _ in pairs], [answer for _, answer in pairs]
-            batch = collate(prompts, answers, tokenizer.pad_token_id, context.device)
-            # the vocabulary's logits of at most VALIDATION_CHUNK answer tokens at once: a batch's whole [B, K, V]
-            # logits would outgrow the working memory a round's training is planned in
-            logprobs = target_logprobs(model, batch, vocabulary_chunk=VALIDATION_CHUNK).double()  # [B, K]
-            total -= float(torch.where(batch.completion_mask, logprobs, 0.0).sum())
-            tokens += int(batch.completion_mask.sum())
-    return total / max(tokens, 1)
+            self.batches.append(collate([p for p, _ in pairs], [a for _, a in pairs], tokenizer.pad_token_id, context.device))
+        self.tokens = sum(int(batch.completion_mask.sum()) for batch in self.batches)
+        # layers can be skipped only where log-probs are the output layer of the last hidden state
+        self.layered = plain_output_layer(self.model)
+        self.layer, self.hidden = 0, [None] * len(self.batches)  # hidden states entering self.layer (None: embeddings)
+
+    @torch.no_grad()
+    def keep_to(self, layer: int) -> None:
+        """Keep the hidden states entering decoder `layer` under the model's adapter as it stands (from the
+        embeddings again where `layer` is below the layer kept so far)."""
+        if not self.layered:
+            return
+        if layer < self.layer:
+            self.layer, self.hidden = 0, [None] * len(self.batches)
+        with evaluation_mode(self.model):
+            self.hidden = [hidden_states_entering(self.model, batch.tokens, layer, self.layer, hidden)
+                           for batch, hidden in zip(self.batches, self.hidden)]
+        self.layer = layer
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        total = 0.0
+        with evaluation_mode(self.model):
+            for batch, hidden in zip(self.batches, self.hidden):
+                mask = batch.completion_mask
+                if self.layered:
+                    states = completion_hidden_states_from(self.model, batch.tokens, self.layer, hidden, batch.targets.shape[1])
+                    # the vocabulary's logits of at most VALIDATION_CHUNK answer tokens at once: a batch's whole
+                    # [B, K, V] logits would outgrow the working memory a round's training is planned in
+                    logprobs = chunked_target_logprobs(states[mask], output_layer(self.model), batch.targets[mask], 1.0, VALIDATION_CHUNK)
+                else:
+                    logprobs = target_logprobs(self.model, batch)[mask]
+                total -= float(logprobs.double().sum())
+        return total / max(self.tokens, 1)
+
+
+def validation_loss(context: ClientContext, items: list[Example] | list[JudgedAnswer]) -> float:
+    """`ValidationSplit.loss` of `items` under the model's adapter as it stands, every layer run."""
+    return ValidationSplit(context, items).loss()
 
 
 @dataclass

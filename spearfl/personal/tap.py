@@ -23,27 +23,37 @@ from spearfl.personal.base import (
     AdapterState,
     PersonalClient,
     PersonalMethod,
+    ValidationSplit,
     after_federation_round,
+    first_layer,
     module_groups,
-    validation_loss,
     with_modules,
 )
 
 
 def replace_modules(context, personal: AdapterState, teacher: AdapterState, validation, margin: float, unit: str) -> tuple[AdapterState, list[str]]:
     """Stage 1: `personal` with each module of `teacher` taken, in order, where it lowers the validation loss by more
-    than `margin`; (the adapter, the modules replaced)."""
+    than `margin`; (the adapter, the modules replaced).
+
+    Modules come in layer order, and a module's candidate differs from the adapter kept so far only from the
+    module's first layer on: the hidden states entering that layer are kept once (`ValidationSplit.keep_to`), and
+    each candidate runs the layers from there on only (the demo's LoRA layers are the top 8 of 30)."""
+    split = ValidationSplit(context, validation)
+    groups = module_groups(personal, unit)
     current = personal
     set_adapter_state(context.model, current)
-    loss = validation_loss(context, validation)
+    split.keep_to(first_layer(next(iter(groups.values()), [])))
+    loss = split.loss()
     replaced = []
-    for module, names in module_groups(current, unit).items():
+    for module, names in groups.items():
+        split.keep_to(first_layer(names))  # under `current`, the adapter kept so far
         candidate = with_modules(current, teacher, names)
         set_adapter_state(context.model, candidate)
-        candidate_loss = validation_loss(context, validation)
+        candidate_loss = split.loss()
         if candidate_loss + margin < loss:
             current, loss = candidate, candidate_loss
             replaced.append(module)
+        set_adapter_state(context.model, current)
     return current, replaced
 
 
