@@ -222,12 +222,18 @@ def decoder_layer_range(model, start: int, stop: int | None = None) -> Iterator[
     layer `start` (`inputs_embeds`); yields those layers. Every layer receives the attention mask and position
     embeddings of the whole stack's forward, so a range continues the full forward exactly."""
     stack = decoder(model)
-    layers = stack.layers
+    layers, config = stack.layers, stack.config
+    # a stack that looks each layer's attention type up by its place in the loop (Gemma 3) sees the range's own
+    types = getattr(config, "layer_types", None)
     stack.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if types is not None:
+        config.layer_types = list(types)[start:stop]
     try:
         yield list(stack.layers)
     finally:
         stack.layers = layers
+        if types is not None:
+            config.layer_types = types
 
 
 def hidden_states_entering(model, batch: TokenBatch, stop: int, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
