@@ -17,6 +17,8 @@ teaches as it is, so that stage 2 costs one round of the client's budget, as `fi
 
 from __future__ import annotations
 
+import time
+
 from spearfl.algorithms.base import PersonalPass
 from spearfl.lm.models import set_adapter_state
 from spearfl.personal.base import (
@@ -65,9 +67,11 @@ class Tap(PersonalMethod):
         settings, notes = self.settings.tap, {}
 
         def start(context, trained):
+            started = time.perf_counter()
             personal, notes["replaced"] = replace_modules(
                 context, self.personal_of(client, global_state), trained, client.validation, settings.margin, settings.modules
             )
+            notes["stage_one_seconds"] = time.perf_counter() - started
             return personal
 
         return PersonalPass(start, notes=notes)

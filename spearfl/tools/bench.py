@@ -319,7 +319,7 @@ def measure_personal_rounds(context: ClientContext, examples, validation, repeat
         )
         client.personal = personal if personal is not None else client.personal
         runs.append({key: result.metrics[key] for key in ("seconds", "training_seconds", "peak_memory_mb", "training_peak_memory_mb") if key in result.metrics}
-                    | {"modules_replaced": len(notes.get("replaced", []))})
+                    | {"modules_replaced": len(notes.get("replaced", [])), "stage_one_seconds": notes.get("stage_one_seconds", 0.0)})
     stage_two = after_federation_round(tap_context, client, client.personal or global_state, global_state, repeats + 1).metrics
     set_adapter_state(context.model, global_state)
     return {
