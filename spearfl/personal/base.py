@@ -91,8 +91,15 @@ class PersonalMethod:
         self.settings = settings  # spearfl.config.PersonalConfig
 
     def personal_of(self, client: PersonalClient, global_state: AdapterState) -> AdapterState:
-        """The client's personal adapter, the global one where it has none yet."""
+        """The adapter the client answers with: its personal one, the global one where it has none yet."""
         return clone(global_state if client.personal is None else client.personal)
+
+    def personal_start(self, client: PersonalClient, global_state: AdapterState) -> AdapterState:
+        """The personal adapter a round trains: the client's own, or where it has none yet the base model
+        (`base_adapter`), as TAP's and Ditto's clients start their personal models from the initial model and not
+        from the global one of the round they are first chosen in (TAP_final/main_training.py creates every
+        client's personal model before round 1)."""
+        return clone(client.personal) if client.personal is not None else base_adapter(global_state)
 
     def round_start(self, client: PersonalClient, global_state: AdapterState) -> AdapterState:
         return global_state
@@ -116,6 +123,12 @@ class PersonalMethod:
     ) -> tuple[AdapterState | None, dict]:
         """(the personal adapter once the federation ends, the metrics of that training)."""
         return client.personal, {}
+
+
+def base_adapter(state: AdapterState) -> AdapterState:
+    """`state` with every LoRA B zero: the base model's function (the initial adapter's, B being initialised to
+    zero), in the coordinates of `state`'s A matrices."""
+    return {name: torch.zeros_like(tensor) if ".lora_B." in name else tensor.detach().clone() for name, tensor in state.items()}
 
 
 def clone(state: AdapterState) -> AdapterState:

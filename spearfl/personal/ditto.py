@@ -41,6 +41,6 @@ class Ditto(PersonalMethod):
 
         def start(context, trained):
             pull.bind(context.model)
-            return self.personal_of(client, global_state)
+            return self.personal_start(client, global_state)
 
         return PersonalPass(start, constraint=pull)

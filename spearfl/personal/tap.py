@@ -69,7 +69,7 @@ class Tap(PersonalMethod):
         def start(context, trained):
             started = time.perf_counter()
             personal, notes["replaced"] = replace_modules(
-                context, self.personal_of(client, global_state), trained, client.validation, settings.margin, settings.modules
+                context, self.personal_start(client, global_state), trained, client.validation, settings.margin, settings.modules
             )
             notes["stage_one_seconds"] = time.perf_counter() - started
             return personal
@@ -77,5 +77,5 @@ class Tap(PersonalMethod):
         return PersonalPass(start, notes=notes)
 
     def after_federation(self, context, client, global_state, round_index):
-        result = after_federation_round(context, client, self.personal_of(client, global_state), global_state, round_index)
+        result = after_federation_round(context, client, self.personal_start(client, global_state), global_state, round_index)
         return result.state, result.metrics

@@ -168,3 +168,22 @@ def test_a_checkpoint_keeps_clients_that_hold_the_very_same_tensors(tmp_path):
     folder.save_checkpoint(3, shared, initial_server_state(), {}, personal={0: shared, 4: shared})
     restored = folder.load_checkpoint().personal
     assert sorted(restored) == [0, 4] and all(torch.equal(restored[c]["x.lora_A.weight"], shared["x.lora_A.weight"]) for c in (0, 4))
+
+
+@pytest.mark.parametrize("method", ["tap", "ditto"])
+def test_a_client_without_a_personal_adapter_starts_one_from_the_base_model(tiny, method):
+    """TAP's and Ditto's clients start their personal models from the initial model, not from the global adapter
+    of the round they are first chosen in: the personal pass starts from the global adapter's A with B zero (TAP
+    with a margin no module clears, so that stage 1 keeps what it starts from); a client's own adapter starts it."""
+    context, federation = tiny
+    generator = torch.Generator().manual_seed(0)
+    trained_global = {name: tensor + 0.1 * torch.randn(tensor.shape, generator=generator)
+                      for name, tensor in get_adapter_state(context.model).items()}
+    settings = PersonalConfig(method=method, tap={"margin": 1e9})
+    new = PersonalClient(0, [], federation.client_validation[0])
+    start = METHODS[method](settings).personal_pass(new, trained_global).start(context, trained_global)
+    assert all(torch.count_nonzero(start[name]) == 0 for name in start if ".lora_B." in name)
+    assert all(torch.equal(start[name], trained_global[name]) for name in start if ".lora_A." in name)
+    own = PersonalClient(0, [], federation.client_validation[0], personal=trained_global)
+    start = METHODS[method](settings).personal_pass(own, trained_global).start(context, trained_global)
+    assert all(torch.equal(start[name], trained_global[name]) for name in start)
