@@ -79,9 +79,7 @@ def completion_hidden_states(model, batch: TokenBatch, num_positions: int | None
 def _completion_outputs(model, batch: TokenBatch, num_positions: int | None, logits: bool) -> torch.Tensor:
     if num_positions is None:
         num_positions = int(batch.completion_mask.sum(-1).max())
-    length = batch.input_ids.shape[1]
-    # Position t predicts token t + 1, so the outputs come from the K positions before the last.
-    predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
+    predicting = predicting_positions(batch, num_positions)
     shared = training_shared_length(model, batch)
     if shared:
         return shared_prefix_outputs(model, batch, shared, predicting, logits)
@@ -89,6 +87,13 @@ def _completion_outputs(model, batch: TokenBatch, num_positions: int | None, log
     if logits:
         return model(**inputs, logits_to_keep=predicting).logits
     return decoder(model)(**inputs).last_hidden_state[:, predicting]
+
+
+def predicting_positions(batch: TokenBatch, num_positions: int) -> torch.Tensor:
+    """The columns whose outputs predict the last `num_positions` tokens: position t predicts token t + 1, so the K
+    positions before the last.  -> [K]"""
+    length = batch.input_ids.shape[1]
+    return torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
 
 
 def causal_lm(model):
@@ -260,8 +265,7 @@ def completion_hidden_states_from(model, batch: TokenBatch, start: int, hidden: 
     (`hidden`; None: from the token embeddings). Every row runs whole (no shared prefix).  -> [B, K, H]"""
     if hidden is None:
         hidden = hidden_states_entering(model, batch, 0)
-    length = batch.input_ids.shape[1]
-    predicting = torch.arange(length - num_positions - 1, length - 1, device=batch.input_ids.device)
+    predicting = predicting_positions(batch, num_positions)
     with decoder_layer_range(model, start):
         outputs = decoder(model)(inputs_embeds=hidden, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
     return outputs.last_hidden_state[:, predicting]

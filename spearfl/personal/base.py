@@ -336,6 +336,7 @@ def adapter_logprobs(model, micro: MicroBatch, state: AdapterState) -> torch.Ten
     """Full-vocabulary log-probs of `micro`'s completion tokens under the adapter `state`, without dropout; the
     model's own LoRA weights are back in place after, before its forward (and any checkpointed recomputation) of
     the same rows.  -> [b, K, V], float32 at least"""
+    # copies in the model's own dtype and device (get_adapter_state's float32 CPU copies would round a float64 model)
     own = {name: parameter.detach().clone() for name, parameter in lora_parameters(model).items()}
     set_adapter_state(model, state)
     try:

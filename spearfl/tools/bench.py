@@ -55,7 +55,6 @@ from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_st
 from spearfl.lm.training import collate, target_logprobs
 from spearfl.losses.spear import likelihood_loss
 from spearfl.personal import PersonalClient
-from spearfl.personal.base import after_federation_round
 from spearfl.personal.tap import Tap
 from spearfl.runtime.client import run_personal_client
 
@@ -320,7 +319,7 @@ def measure_personal_rounds(context: ClientContext, examples, validation, repeat
         client.personal = personal if personal is not None else client.personal
         runs.append({key: result.metrics[key] for key in ("seconds", "training_seconds", "peak_memory_mb", "training_peak_memory_mb") if key in result.metrics}
                     | {"modules_replaced": len(notes.get("replaced", [])), "stage_one_seconds": notes.get("stage_one_seconds", 0.0)})
-    stage_two = after_federation_round(tap_context, client, client.personal or global_state, global_state, repeats + 1).metrics
+    _, stage_two = Tap(config.personal).after_federation(tap_context, client, global_state, repeats + 1)
     set_adapter_state(context.model, global_state)
     return {
         "tap_round": summarise_rounds(runs),
