@@ -168,6 +168,66 @@ def chunked_target_logprobs(
     return _ChunkedTargetLogprobs.apply(hidden, layer.weight, layer.bias, targets, temperature, chunk)
 
 
+class _ChunkedDistillation(torch.autograd.Function):
+    """Per position: log softmax(s)[target] and KL(softmax(t / T) || softmax(s / T)), with s = hidden W^T + b the
+    student's logits and t = teacher_hidden W^T + b the teacher's (constants), a chunk of positions at a time.
+
+    Forward keeps only the log-sum-exps; backward recomputes a chunk's two logits and forms the gradient on s,
+    (one-hot - softmax(s)) x u_target + (softmax(s / T) - softmax(t / T)) x u_kl / T, times W. The output layer is
+    frozen; the teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, teacher_hidden, weight, bias, targets, temperature: float, chunk: int):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logprobs = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        kl = torch.empty_like(logprobs)
+        normalisers = torch.empty(3, hidden.shape[0], dtype=dtype, device=hidden.device)  # s, s / T, t / T
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            student = at_least_float32(torch.nn.functional.linear(hidden[part], weight, bias))  # [c, V]
+            normalisers[0, part] = torch.logsumexp(student, dim=-1)
+            logprobs[part] = student.gather(-1, targets[part, None]).squeeze(-1) - normalisers[0, part]
+            student = student.div_(temperature)
+            normalisers[1, part] = torch.logsumexp(student, dim=-1)
+            teacher = at_least_float32(torch.nn.functional.linear(teacher_hidden[part], weight, bias)).div_(temperature)
+            normalisers[2, part] = torch.logsumexp(teacher, dim=-1)
+            teacher_logprobs = teacher.sub_(normalisers[2, part, None])  # log softmax(t / T)
+            gap = student.sub_(normalisers[1, part, None]).neg_().add_(teacher_logprobs)  # log p_t - log p_s
+            kl[part] = (teacher_logprobs.exp_() * gap).sum(-1)
+        ctx.save_for_backward(hidden, teacher_hidden, weight, bias, targets, normalisers)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprobs, kl
+
+    @staticmethod
+    def backward(ctx, upstream_logprobs, upstream_kl):
+        hidden, teacher_hidden, weight, bias, targets, normalisers = ctx.saved_tensors
+        temperature = ctx.temperature
+        gradient = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            student = at_least_float32(torch.nn.functional.linear(hidden[part], weight, bias))  # [c, V]
+            tempered = (student / temperature).sub_(normalisers[1, part, None]).exp_()  # softmax(s / T)
+            teacher = at_least_float32(torch.nn.functional.linear(teacher_hidden[part], weight, bias))
+            teacher = teacher.div_(temperature).sub_(normalisers[2, part, None]).exp_()  # softmax(t / T)
+            scale = upstream_logprobs[part, None]  # [c, 1]
+            logit_gradient = tempered.sub_(teacher).mul_(upstream_kl[part, None] / temperature)
+            logit_gradient.sub_(student.sub_(normalisers[0, part, None]).exp_().mul_(scale))  # - softmax(s) x u
+            logit_gradient.scatter_add_(-1, targets[part, None], scale)
+            gradient[part] = logit_gradient.to(weight.dtype) @ weight
+        return gradient, None, None, None, None, None, None
+
+
+def chunked_distillation(
+    hidden: torch.Tensor, teacher_hidden: torch.Tensor, layer: torch.nn.Linear, targets: torch.Tensor, temperature: float, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's log-probability of each target (temperature 1) and, at each position,
+    KL(softmax(t / T) || softmax(s / T)) with s = layer(hidden), t = layer(teacher_hidden), float32 or wider, with
+    at most `chunk` positions' logits in memory at once (forward and backward); gradients reach `hidden` only.
+    hidden, teacher_hidden [P, H], targets [P] -> ([P], [P])"""
+    return _ChunkedDistillation.apply(hidden, teacher_hidden.detach(), layer.weight, layer.bias, targets, temperature, chunk)
+
+
 def shared_prefix_length(batch: TokenBatch) -> int:
     """Tokens every row begins with, stopping short of each row's last prompt token (it predicts the completion)."""
     lengths = batch.attention_mask.sum(-1)  # [B]

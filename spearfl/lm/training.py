@@ -16,6 +16,7 @@ import torch
 from spearfl.lm.forward import (
     TokenBatch,
     batch_for_training,
+    chunked_distillation,
     chunked_target_logprobs,
     completion_hidden_states,
     completion_token_logits,
@@ -134,6 +135,21 @@ class MicroBatch:
     def logits(self) -> torch.Tensor:
         """`completion_logits` of these rows.  -> [b, K, V]"""
         return completion_logits(self.model, self.batch)
+
+    def hidden_states(self) -> torch.Tensor:
+        """The last hidden states the output layer turns into `logits`.  -> [b, K, H]"""
+        return completion_hidden_states(self.model, self.batch.tokens, self.batch.targets.shape[1])
+
+    def logprobs_and_distillation(self, teacher_hidden: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target log-probs (temperature 1) and KL(softmax(t / T) || softmax(s / T)) at each completion token, s the
+        student's logits and t those of `teacher_hidden` [b, K, H] (a teacher's `hidden_states`), with the
+        vocabulary in chunks (`chunked_distillation`; the plan's `vocabulary_chunk` must be set); 0 off the
+        completion mask.  -> [b, K] twice"""
+        mask, layer = self.batch.completion_mask, output_layer(self.model)
+        logprobs, kl = chunked_distillation(
+            self.hidden_states()[mask], teacher_hidden[mask], layer, self.batch.targets[mask], temperature, self.vocabulary_chunk
+        )
+        return tuple(torch.zeros(mask.shape, dtype=value.dtype, device=value.device).masked_scatter(mask, value) for value in (logprobs, kl))
 
 
 # A micro-batch's share of a step's loss, and its shares of the step's reported parts. Shares must add up to the

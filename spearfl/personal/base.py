@@ -18,6 +18,7 @@ in simulation, the device's folder live, the node's state on Flower).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -304,43 +305,50 @@ def after_federation_step(
 ):
     """One step's gradient of CE(correct answers) + weight x T^2 KL(teacher || student) (see after_federation_round).
 
-    The teacher's log-probs are computed micro-batch by micro-batch, beside the student's logits: kept for the
-    round's every answer, their [tokens, V] would outgrow the room the step is planned in (the demo's 1,353 answer
-    tokens x 49,152 words: 133 MB in float16)."""
+    The teacher runs micro-batch by micro-batch, beside the student (`under_adapter`). Where the plan takes the
+    vocabulary in chunks, the teacher keeps only its last hidden states and the two logits meet a chunk of tokens
+    at a time (`MicroBatch.logprobs_and_distillation`): whole [tokens, V] log-probs of a micro-batch, the teacher's
+    and the student's with their softmaxes and gradients, were the demo's stage-2 peak, 100 MB over a SPEAR round's.
+    Otherwise (an output layer with a logit transform) both are whole."""
     batch = collate([s.prompt for s in samples], [s.completion for s in samples], context.prompts.tokenizer.pad_token_id, context.device)
     correct = torch.tensor([s.correct for s in samples], device=context.device)
     win_tokens = int(batch.completion_mask[correct].sum())
+    model = context.model
 
     def contribution(micro: MicroBatch) -> tuple[torch.Tensor, dict]:
         mask = micro.batch.completion_mask
         wins = correct[micro.rows]
         shares = {"trained_tokens": micro.batch.num_tokens}
-        if weight > 0:
-            teacher_logprobs = adapter_logprobs(context.model, micro, teacher)  # [b, K, V]
-            shares["scored_tokens"] = micro.batch.num_tokens
+        if weight > 0 and micro.vocabulary_chunk:
+            teacher_hidden = under_adapter(model, teacher, micro.hidden_states)  # [b, K, H]
+            logprobs, kl = micro.logprobs_and_distillation(teacher_hidden, temperature)
+            distill = weight * temperature**2 * kl.sum() / max(len(samples), 1)
+        elif weight > 0:
+            teacher_logprobs = under_adapter(model, teacher, lambda: torch.log_softmax(at_least_float32(micro.logits()), dim=-1))  # [b, K, V]
             logits = micro.logits()  # [b, K, V]
             logprobs = token_logprobs(logits, micro.batch.targets)
             distill = weight * tempered_distillation_loss(teacher_logprobs, logits, mask, temperature, len(samples))
-            shares["distillation"] = float(distill.detach())
         else:
             logprobs, distill = micro.logprobs(), 0.0
+        if weight > 0:
+            shares["scored_tokens"] = micro.batch.num_tokens
+            shares["distillation"] = float(distill.detach())
         task = masked_mean(-logprobs, mask & wins.unsqueeze(-1), win_tokens)
         shares["task_nll"] = float(task.detach())
         return task + distill, shares
 
-    return trainer(batch, contribution, logits=weight > 0, logit_tensors=8)
+    return trainer(batch, contribution, logit_tensors=8 if weight > 0 else 4)
 
 
 @torch.no_grad()
-def adapter_logprobs(model, micro: MicroBatch, state: AdapterState) -> torch.Tensor:
-    """Full-vocabulary log-probs of `micro`'s completion tokens under the adapter `state`, without dropout; the
-    model's own LoRA weights are back in place after, before its forward (and any checkpointed recomputation) of
-    the same rows.  -> [b, K, V], float32 at least"""
+def under_adapter(model, state: AdapterState, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`forward()` with the adapter `state` in the model, without dropout; the model's own LoRA weights are back in
+    place after, before its forward (and any checkpointed recomputation) of the same rows."""
     # copies in the model's own dtype and device (get_adapter_state's float32 CPU copies would round a float64 model)
     own = {name: parameter.detach().clone() for name, parameter in lora_parameters(model).items()}
     set_adapter_state(model, state)
     try:
         with evaluation_mode(model):
-            return torch.log_softmax(at_least_float32(micro.logits()), dim=-1)
+            return forward()
     finally:
         set_adapter_state(model, own)

@@ -158,8 +158,8 @@ def worst_error(measured: Measured) -> tuple[float, str]:
 
 
 STEPS = [spear_step, grpo_step, rltf_sd_step, opsd_step, tap_stage_two_step]
-# OPSD and TAP's stage 2 need whole logits: their vocabulary is never chunked
-CHUNKED_STEPS = [spear_step, grpo_step, rltf_sd_step]
+# OPSD needs whole logits: its vocabulary is never chunked
+CHUNKED_STEPS = [spear_step, grpo_step, rltf_sd_step, tap_stage_two_step]
 
 
 @pytest.mark.parametrize("step", STEPS, ids=lambda step: step.__name__)
@@ -199,6 +199,22 @@ def drop_the_last_chunk(monkeypatch):
             return hidden_gradient, *rest
 
     monkeypatch.setattr(forward, "_ChunkedTargetLogprobs", DroppingLastChunk)
+    distilling = forward._ChunkedDistillation
+
+    class DistillingWithoutLastChunk(distilling):
+        @staticmethod
+        def forward(ctx, hidden, teacher_hidden, weight, bias, targets, temperature, chunk):
+            ctx.last = (hidden.shape[0] - 1) // chunk * chunk
+            dropped = torch.arange(ctx.last, hidden.shape[0])
+            return tuple(value.index_fill(0, dropped, 0.0) for value in distilling.forward(ctx, hidden, teacher_hidden, weight, bias, targets, temperature, chunk))
+
+        @staticmethod
+        def backward(ctx, *upstream):
+            hidden_gradient, *rest = distilling.backward(ctx, *upstream)
+            hidden_gradient[ctx.last :] = 0
+            return hidden_gradient, *rest
+
+    monkeypatch.setattr(forward, "_ChunkedDistillation", DistillingWithoutLastChunk)
 
 
 @pytest.mark.parametrize(
@@ -276,18 +292,23 @@ def tap_stage_two_by_hand(tokenizer, context, trainer):
 
 def keep_the_teacher_in_place(monkeypatch):
     """The mistake of a teacher pass that leaves the teacher's weights in the model: the student trains as the teacher."""
-    monkeypatch.setattr(personal, "adapter_logprobs", no_restore)
+    monkeypatch.setattr(personal, "under_adapter", no_restore)
 
 
-def no_restore(model, micro, state):
+def no_restore(model, state, forward):
     set_adapter_state(model, state)
     with torch.no_grad():
-        return torch.log_softmax(micro.logits(), dim=-1)
+        return forward()
 
 
 def never_load_the_teacher(monkeypatch):
     """The mistake of a teacher pass that scores with the student's own weights: the distillation pulls towards itself."""
-    monkeypatch.setattr(personal, "adapter_logprobs", lambda model, micro, state: torch.log_softmax(micro.logits().detach(), dim=-1))
+
+    def own_weights(model, state, forward):
+        with torch.no_grad():
+            return forward()
+
+    monkeypatch.setattr(personal, "under_adapter", own_weights)
 
 
 def test_tap_stage_two_distils_from_the_teacher_adapter_and_trains_the_student(tokenizer, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_float32_close, float64_twin, tiny_lora_model
 
 import spearfl.lm.memory as memory
-from spearfl.lm.forward import chunked_target_logprobs, token_logprobs
+from spearfl.lm.forward import chunked_distillation, chunked_target_logprobs, token_logprobs
 from spearfl.lm.memory import (
     DEFAULT_WORKING_MB,
     MIN_MICRO_BATCH_TOKENS,
@@ -22,6 +22,7 @@ from spearfl.lm.memory import (
     working_memory_mb,
 )
 from spearfl.lm.training import collate, target_logprobs
+from spearfl.losses.distill import token_kl
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
@@ -48,6 +49,41 @@ def test_chunked_log_probs_equal_the_whole_softmax_with_their_gradient(chunk, te
     (chunked * upstream).sum().backward()
     assert_float32_close(chunked, whole, reference, "log-probs")
     assert_float32_close(hidden.grad, expected, reference_gradient, "gradient")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_chunked_distillation_equals_the_whole_softmaxes_with_their_gradient(chunk, temperature):
+    """Target log-probs and KL(teacher / T || student / T) a chunk at a time: the whole-vocabulary terms, and the
+    gradient of any weighting of them on the student's hidden states, float32 against a float64 reference."""
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(8, 50, bias=True)
+    layer.requires_grad_(False)
+    hidden = torch.randn(7, 8, generator=generator, requires_grad=True)
+    teacher = 2 * torch.randn(7, 8, generator=generator)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    upstream = torch.randn(2, 7, generator=generator)
+
+    def whole_softmaxes(layer, hidden, teacher, upstream):
+        student = layer(hidden)
+        logprobs = token_logprobs(student[None], targets[None])[0]
+        kl = token_kl(torch.log_softmax(layer(teacher) / temperature, -1), torch.log_softmax(student / temperature, -1))
+        (logprobs * upstream[0] + kl * upstream[1]).sum().backward()
+        return torch.stack([logprobs, kl]).detach(), hidden.grad
+
+    whole, expected = whole_softmaxes(layer, hidden, teacher, upstream)
+    reference, reference_gradient = whole_softmaxes(
+        copy.deepcopy(layer).double(), hidden.detach().double().requires_grad_(), teacher.double(), upstream.double()
+    )
+    hidden.grad = None
+    chunked = torch.stack(chunked_distillation(hidden, teacher, layer, targets, temperature, chunk))
+    (chunked * upstream).sum().backward()
+    assert_float32_close(chunked, whole, reference, "log-probs and KL")
+    assert_float32_close(hidden.grad, expected, reference_gradient, "gradient")
+    double = copy.deepcopy(layer).double()
+    assert torch.autograd.gradcheck(
+        lambda x: chunked_distillation(x, teacher.double(), double, targets, temperature, 3), (hidden.detach().double().requires_grad_(),)
+    )
 
 
 def test_target_log_probs_in_chunks_match_the_whole_logits_on_the_completion_tokens(tokenizer):
