@@ -25,14 +25,13 @@ training starts (after the round's generation, with freed memory handed back) an
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from spearfl.lm.allocator import CAN_RELEASE, release_free_memory
 from spearfl.lm.forward import TokenBatch, causal_lm, completion_hidden_states
 from spearfl.lm.models import checkpoint_lora_layers, decoder_layers
 
@@ -132,7 +131,7 @@ def layer_checkpointing(model, enabled: bool, ceiling_mb: float | None = None):
     before = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
     checkpoint_lora_layers(model, enabled)
     hooks = []
-    if enabled and _malloc_trim is not None:
+    if enabled and CAN_RELEASE:
         # A checkpointed forward frees each layer's intermediates at once, but the small objects autograd keeps
         # until the backward settle in the freed blocks, so glibc cannot reuse them for the next layer and the
         # heap grows by a layer's intermediates per layer (measured: 1.15 GB held for 0.25 GB in use). Handing
@@ -276,23 +275,3 @@ def generation_rows(batch_size: int, tokens: int, bytes_per_token: int, cache_by
     while cache_bytes is not None and rows > 1 and rows * tokens * bytes_per_token > cache_bytes:
         rows = (rows + 1) // 2
     return rows
-
-
-def release_free_memory() -> None:
-    """Hand memory the C allocator holds but no tensor uses back to the system (glibc's malloc_trim).
-
-    Between a round's phases (generation, training) freed blocks would otherwise stay in the process, so the
-    peak of one phase adds to what the last one left behind. No effect where the C library has no malloc_trim."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from spearfl.config import LoraConfig, ModelConfig
+from spearfl.lm.allocator import return_large_blocks_when_freed
 from spearfl.lm.dropout import fuse_lora_dropout
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,11 @@ def choose_device(device: str) -> torch.device:
 
 
 def load_base_model(settings: ModelConfig):
-    """Load (model, tokenizer): the model frozen, in eval mode, in `settings.dtype` (never upcast afterwards)."""
+    """Load (model, tokenizer): the model frozen, in eval mode, in `settings.dtype` (never upcast afterwards).
+
+    The process's freed tensors go back to the system from here on (`return_large_blocks_when_freed`): every
+    process that runs a model has its resident memory follow what its tensors use."""
+    return_large_blocks_when_freed()
     path = resolve_model_path(settings.name)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[settings.dtype])
