@@ -4,10 +4,10 @@ PyTorch's CPU tensors come from glibc's malloc. glibc serves a block of at least
 of its own, returned to the system when freed, and anything smaller from its heap, whose freed blocks stay in the
 process until `malloc_trim`. The threshold starts at 128 kB and by default rises to the size of each mapped block
 freed (up to 32 MB): after the first forward frees its activations, the next forward's megabyte-sized tensors come
-from the heap, and what they free in the middle of a step stays resident. The demo's TAP stage 2 then held 1,298 MB
-at its peak where its tensors needed about 1,200 (saved activations 119 MB, resident growth 246 MB in a micro-batch's
-forward); with the threshold fixed at 128 kB its peak was 1,195 MB and its generation's 1,106 against 1,180, in no
-more time (docs/performance.md, "Two adapters on a device").
+from the heap, and what they free in the middle of a step stays resident. In a probe of the demo's TAP stage 2, a
+micro-batch's forward saved 119 MB of tensors for the backward pass while the process grew 246 MB; the stage's peak
+was 1,298 MB, and 1,195 MB with the threshold fixed at 128 kB (its generation's 1,106 against 1,180 MB;
+docs/performance.md, "Two adapters on a device").
 
 Setting the threshold with mallopt fixes it (glibc then stops adjusting it). No effect where the C library is not
 glibc.

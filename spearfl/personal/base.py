@@ -308,9 +308,9 @@ def after_federation_step(
 
     The teacher runs micro-batch by micro-batch, beside the student (`under_adapter`). Where the plan takes the
     vocabulary in chunks, the teacher keeps only its last hidden states and the two logits meet a chunk of tokens
-    at a time (`MicroBatch.logprobs_and_distillation`): whole [tokens, V] log-probs of a micro-batch, the teacher's
-    and the student's with their softmaxes and gradients, were the demo's stage-2 peak, 100 MB over a SPEAR round's.
-    Otherwise (an output layer with a logit transform) both are whole."""
+    at a time (`MicroBatch.logprobs_and_distillation`), so the step is planned as the other methods' chunked steps
+    are, with no [tokens, V] tensor of the teacher's or the student's. Otherwise (an output layer with a logit
+    transform) both are whole, planned as 8 such tensors at once."""
     batch = collate([s.prompt for s in samples], [s.completion for s in samples], context.prompts.tokenizer.pad_token_id, context.device)
     correct = torch.tensor([s.correct for s in samples], device=context.device)
     win_tokens = int(batch.completion_mask[correct].sum())
