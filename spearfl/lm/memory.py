@@ -38,7 +38,7 @@ from spearfl.lm.models import checkpoint_lora_layers, decoder_layers
 MB = 2**20
 # The working memory of a round when no budget is set: the paper setting's round peaks at 1.5 GB at 32 prompts and
 # 1.6 GB at 128 (docs/performance.md), and its micro-batches of 4 checkpointed rows train as fast as 8 would
-# (68.8 s against 69.1 s). The demo's round still peaks 1.7x above its weights, adapter and optimizer state.
+# (68.8 s against 69.1 s). The demo's SPEAR round peaks 1.40x above its weights, adapter and optimizer state (the bench).
 DEFAULT_WORKING_MB = 192
 VOCABULARY_CHUNK = 64  # completion tokens whose logits exist at once: 12 MB of float32 logits over 49,152 tokens
 MIN_MICRO_BATCH_TOKENS = 256  # below this a micro-batch's matmuls run far under the machine's rate: checkpoint instead
