@@ -88,5 +88,11 @@ def tempered_distillation_loss(
     """
     teacher = torch.log_softmax(at_least_float32(teacher_logprobs.detach()) / temperature, dim=-1)
     student = torch.log_softmax(at_least_float32(student_logits) / temperature, dim=-1)
-    per_token = token_kl(teacher, student)  # [B, T]
-    return temperature**2 * torch.where(mask, per_token, 0.0).sum() / max(num_sequences, 1)
+    return tempered_batchmean(token_kl(teacher, student), mask, temperature, num_sequences)
+
+
+def tempered_batchmean(per_token_kl: torch.Tensor, mask: torch.Tensor, temperature: float, num_sequences: int) -> torch.Tensor:
+    """T^2 x the masked per-token KL(softmax(t / T) || softmax(s / T)) summed, over `num_sequences`: the reduction
+    of `tempered_distillation_loss`, for KL terms formed elsewhere (`spearfl.lm.forward.chunked_distillation`).
+    per_token_kl, mask [B, T] -> []"""
+    return temperature**2 * torch.where(mask, per_token_kl, 0.0).sum() / max(num_sequences, 1)

@@ -47,11 +47,10 @@ from spearfl.lm.forward import (
     plain_output_layer,
     token_logprobs,
 )
-from spearfl.lm.memory import release_free_memory
 from spearfl.lm.models import evaluation_mode, lora_parameters, set_adapter_state
 from spearfl.lm.training import MicroBatch, collate, target_logprobs
 from spearfl.losses.common import masked_mean
-from spearfl.losses.distill import tempered_distillation_loss
+from spearfl.losses.distill import tempered_batchmean, tempered_distillation_loss
 from spearfl.seeds import derive_seed
 
 AdapterState = dict[str, torch.Tensor]
@@ -323,7 +322,7 @@ def after_federation_step(
         if weight > 0 and micro.vocabulary_chunk:
             teacher_hidden = under_adapter(model, teacher, micro.hidden_states)  # [b, K, H]
             logprobs, kl = micro.logprobs_and_distillation(teacher_hidden, temperature)
-            distill = weight * temperature**2 * kl.sum() / max(len(samples), 1)
+            distill = weight * tempered_batchmean(kl, mask, temperature, len(samples))
         elif weight > 0:
             teacher_logprobs = under_adapter(model, teacher, lambda: torch.log_softmax(at_least_float32(micro.logits()), dim=-1))  # [b, K, V]
             logits = micro.logits()  # [b, K, V]
@@ -353,6 +352,3 @@ def under_adapter(model, state: AdapterState, forward: Callable[[], torch.Tensor
             return forward()
     finally:
         set_adapter_state(model, own)
-        # what the forward freed goes back before the student's forward: kept by the allocator, it added to the
-        # student's activations (the demo's stage 2: 37 to 70 MB a micro-batch, its peak above the SPEAR round's)
-        release_free_memory()
