@@ -13,6 +13,12 @@ After federation (stage 2): the personal adapter trains on the client's own prom
 correct answers plus `tap.distill_weight` x T^2 x KL(global || personal) (`after_federation_round`), the final
 global adapter the teacher. TAP first fine-tunes that teacher on the client's data; here the global adapter
 teaches as it is, so that stage 2 costs one round of the client's budget, as `finetune`'s does.
+
+Then, our addition (`tap.final_check`, on by default): stage 1's rule once more, the final global adapter the
+candidate, so that the personal adapter keeps no module that does worse on the client's own validation split than
+the global one's. Stage 2 trains every module on a handful of the client's answers, and a client that was never
+chosen starts it from the base model (`personal_start`): without the check such a client could end below the
+global adapter that it never compared itself with.
 """
 
 from __future__ import annotations
@@ -77,5 +83,13 @@ class Tap(PersonalMethod):
         return PersonalPass(start, notes=notes)
 
     def after_federation(self, context, client, global_state, round_index):
+        settings = self.settings.tap
         result = after_federation_round(context, client, self.personal_start(client, global_state), global_state, round_index)
-        return result.state, result.metrics
+        state, metrics = result.state, dict(result.metrics)
+        if settings.final_check and client.validation:
+            started = time.perf_counter()
+            state, metrics["final_replaced"] = replace_modules(
+                context, state, global_state, client.validation, settings.margin, settings.modules
+            )
+            metrics["final_check_seconds"] = time.perf_counter() - started
+        return state, metrics

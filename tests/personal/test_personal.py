@@ -8,7 +8,7 @@ import torch
 from helpers import end_to_end_assets, single_thread, strip_timing, write_run_config
 
 from spearfl.algorithms import ALGORITHMS
-from spearfl.config import PersonalConfig, load_config
+from spearfl.config import PersonalConfig, TapConfig, load_config
 from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
 from spearfl.losses.distill import tempered_distillation_loss
 from spearfl.personal import METHODS, PersonalClient
@@ -187,3 +187,33 @@ def test_a_client_without_a_personal_adapter_starts_one_from_the_base_model(tiny
     own = PersonalClient(0, [], federation.client_validation[0], personal=trained_global)
     start = METHODS[method](settings).personal_pass(own, trained_global).start(context, trained_global)
     assert all(torch.equal(start[name], trained_global[name]) for name in start)
+
+
+@pytest.mark.parametrize("final_check", [True, False])
+def test_tap_ends_with_the_global_layer_where_stage_two_leaves_a_worse_one(tiny, final_check):
+    """A personal adapter with one layer spoilt, then stage 2 (two steps, which cannot mend it): with the final check
+    the layer is the global adapter's and the validation loss back within the margin of the global one's; without
+    it (TAP's code) the spoilt layer stays, and so does the loss."""
+    context, federation = tiny
+    validation = federation.client_validation[0]
+    good = get_adapter_state(context.model)
+    generator = torch.Generator().manual_seed(0)
+    groups = module_groups(good, "layer")
+    first = list(groups)[0]
+    spoilt = {name: (tensor + 3.0 * torch.randn(tensor.shape, generator=generator) if name in groups[first] else tensor.clone())
+              for name, tensor in good.items()}
+    settings = context.config.personal.model_copy(update={"tap": TapConfig(final_check=final_check)})
+    client = PersonalClient(0, federation.clients[0], validation, personal=spoilt)
+    with single_thread():
+        state, metrics = METHODS["tap"](settings).after_federation(context, client, good, round_index=4)
+        set_adapter_state(context.model, good)
+        global_loss = validation_loss(context, validation)
+        set_adapter_state(context.model, state)
+        personal_loss = validation_loss(context, validation)
+    assert metrics["optimizer_steps"] == 2  # stage 2 trained
+    taken = all(torch.equal(state[name], good[name]) for name in groups[first])
+    if final_check:
+        assert first in metrics["final_replaced"] and taken and personal_loss < global_loss + 0.01
+    else:
+        assert "final_replaced" not in metrics and not taken and personal_loss > global_loss + 0.01
+    set_adapter_state(context.model, good)
