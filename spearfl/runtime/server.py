@@ -66,7 +66,7 @@ def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
     """Refuse to mix runs: an existing run folder must hold this very config."""
     if not folder.config_path.exists():
         return
-    saved, wanted = with_defaults(folder.read_config()), config_to_dict(config)
+    saved, wanted = unread_removed(with_defaults(folder.read_config())), unread_removed(config_to_dict(config))
     if saved != wanted:
         raise RunConflict(
             f"{folder.path} holds a run with a different config (fields: {', '.join(differing_fields(saved, wanted))}); "
@@ -78,17 +78,42 @@ def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
 RETIRED_FIELDS = (("feedback", "provider"),)
 
 
+# Fields added since whose default does what runs written before did not: a saved config without one ran with the
+# value here. (personal.tap.final_check: TAP's runs before it ended with stage 2.)
+EARLIER_VALUES = ((("personal", "tap", "final_check"), False),)
+
+
 def with_defaults(saved: dict) -> dict:
-    """A saved config with the defaults of fields added since it was written (it ran with those defaults),
-    and without the fields retired since."""
-    current = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
+    """A saved config with the fields added since it was written: the value it ran with where EARLIER_VALUES names
+    one, else the default (it ran with that); and without the fields retired since."""
+    current = copy.deepcopy(saved)
     for section, name in RETIRED_FIELDS:
         if isinstance(current.get(section), dict):
             current[section].pop(name, None)
+    for path, value in EARLIER_VALUES:
+        tree = current
+        for key in path[:-1]:
+            tree = tree.setdefault(key, {}) if isinstance(tree.get(key, {}), dict) else {}
+        tree.setdefault(path[-1], value)
     try:
         return config_to_dict(validate(current))
     except ConfigError:
         return saved  # not a config of this version: every difference shows
+
+
+# Settings of one personalization method, which a run with another never reads.
+METHOD_SETTINGS = {"tap": ("tap",), "ditto": ("ditto_lambda",), "fedper": ("fedper_local_layers",)}
+
+
+def unread_removed(tree: dict) -> dict:
+    """A config tree without the settings its run never reads (another personalization method's), so that a run
+    folder matches a config that differs only in those (a TAP setting added since does not make a `none` run
+    another run)."""
+    personal = tree.get("personal")
+    if not isinstance(personal, dict):
+        return tree
+    unread = {name for method, names in METHOD_SETTINGS.items() if personal.get("method") != method for name in names}
+    return tree | {"personal": {key: value for key, value in personal.items() if key not in unread}}
 
 
 def differing_fields(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
