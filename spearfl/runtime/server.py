@@ -78,23 +78,13 @@ def check_run_folder(folder: RunFolder, config: RunConfig) -> None:
 RETIRED_FIELDS = (("feedback", "provider"),)
 
 
-# Fields added since whose default does what runs written before did not: a saved config without one ran with the
-# value here. (personal.tap.final_check: TAP's runs before it ended with stage 2.)
-EARLIER_VALUES = ((("personal", "tap", "final_check"), False),)
-
-
 def with_defaults(saved: dict) -> dict:
-    """A saved config with the fields added since it was written: the value it ran with where EARLIER_VALUES names
-    one, else the default (it ran with that); and without the fields retired since."""
+    """A saved config with the defaults of fields added since it was written (it ran with those defaults),
+    and without the fields retired since."""
     current = copy.deepcopy(saved)
     for section, name in RETIRED_FIELDS:
         if isinstance(current.get(section), dict):
             current[section].pop(name, None)
-    for path, value in EARLIER_VALUES:
-        tree = current
-        for key in path[:-1]:
-            tree = tree.setdefault(key, {}) if isinstance(tree.get(key, {}), dict) else {}
-        tree.setdefault(path[-1], value)
     try:
         return config_to_dict(validate(current))
     except ConfigError:

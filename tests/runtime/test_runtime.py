@@ -247,20 +247,18 @@ def test_a_folder_written_with_a_retired_config_field_resumes(tmp_path):
         server.check_run_folder(folder_holding(tmp_path / "old", saved), config)
 
 
-def test_a_tap_run_written_before_the_final_check_ran_without_it_and_other_methods_ignore_it(tmp_path):
-    """A saved TAP config without personal.tap.final_check ran without the check: it is another run than one with the
-    check (the default), and the same as one without it; another method's run never reads the TAP settings."""
+def test_another_personalization_methods_settings_do_not_make_another_run(tmp_path):
+    """A run folder matches a config that differs from it only in a setting its method never reads (TAP's, for a
+    `none` or `local` run), and not one that differs in a setting its method reads."""
     tap = config_for("unused", f"output_dir={tmp_path / 'old'}", "personal.method=tap")
     saved = config_to_dict(tap)
-    del saved["personal"]["tap"]["final_check"]
+    saved["personal"]["tap"]["final_check"] = True
     with pytest.raises(RunConflict, match="personal.tap.final_check"):
         server.check_run_folder(folder_holding(tmp_path / "old", saved), tap)
-    server.check_run_folder(folder_holding(tmp_path / "old", saved), config_for("unused", f"output_dir={tmp_path / 'old'}",
-                                                                              "personal.method=tap", "personal.tap.final_check=false"))
     for method in ("none", "local"):
         other = config_for("unused", f"output_dir={tmp_path / 'old'}", f"personal.method={method}")
         saved = config_to_dict(other)
-        del saved["personal"]["tap"]["final_check"]
+        saved["personal"]["tap"]["final_check"] = True
         server.check_run_folder(folder_holding(tmp_path / "old", saved), other)
         saved["personal"]["validation_fraction"] = 0.5  # a setting every method reads still counts
         with pytest.raises(RunConflict, match="personal.validation_fraction"):
