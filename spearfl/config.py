@@ -500,6 +500,11 @@ class PersonalConfig(Section):
     tap: TapConfig = TapConfig()
 
 
+# The PersonalConfig fields that only one method reads: a run with another method never reads them
+# (spearfl.runtime.server.check_run_folder leaves them out when it compares a run folder's config).
+PERSONAL_METHOD_SETTINGS = {"tap": ("tap",), "ditto": ("ditto_lambda",), "fedper": ("fedper_local_layers",)}
+
+
 class RunConfig(Section):
     seed: int = 0
     algorithm: str = "spear"

@@ -14,9 +14,9 @@ correct answers plus `tap.distill_weight` x T^2 x KL(global || personal) (`after
 global adapter the teacher. TAP first fine-tunes that teacher on the client's data; here the global adapter
 teaches as it is, so that stage 2 costs one round of the client's budget, as `finetune`'s does.
 
-Then, where `tap.final_check` is set (our addition, off by default as TAP's code has no such step): stage 1's rule once more, the final global adapter the
-candidate, so that the personal adapter keeps no module that does worse on the client's own validation split than
-the global one's. Stage 2 trains every module on a handful of the client's answers, and a client that was never
+Then, where `tap.final_check` is set (our addition, off by default, as TAP's code has no such step): stage 1's
+rule once more, the final global adapter the candidate, so that the personal adapter keeps no module that does
+worse on the client's own validation split than the global one's. Stage 2 trains every module on a handful of the client's answers, and a client that was never
 chosen starts it from the base model (`personal_start`): without the check such a client could end below the
 global adapter that it never compared itself with.
 """

@@ -33,7 +33,7 @@ from rich.progress import (
 
 from spearfl.algorithms import CONFIG_SECTIONS
 from spearfl.algorithms.base import ClientContext, ClientResult
-from spearfl.config import ConfigError, RunConfig, config_to_dict, validate
+from spearfl.config import PERSONAL_METHOD_SETTINGS, ConfigError, RunConfig, config_to_dict, validate
 from spearfl.errors import UserError
 from spearfl.federated.aggregation import (
     SERVER_STEPS,
@@ -81,7 +81,7 @@ RETIRED_FIELDS = (("feedback", "provider"),)
 def with_defaults(saved: dict) -> dict:
     """A saved config with the defaults of fields added since it was written (it ran with those defaults),
     and without the fields retired since."""
-    current = copy.deepcopy(saved)
+    current = {key: dict(value) if isinstance(value, dict) else value for key, value in saved.items()}
     for section, name in RETIRED_FIELDS:
         if isinstance(current.get(section), dict):
             current[section].pop(name, None)
@@ -91,10 +91,6 @@ def with_defaults(saved: dict) -> dict:
         return saved  # not a config of this version: every difference shows
 
 
-# Settings of one personalization method, which a run with another never reads.
-METHOD_SETTINGS = {"tap": ("tap",), "ditto": ("ditto_lambda",), "fedper": ("fedper_local_layers",)}
-
-
 def unread_removed(tree: dict) -> dict:
     """A config tree without the settings its run never reads (another personalization method's), so that a run
     folder matches a config that differs only in those (a TAP setting added since does not make a `none` run
@@ -102,7 +98,7 @@ def unread_removed(tree: dict) -> dict:
     personal = tree.get("personal")
     if not isinstance(personal, dict):
         return tree
-    unread = {name for method, names in METHOD_SETTINGS.items() if personal.get("method") != method for name in names}
+    unread = {name for method, names in PERSONAL_METHOD_SETTINGS.items() if personal.get("method") != method for name in names}
     return tree | {"personal": {key: value for key, value in personal.items() if key not in unread}}
 
 

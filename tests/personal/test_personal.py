@@ -67,17 +67,23 @@ def tiny():
     return context, federation
 
 
+def with_first_layer_spoilt(good):
+    """(the adapter's layer groups, its first layer, the adapter with that layer's tensors moved by 3 x noise)."""
+    generator = torch.Generator().manual_seed(0)
+    groups = module_groups(good, "layer")
+    first = list(groups)[0]
+    spoilt = {name: (tensor + 3.0 * torch.randn(tensor.shape, generator=generator) if name in groups[first] else tensor.clone())
+              for name, tensor in good.items()}
+    return groups, first, spoilt
+
+
 def test_replacement_happens_if_and_only_if_the_validation_loss_falls_by_the_margin(tiny):
     """A teacher that is the personal adapter with one layer spoilt is never taken; a personal adapter with one layer
     spoilt takes the teacher's layer back, and only that one."""
     context, federation = tiny
     validation = federation.client_validation[0]
     good = get_adapter_state(context.model)
-    generator = torch.Generator().manual_seed(0)
-    groups = module_groups(good, "layer")
-    first = list(groups)[0]
-    spoilt = {name: (tensor + 3.0 * torch.randn(tensor.shape, generator=generator) if name in groups[first] else tensor.clone())
-              for name, tensor in good.items()}
+    groups, first, spoilt = with_first_layer_spoilt(good)
     set_adapter_state(context.model, good)
     good_loss = validation_loss(context, validation)
     set_adapter_state(context.model, spoilt)
@@ -198,11 +204,7 @@ def test_tap_ends_with_the_global_layer_where_stage_two_leaves_a_worse_one(tiny,
     context, federation = tiny
     validation = federation.client_validation[0]
     good = get_adapter_state(context.model)
-    generator = torch.Generator().manual_seed(0)
-    groups = module_groups(good, "layer")
-    first = list(groups)[0]
-    spoilt = {name: (tensor + 3.0 * torch.randn(tensor.shape, generator=generator) if name in groups[first] else tensor.clone())
-              for name, tensor in good.items()}
+    groups, first, spoilt = with_first_layer_spoilt(good)
     settings = context.config.personal.model_copy(update={"tap": TapConfig(final_check=final_check)})
     client = PersonalClient(0, federation.clients[0], validation, personal=spoilt)
     with single_thread():
