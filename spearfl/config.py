@@ -475,6 +475,11 @@ class TapConfig(Section):
     # global adapter as the candidate, so that no module of the personal adapter does worse on the validation split
     # than the global one's (docs/results.md, "Personalization", for what it did on the run that needed it most).
     final_check: bool = False
+    # Our addition, not in TAP's code, so off by default (the personalization comparison sets it): after stage 2
+    # (and the final check), the personal adapter is kept only where it scores strictly better on the client's
+    # validation split than the final global one, in greedy accuracy (a device: in the loss of its judged-right
+    # answers, by more than the margin); otherwise the client answers with the global adapter (spearfl.personal.tap).
+    final_gate: bool = False
 
 
 class PersonalConfig(Section):

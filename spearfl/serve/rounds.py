@@ -160,8 +160,9 @@ class DeviceRounds:
             if answers:
                 personal, metrics = self.method.after_federation(context, client, self.global_state, round_index)
                 if personal is not None and changed(personal, client.personal or self.global_state):
+                    kept = ("loss", "optimizer_steps", "wins", "final_replaced", "final_gate")
                     self.personal.update(personal, round=round_index, global_version=round_index, after_federation=True,
-                                         notes={key: value for key, value in metrics.items() if key in ("loss", "optimizer_steps", "wins", "final_replaced")})
+                                         notes={key: value for key, value in metrics.items() if key in kept})
             set_adapter_state(self.context.model, self.personal.answering(self.global_state))
 
         self.engine.run_exclusive(train_then_serve).result()

@@ -12,9 +12,12 @@ from spearfl.config import PersonalConfig, TapConfig, load_config
 from spearfl.lm.models import get_adapter_state, lora_parameters, set_adapter_state
 from spearfl.losses.distill import tempered_distillation_loss
 from spearfl.personal import METHODS, PersonalClient
-from spearfl.personal.base import module_groups, validation_loss
+from spearfl.lm.generation import Completion
+from spearfl.personal import tap as tap_module
+from spearfl.personal.base import JudgedAnswer, correct_answer, module_groups, validation_loss
 from spearfl.personal.ditto import ProximalPull
-from spearfl.personal.tap import replace_modules
+from spearfl.personal.tap import gate, replace_modules, validation_accuracy
+from spearfl.runtime.evaluation import completion_metrics
 from spearfl.runtime.local import run_local
 from spearfl.runtime.run_folder import RunFolder
 from spearfl.runtime.setup import build_context, prepare_data
@@ -98,6 +101,87 @@ def test_replacement_happens_if_and_only_if_the_validation_loss_falls_by_the_mar
     _, replaced = replace_modules(context, spoilt, good, validation, margin=1e6, unit="layer")
     assert replaced == []  # an improvement smaller than the margin replaces nothing
     set_adapter_state(context.model, good)  # as the test found the module's model
+
+
+def test_validation_accuracy_counts_greedy_answers_as_the_held_out_evaluation_does(tiny, monkeypatch):
+    """Replies that give the gold answer for the first half of the validation split and another option for the rest:
+    the gate's accuracy is the half right, and the held-out evaluation's count of the same replies agrees."""
+    context, federation = tiny
+    validation = [example for example in federation.client_validation[0] if example.is_multiple_choice]
+    tokenizer, prompts = context.prompts.tokenizer, context.prompts
+    half = len(validation) // 2
+    assert half >= 1
+
+    def reply(example, index):
+        label = example.gold_label if index < half else next(label for label in example.labels if label != example.gold_label)
+        ids = prompts.option_completion(label)
+        return Completion(ids, tokenizer.decode(ids, skip_special_tokens=True), "stop", [0.0] * len(ids))
+
+    replies = [reply(example, index) for index, example in enumerate(validation)]
+    monkeypatch.setattr(tap_module, "generate", lambda model, tokenizer, prompts, **_: replies[: len(prompts)])
+    got = validation_accuracy(context, validation)
+    assert got == half / len(validation)
+    assert got == completion_metrics(prompts, validation, replies)["accuracy"]
+
+
+@pytest.mark.parametrize(("personal_score", "global_score", "kept"), [(0.5, 0.4, "personal"), (0.4, 0.4, "global"), (0.3, 0.4, "global")])
+def test_the_final_gate_keeps_the_personal_adapter_only_where_it_answers_more_right(tiny, monkeypatch, personal_score, global_score, kept):
+    """Scored in greedy accuracy on the validation split (which adapter is in the model decides the score here):
+    strictly better keeps the personal adapter, a tie or worse gives the client the global one."""
+    context, federation = tiny
+    good = get_adapter_state(context.model)
+    _, _, personal = with_first_layer_spoilt(good)
+    name = next(iter(personal))
+
+    def score(context, examples):
+        in_model = lora_parameters(context.model)[name].detach().cpu()
+        return personal_score if torch.equal(in_model, personal[name]) else global_score
+
+    monkeypatch.setattr(tap_module, "validation_accuracy", score)
+    state, notes = gate(context, personal, good, federation.client_validation[0], margin=0.01)
+    assert notes == {"measure": "accuracy", "personal": personal_score, "global": global_score, "kept": kept}
+    wanted = personal if kept == "personal" else good
+    assert all(torch.equal(state[key], wanted[key]) for key in wanted)
+    set_adapter_state(context.model, good)
+
+
+def test_on_a_device_the_final_gate_compares_the_loss_of_the_judged_answers(tiny):
+    """A device's validation split has no gold labels: answers judged right, scored by their loss. A personal adapter
+    with a layer spoilt loses to the global one; the global adapter spoilt instead, the personal one is kept."""
+    context, federation = tiny
+    judged = [JudgedAnswer(*correct_answer(context, example), True) for example in federation.client_validation[0]]
+    good = get_adapter_state(context.model)
+    _, _, spoilt = with_first_layer_spoilt(good)
+    state, notes = gate(context, spoilt, good, judged, margin=0.01)
+    assert notes["measure"] == "minus loss" and notes["kept"] == "global" and all(torch.equal(state[k], good[k]) for k in good)
+    state, notes = gate(context, good, spoilt, judged, margin=0.01)
+    assert notes["kept"] == "personal" and notes["personal"] > notes["global"] + 0.01
+    assert all(torch.equal(state[k], good[k]) for k in good)
+    _, notes = gate(context, good, good, judged, margin=0.01)
+    assert notes["kept"] == "global"  # equal losses: not better by the margin
+    set_adapter_state(context.model, good)
+
+
+@pytest.mark.parametrize("final_gate", [True, False])
+def test_tap_with_the_final_gate_answers_with_the_global_adapter_where_its_own_is_no_better(tiny, final_gate):
+    """Stage 2 from a personal adapter with a layer spoilt: with the gate the client ends with the global adapter
+    (its own answers no more of the validation split right), and the gate's scores are in the metrics; without it,
+    the personal adapter that stage 2 left."""
+    context, federation = tiny
+    validation = federation.client_validation[0]
+    good = get_adapter_state(context.model)
+    _, _, spoilt = with_first_layer_spoilt(good)
+    settings = context.config.personal.model_copy(update={"tap": TapConfig(final_gate=final_gate)})
+    client = PersonalClient(0, federation.clients[0], validation, personal=spoilt)
+    with single_thread():
+        state, metrics = METHODS["tap"](settings).after_federation(context, client, good, round_index=4)
+    is_global = all(torch.equal(state[name], good[name]) for name in good)
+    if final_gate:
+        gated = metrics["final_gate"]
+        assert gated["personal"] <= gated["global"] and gated["kept"] == "global" and is_global
+    else:
+        assert "final_gate" not in metrics and not is_global
+    set_adapter_state(context.model, good)
 
 
 def test_fedper_sends_the_shared_modules_and_the_global_copies_of_its_own():
